@@ -1,0 +1,298 @@
+"""The clinical data model (SQLAlchemy 2.0, typed).
+
+Columns ending in ``_enc`` hold AES-256-GCM ciphertexts made by :class:`clinic_db.vault.Vault`,
+bound to (table, row id, column). Only what queues sort and filter on stays clear: statuses,
+urgency, times, condition codes, reason codes. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    Uuid,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from clinic_db.states import CaseStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use timezone-aware UTC")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[str]: JSON, bytes: LargeBinary}
+
+
+class UUIDPk:
+    """Client-side UUIDs: the id is known before INSERT, so ciphertexts can be bound to it."""
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+
+    def ensure_id(self) -> uuid.UUID:
+        if self.id is None:
+            self.id = uuid.uuid4()
+        return self.id
+
+
+class Patient(UUIDPk, Base):
+    __tablename__ = "patients"
+
+    telegram_index: Mapped[str] = mapped_column(String(64), unique=True)  # HMAC blind index
+    telegram_id_enc: Mapped[bytes]
+    name_enc: Mapped[bytes | None]  # only if the patient gave one
+    language: Mapped[str] = mapped_column(String(8), default="en")
+    consent_version: Mapped[str | None] = mapped_column(String(32))
+    consent_at: Mapped[datetime | None]
+    consent_withdrawn_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    cases: Mapped[list["Case"]] = relationship(back_populates="patient", cascade="all, delete-orphan")
+
+    @property
+    def has_consent(self) -> bool:
+        return self.consent_at is not None and self.consent_withdrawn_at is None
+
+
+class PatientKey(Base):
+    """The patient's data key, wrapped by a master key. Deleting it crypto-shreds the patient."""
+
+    __tablename__ = "patient_keys"
+
+    patient_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    wrapped_key: Mapped[bytes]
+    master_kid: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rotated_at: Mapped[datetime | None]
+
+
+class Case(UUIDPk, Base):
+    __tablename__ = "cases"
+    __table_args__ = (Index("ix_cases_status_updated", "status", "status_changed_at"),)
+
+    patient_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=CaseStatus.received.value)
+    status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # history answers (body site, duration, itch, bleeding, growth, pain, prior treatment, Fitzpatrick)
+    history_enc: Mapped[bytes | None]
+    urgency: Mapped[str] = mapped_column(String(16), default="routine")
+    condition_code: Mapped[str | None] = mapped_column(String(32))  # current top condition (vocabulary code)
+    failure_reason: Mapped[str | None] = mapped_column(String(200))  # a reason code, never patient text
+    pipeline_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    report_version: Mapped[int] = mapped_column(Integer, default=0)  # FHIR DiagnosticReport versionId
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="cases")
+    images: Mapped[list["Image"]] = relationship(
+        back_populates="case", cascade="all, delete-orphan", order_by="Image.created_at"
+    )
+    ai_results: Mapped[list["AIResult"]] = relationship(
+        back_populates="case", cascade="all, delete-orphan", order_by="AIResult.created_at"
+    )
+    explanation_images: Mapped[list["ExplanationImage"]] = relationship(
+        back_populates="case", cascade="all, delete-orphan", order_by="ExplanationImage.created_at"
+    )
+    review_tasks: Mapped[list["ReviewTask"]] = relationship(
+        back_populates="case", cascade="all, delete-orphan", order_by="ReviewTask.created_at"
+    )
+
+    @property
+    def status_enum(self) -> CaseStatus:
+        return CaseStatus(self.status)
+
+
+class Image(UUIDPk, Base):
+    __tablename__ = "images"
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)  # which data key seals it
+    data_enc: Mapped[bytes]  # the photo, EXIF removed, orientation applied
+    sha256: Mapped[str] = mapped_column(String(64))
+    mime: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    quality: Mapped[dict[str, Any] | None]  # blur/exposure metrics: numbers only
+    source_ref: Mapped[str | None] = mapped_column(String(128), unique=True)  # e.g. telegram file_unique_id+case
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    case: Mapped[Case] = relationship(back_populates="images")
+
+
+class AIResult(UUIDPk, Base):
+    __tablename__ = "ai_results"
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    engine: Mapped[str] = mapped_column(String(32))  # classifier | vlm
+    model_id: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    differential_enc: Mapped[bytes]  # JSON [{code, probability}, ...]
+    description_enc: Mapped[bytes | None]  # model's free text (features, explanation)
+    saliency_enc: Mapped[bytes | None]  # PNG heat map, if the engine makes one
+    top_condition_code: Mapped[str | None] = mapped_column(String(32))
+    top_probability: Mapped[float | None] = mapped_column(Float)
+    flags: Mapped[list[str]] = mapped_column(default=list)  # codes, e.g. "malignancy_suspected"
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # ms per step
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    case: Mapped[Case] = relationship(back_populates="ai_results")
+
+
+class ExplanationImage(UUIDPk, Base):
+    __tablename__ = "explanation_images"
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    condition_code: Mapped[str] = mapped_column(String(32))
+    data_enc: Mapped[bytes]  # PNG, marked AI-generated
+    sha256: Mapped[str] = mapped_column(String(64))
+    mime: Mapped[str] = mapped_column(String(32), default="image/png")
+    model_id: Mapped[str] = mapped_column(String(200))
+    seed: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    case: Mapped[Case] = relationship(back_populates="explanation_images")
+
+
+class Clinician(UUIDPk, Base):
+    __tablename__ = "clinicians"
+
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16), default="dermatologist")  # dermatologist | admin
+    password_hash: Mapped[str] = mapped_column(String(255))
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None]
+    telegram_index: Mapped[str | None] = mapped_column(String(64), unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReviewTask(UUIDPk, Base):
+    __tablename__ = "review_tasks"
+    __table_args__ = (Index("ix_review_tasks_queue", "status", "priority", "due_at"),)
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | waiting_patient | decided
+    priority: Mapped[int] = mapped_column(Integer)  # 0 = most urgent
+    urgency: Mapped[str] = mapped_column(String(16))
+    reasons: Mapped[list[str]] = mapped_column(default=list)  # reason codes
+    due_at: Mapped[datetime]
+    claimed_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("clinicians.id"))
+    claimed_at: Mapped[datetime | None]
+    claim_expires_at: Mapped[datetime | None]
+    decision: Mapped[str | None] = mapped_column(String(16))  # accept | amend | request_info
+    decision_condition_code: Mapped[str | None] = mapped_column(String(32))
+    decision_urgency: Mapped[str | None] = mapped_column(String(16))
+    recommendation: Mapped[str | None] = mapped_column(String(64))
+    note_enc: Mapped[bytes | None]  # the dermatologist's note to the patient
+    decided_by: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("clinicians.id"))
+    decided_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    case: Mapped[Case] = relationship(back_populates="review_tasks")
+
+
+class AuditEvent(Base):
+    """Append-only audit trail. Content-free: ids, codes and times, never patient text."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor_type: Mapped[str] = mapped_column(String(16))  # patient | clinician | system | client
+    actor_id: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))  # e.g. case.transition, image.read, patient.erase
+    entity_type: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    outcome: Mapped[str] = mapped_column(String(16), default="success")
+    purpose: Mapped[str] = mapped_column(String(32), default="treatment")  # treatment | operations | ...
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)  # codes only
+
+
+class OutboxMessage(UUIDPk, Base):
+    """Messages to patients: written in the same transaction as the state that causes them,
+    delivered at least once by the bot, de-duplicated by ``dedup_key``."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "status", "next_attempt_at"),)
+
+    patient_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    case_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    kind: Mapped[str] = mapped_column(String(32))  # progress | result | final | request_info | ...
+    dedup_key: Mapped[str] = mapped_column(String(128), unique=True)
+    payload_enc: Mapped[bytes]
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | sent | dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class KeyValue(Base):
+    """Small durable state that is not clinical (e.g. bot conversation state, processed update ids)."""
+
+    __tablename__ = "kv"
+
+    namespace: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value_enc: Mapped[bytes | None]  # sealed with a system key when it may contain patient data
+    value: Mapped[dict[str, Any] | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+@event.listens_for(AuditEvent, "before_update")
+@event.listens_for(AuditEvent, "before_delete")
+def _audit_is_append_only(mapper: Any, connection: Any, target: AuditEvent) -> None:
+    raise PermissionError("audit events are append-only")

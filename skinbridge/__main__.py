@@ -1,0 +1,3 @@
+from skinbridge.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""The Celery application shared by every worker, the bot and the CLI.
+
+Embedded default: the ``filesystem://`` broker under ``var/broker`` (polled every 0.1 s).
+Production: Redis or RabbitMQ via SKINBRIDGE_BROKER_URL, any number of workers on any machines.
+Tasks carry ids, never image bytes; the database case row is the source of truth.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from skinbridge.settings import Settings, get_settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("skinbridge", include=["inference.tasks"])
+    conf: dict = dict(
+        broker_url=settings.resolved_broker_url,
+        result_backend=settings.result_backend,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        task_default_queue="cpu",
+        task_queues=(Queue("gpu"), Queue("cpu")),
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "sweep-stuck-cases": {"task": "skinbridge.sweep", "schedule": settings.sweeper_interval_s},
+        },
+    )
+    if settings.is_embedded_broker:
+        folder = settings.broker_folder
+        for sub in ("out", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "out"),
+            "data_folder_out": str(folder / "out"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": settings.broker_poll_interval,
+        }
+    else:
+        # visibility timeout above the hard time limit, so a long task is not redelivered while running
+        conf["broker_transport_options"] = {"visibility_timeout": settings.task_time_limit + 120}
+    app.conf.update(conf)
+    return app
+
+
+app = make_celery(get_settings())

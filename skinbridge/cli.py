@@ -1,0 +1,112 @@
+"""The `skinbridge` command line: one entry point for every process and admin task."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from skinbridge.settings import UnsafeConfiguration, get_settings
+
+
+@click.group()
+def main() -> None:
+    """SkinBridge: teledermatology bot, AI workers, review console and FHIR API."""
+
+
+def _checked_settings():  # type: ignore[no-untyped-def]
+    settings = get_settings()
+    try:
+        settings.check_safe()
+    except UnsafeConfiguration as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    return settings
+
+
+# --- database -------------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations to the configured database."""
+    from clinic_db.migrate import upgrade
+
+    settings = _checked_settings()
+    upgrade(settings.resolved_database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+# --- keys -----------------------------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """Master keys and data-key wrapping."""
+
+
+@keys.command("status")
+def keys_status() -> None:
+    """Show the active master key and how many data keys each master key wraps."""
+    from sqlalchemy import func, select
+
+    from clinic_db.db import get_clinic
+    from clinic_db.models import PatientKey
+
+    clinic = get_clinic()
+    ring = clinic.vault.keyring
+    with clinic.session() as s:
+        counts = dict(s.execute(select(PatientKey.master_kid, func.count()).group_by(PatientKey.master_kid)).all())
+    click.echo(f"active: {ring.active_kid}")
+    for kid in sorted(set(ring.masters) | set(counts)):
+        click.echo(f"  {kid}: {counts.get(kid, 0)} data keys{'' if kid in ring.masters else ' (KEY MISSING)'}")
+
+
+@keys.command("rotate")
+@click.option("--retire/--keep-old", default=False, help="Delete old master key files once nothing uses them.")
+def keys_rotate(retire: bool) -> None:
+    """Create a new master key, re-wrap every data key under it (no re-encryption of data)."""
+    from clinic_db.db import get_clinic
+    from clinic_db.rotation import rotate
+
+    _checked_settings()
+    report = rotate(get_clinic(), retire_old=retire)
+    click.echo(
+        f"new master key {report.new_kid}; re-wrapped {report.rewrapped} data keys; "
+        f"retired: {', '.join(report.retired) or 'none'}"
+    )
+
+
+# --- processes ------------------------------------------------------------------------------
+@main.command()
+@click.option("--queues", default="gpu,cpu", show_default=True, help="Celery queues to consume.")
+@click.option("--concurrency", type=int, default=None, help="Processes (one per GPU on GPU workers).")
+@click.option("--beat/--no-beat", default=False, help="Also run the periodic sweeper (one per deployment).")
+def worker(queues: str, concurrency: int | None, beat: bool) -> None:
+    """Run a Celery worker (models load once per process after the fork)."""
+    from skinbridge.celery_app import app
+
+    settings = _checked_settings()
+    argv = [
+        "worker", "--loglevel=INFO", "--pool=prefork", "-Q", queues,
+        f"--concurrency={concurrency or settings.worker_concurrency}", "-E",
+        f"--hostname=skinbridge-{queues.replace(',', '-')}@%h",
+    ]
+    if beat:
+        argv += ["-B", f"--schedule={settings.resolved_var_dir / 'celerybeat-schedule'}"]
+    app.worker_main(argv)
+
+
+@main.command()
+def up() -> None:
+    """Start the whole system on embedded defaults (migrate, worker, web app, bot sandbox)."""
+    from skinbridge.supervisor import run_all
+
+    settings = _checked_settings()
+    sys.exit(run_all(settings))
+
+
+if __name__ == "__main__":
+    main()

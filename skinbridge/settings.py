@@ -1,0 +1,141 @@
+"""One typed settings object for every SkinBridge process.
+
+Read from environment variables prefixed ``SKINBRIDGE_`` and an optional ``.env`` file. The defaults
+are the *embedded* profile: everything under ``./var`` (SQLite, key files, the filesystem Celery
+broker), so ``skinbridge up`` works on a fresh machine with no configuration. ``profile=production``
+switches on the safety checks in :meth:`Settings.check_safe`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "change-me"  # the value shipped in examples; refused in production
+
+
+class UnsafeConfiguration(RuntimeError):
+    """A production configuration that must not start; the message says what to set."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SKINBRIDGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    profile: Literal["embedded", "production"] = "embedded"
+    debug: bool = False
+    var_dir: Path = Path("var")
+
+    # --- storage -------------------------------------------------------------------------
+    database_url: str | None = None  # default: sqlite:///<var_dir>/skinbridge.db
+
+    # --- keys ----------------------------------------------------------------------------
+    # Master keys live in key_dir as <kid>.key files (0600); ACTIVE names the current one.
+    # Production may instead pass one key inline (base64, 32 bytes) with its id.
+    key_dir: Path | None = None
+    master_key: SecretStr | None = None
+    master_key_id: str | None = None
+    blind_index_key: SecretStr | None = None
+
+    # --- Celery --------------------------------------------------------------------------
+    broker_url: str | None = None  # default: filesystem:// under var_dir
+    result_backend: str | None = None
+    broker_poll_interval: float = 0.1  # filesystem broker; the library default of 1 s slows chains
+    worker_concurrency: int = 1
+    task_soft_time_limit: int = 600
+    task_time_limit: int = 660
+    sweeper_interval_s: float = 30.0
+    stuck_after_s: float = 300.0
+
+    # --- web (FHIR API, console, sandbox) --------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    public_base_url: str | None = None
+    session_secret: SecretStr = SecretStr(DEFAULT_SECRET)
+
+    # --- Telegram ------------------------------------------------------------------------
+    telegram_token: SecretStr | None = None
+    telegram_base_url: str | None = None  # e.g. the local emulator: http://127.0.0.1:8081/bot
+    telegram_base_file_url: str | None = None
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+
+    # --- models --------------------------------------------------------------------------
+    classifier_path: Path | None = None  # default: the weights shipped in inference/weights
+    generator_path: Path | None = None
+    vlm_path: Path | None = None  # optional transformers image-text-to-text checkpoint
+    sd_path: Path | None = None  # optional Stable-Diffusion checkpoint with per-condition LoRAs
+    device: str = "auto"
+
+    # --- derived paths -------------------------------------------------------------------
+    @property
+    def resolved_var_dir(self) -> Path:
+        return self.var_dir.resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_var_dir / 'skinbridge.db'}"
+
+    @property
+    def resolved_key_dir(self) -> Path:
+        return (self.key_dir or self.var_dir / "keys").resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.resolved_var_dir / "broker"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    def check_safe(self) -> None:
+        """Refuse a production configuration that would put patient data at risk."""
+        if self.profile != "production":
+            return
+        problems: list[str] = []
+        if self.debug:
+            problems.append("SKINBRIDGE_DEBUG must be false in production")
+        if self.master_key is None and self.key_dir is None:
+            problems.append(
+                "set SKINBRIDGE_MASTER_KEY (base64 of 32 bytes) with SKINBRIDGE_MASTER_KEY_ID, "
+                "or SKINBRIDGE_KEY_DIR pointing at a mounted key directory"
+            )
+        if self.master_key is not None and not self.master_key_id:
+            problems.append("SKINBRIDGE_MASTER_KEY_ID must name the inline master key")
+        if self.master_key is not None and self.blind_index_key is None:
+            problems.append("set SKINBRIDGE_BLIND_INDEX_KEY (base64 of 32 bytes) beside the master key")
+        for name in ("session_secret", "webhook_secret", "master_key", "blind_index_key"):
+            value = getattr(self, name)
+            if value is not None and value.get_secret_value() in (DEFAULT_SECRET, ""):
+                problems.append(f"SKINBRIDGE_{name.upper()} still has its default value")
+        if not self.database_url or self.database_url.startswith("sqlite"):
+            problems.append("set SKINBRIDGE_DATABASE_URL to a PostgreSQL URL (postgresql+psycopg://...)")
+        if not self.broker_url or self.broker_url.startswith("filesystem"):
+            problems.append("set SKINBRIDGE_BROKER_URL to Redis (redis://...) or RabbitMQ (amqp://...)")
+        if self.telegram_token is None:
+            problems.append("set SKINBRIDGE_TELEGRAM_TOKEN")
+        if problems:
+            raise UnsafeConfiguration(
+                "refusing to start an unsafe production configuration:\n  - " + "\n  - ".join(problems)
+            )
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    get_settings.cache_clear()
+

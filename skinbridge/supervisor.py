@@ -1,0 +1,108 @@
+"""`skinbridge up`: migrate, then run every component as a child process until Ctrl-C.
+
+Each child is ``python -m skinbridge <command>`` so it goes through the same entry point as in
+production. A child that dies is restarted (with a back-off) so one crash never takes the
+system down; every child is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from skinbridge.settings import Settings
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "skinbridge", *self.argv], env={**os.environ, **self.env}
+        )
+        self.started_at = time.monotonic()
+
+
+def components(settings: Settings) -> list[Child]:
+    children = [Child("worker", ["worker", "--queues", "gpu,cpu", "--beat"])]
+    children.append(Child("web", ["api"]))
+    if settings.telegram_token is None:
+        children.append(Child("sandbox", ["sandbox"]))
+    else:
+        children.append(Child("bot", ["bot"]))
+    return children
+
+
+def banner(settings: Settings) -> str:
+    base = settings.public_base_url or f"http://{settings.http_host}:{settings.http_port}"
+    lines = [
+        "SkinBridge is up (embedded profile)" if settings.profile == "embedded" else "SkinBridge is up",
+        f"  data, keys and broker: {settings.resolved_var_dir}",
+        f"  patient sandbox chat:  {base}/sandbox/" if settings.telegram_token is None else "  Telegram bot: polling",
+        f"  dermatologist console: {base}/console/  (create an account: skinbridge clinician add)",
+        f"  FHIR API for EHRs:     {base}/fhir/metadata",
+        "  Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def run_all(settings: Settings) -> int:
+    from clinic_db.db import get_clinic
+    from clinic_db.migrate import upgrade
+
+    settings.resolved_var_dir.mkdir(parents=True, exist_ok=True)
+    get_clinic()  # creates the embedded key files on first run
+    upgrade(settings.resolved_database_url)
+    children = [c for c in components(settings) if _available(c.argv[0])]
+    for child in children:
+        child.start()
+    print(banner(settings), flush=True)
+
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            for child in children:
+                if child.proc is not None and child.proc.poll() is not None and not stopping:
+                    code = child.proc.returncode
+                    delay = min(30.0, 2.0 ** min(child.restarts, 5))
+                    print(f"[up] {child.name} exited with {code}; restarting in {delay:.0f}s", flush=True)
+                    time.sleep(delay)
+                    child.restarts += 1
+                    child.start()
+            time.sleep(0.5)
+    finally:
+        for child in children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.terminate()
+        deadline = time.monotonic() + 15
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+    return 0
+
+
+def _available(command: str) -> bool:
+    from skinbridge.cli import main
+
+    return command in main.commands
