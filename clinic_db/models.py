@@ -292,6 +292,130 @@ class KeyValue(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class CaseMessage(UUIDPk, Base):
+    """The conversation about a case: patient follow-up questions, AI answers, clinician messages."""
+
+    __tablename__ = "case_messages"
+
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    patient_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    role: Mapped[str] = mapped_column(String(16))  # patient | assistant | clinician
+    text_enc: Mapped[bytes]
+    flags: Mapped[list[str]] = mapped_column(default=list)  # e.g. red_flag, dosing_refused
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- FHIR publication and EHR access ---------------------------------------------------------------
+
+
+class FhirResource(Base):
+    """Every version of every published FHIR resource (JSON sealed with the patient's key).
+
+    Clear columns carry what search needs; ``is_current`` marks the latest version.
+    """
+
+    __tablename__ = "fhir_resources"
+    __table_args__ = (
+        Index("ix_fhir_resources_search", "resource_type", "is_current", "last_updated"),
+        Index("ix_fhir_resources_patient", "patient_id", "resource_type"),
+    )
+
+    resource_type: Mapped[str] = mapped_column(String(32), primary_key=True)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    patient_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)  # owner key; None for Organization/Device/...
+    case_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    status: Mapped[str | None] = mapped_column(String(32))
+    code: Mapped[str | None] = mapped_column(String(64))  # e.g. system|code of DiagnosticReport.code
+    category: Mapped[str | None] = mapped_column(String(64))
+    identifier: Mapped[str | None] = mapped_column(String(128))
+    effective_at: Mapped[datetime | None]
+    issued_at: Mapped[datetime | None]
+    last_updated: Mapped[datetime] = mapped_column(default=utcnow)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), index=True)  # stable paging
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    data_enc: Mapped[bytes | None]  # sealed JSON when patient_id is set
+    data: Mapped[dict[str, Any] | None]  # clear JSON for non-patient resources (Organization, Device)
+
+
+class FhirClient(UUIDPk, Base):
+    """An EHR registered for SMART Backend Services (client_credentials + private_key_jwt)."""
+
+    __tablename__ = "fhir_clients"
+
+    client_id: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    jwks: Mapped[dict[str, Any]]  # public keys only
+    scopes: Mapped[list[str]] = mapped_column(default=list)  # allowed, e.g. system/DiagnosticReport.rs
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsedJti(Base):
+    """Client-assertion ids seen before their expiry: a replay is refused."""
+
+    __tablename__ = "fhir_used_jti"
+
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(255), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class BulkExportJob(UUIDPk, Base):
+    __tablename__ = "fhir_bulk_jobs"
+
+    client_id: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="accepted")  # accepted|running|complete|error|cancelled
+    level: Mapped[str] = mapped_column(String(16))  # system | patient
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)  # _type, _since, request url
+    progress: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(String(500))
+    transaction_time: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None]
+
+
+class BulkExportFile(UUIDPk, Base):
+    __tablename__ = "fhir_bulk_files"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("fhir_bulk_jobs.id", ondelete="CASCADE"), index=True)
+    resource_type: Mapped[str] = mapped_column(String(32))
+    count: Mapped[int] = mapped_column(Integer)
+    data_enc: Mapped[bytes]  # NDJSON sealed with the system key
+
+
+class FhirSubscription(UUIDPk, Base):
+    """R4 Subscription (rest-hook, id-only payloads)."""
+
+    __tablename__ = "fhir_subscriptions"
+
+    client_id: Mapped[str] = mapped_column(String(64), index=True)
+    criteria: Mapped[str] = mapped_column(String(500))
+    endpoint: Mapped[str] = mapped_column(String(500))
+    headers: Mapped[list[str]] = mapped_column(default=list)
+    status: Mapped[str] = mapped_column(String(16), default="requested")  # requested|active|error|off
+    error_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    resource: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the Subscription as created
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SubscriptionNotification(UUIDPk, Base):
+    __tablename__ = "fhir_subscription_notifications"
+    __table_args__ = (Index("ix_fhir_sub_notif_due", "status", "next_attempt_at"),)
+
+    subscription_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("fhir_subscriptions.id", ondelete="CASCADE"), index=True
+    )
+    resource_ref: Mapped[str] = mapped_column(String(128))  # e.g. DiagnosticReport/<id>/_history/2
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sent|dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 @event.listens_for(AuditEvent, "before_update")
 @event.listens_for(AuditEvent, "before_delete")
 def _audit_is_append_only(mapper: Any, connection: Any, target: AuditEvent) -> None:

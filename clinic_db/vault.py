@@ -73,6 +73,13 @@ class Vault:
                 changed += 1
             session.commit()
 
+    # --- raw sealing (rows without a UUID id, files) ----------------------------------------
+    def seal_for(self, session: Session, owner: uuid.UUID, table: str, row_id: str, column: str, data: bytes) -> bytes:
+        return seal(self.data_key(session, owner), data, _aad(table, row_id, column))
+
+    def open_for(self, session: Session, owner: uuid.UUID, table: str, row_id: str, column: str, blob: bytes) -> bytes:
+        return unseal(self.data_key(session, owner), blob, _aad(table, row_id, column))
+
     # --- fields ----------------------------------------------------------------------------
     def _owner(self, row: Any) -> uuid.UUID:
         table = row.__tablename__
@@ -91,15 +98,14 @@ class Vault:
             setattr(row, f"{column}_enc", None)
             return
         row_id = row.ensure_id()
-        key = self.data_key(session, owner or self._owner(row))
-        setattr(row, f"{column}_enc", seal(key, value, _aad(row.__tablename__, row_id, column)))
+        blob = self.seal_for(session, owner or self._owner(row), row.__tablename__, str(row_id), column, value)
+        setattr(row, f"{column}_enc", blob)
 
     def decrypt(self, session: Session, row: Any, column: str, owner: uuid.UUID | None = None) -> bytes | None:
         blob = getattr(row, f"{column}_enc")
         if blob is None:
             return None
-        key = self.data_key(session, owner or self._owner(row))
-        return unseal(key, blob, _aad(row.__tablename__, row.id, column))
+        return self.open_for(session, owner or self._owner(row), row.__tablename__, str(row.id), column, blob)
 
     # Typed conveniences ---------------------------------------------------------------------
     def set_text(self, session: Session, row: Any, column: str, text: str | None, owner: uuid.UUID | None = None) -> None:
