@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     Uuid,
     event,
 )
@@ -169,6 +170,8 @@ class Image(UUIDPk, Base):
 
 class AIResult(UUIDPk, Base):
     __tablename__ = "ai_results"
+    # one result per engine per case: a redelivered or re-enqueued task cannot add a second
+    __table_args__ = (UniqueConstraint("case_id", "engine"),)
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     engine: Mapped[str] = mapped_column(String(32))  # classifier | vlm
@@ -189,6 +192,7 @@ class AIResult(UUIDPk, Base):
 
 class ExplanationImage(UUIDPk, Base):
     __tablename__ = "explanation_images"
+    __table_args__ = (UniqueConstraint("case_id", "condition_code", "seed"),)
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     patient_id: Mapped[uuid.UUID] = mapped_column(Uuid)

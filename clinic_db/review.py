@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from clinic_db import audit
 from clinic_db.audit import Actor
-from clinic_db.models import Case, ReviewTask, utcnow
+from clinic_db.models import Case, Clinician, ReviewTask, utcnow
+
+if TYPE_CHECKING:
+    from clinic_db.db import Clinic
 
 URGENCY_PRIORITY = {"emergency": 0, "urgent": 1, "soon": 2, "routine": 3}
 URGENCY_SLA = {
@@ -105,3 +109,177 @@ def overdue(task: ReviewTask, now: datetime | None = None) -> bool:
 
 
 
+# --- decisions (the dermatologist's sign-off) --------------------------------------------------
+
+DECISIONS = ("accept", "amend", "request_info")
+SIMPLE_RECOMMENDATIONS = ("self_care", "see_gp", "urgent_in_person")
+WITHIN_DAYS_PREFIX = "dermatologist_within_days:"
+MAX_WITHIN_DAYS = 90
+# After the patient answers a request for information the task waits this long for the same
+# dermatologist before any colleague may claim it.
+RETURN_RESERVE = timedelta(hours=24)
+
+
+class DecisionError(ValueError):
+    """The decision cannot be recorded as given; ``code`` says why (for the UI), the message explains."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def valid_recommendation(value: str | None) -> bool:
+    if value in SIMPLE_RECOMMENDATIONS:
+        return True
+    if value and value.startswith(WITHIN_DAYS_PREFIX):
+        days = value[len(WITHIN_DAYS_PREFIX):]
+        return days.isdigit() and 1 <= int(days) <= MAX_WITHIN_DAYS
+    return False
+
+
+def _known_condition(code: str) -> bool:
+    """True when ``code`` is in the condition vocabulary (``inference.vocabulary``)."""
+    try:
+        from inference.vocabulary import load_vocabulary
+    except ModuleNotFoundError as exc:  # vocabulary not installed: accept well-formed slugs only
+        if exc.name not in ("inference.vocabulary", "inference"):
+            raise
+        return bool(code) and len(code) <= 32 and all(c.islower() or c.isdigit() or c == "_" for c in code)
+    return code in load_vocabulary().codes
+
+
+def _publish(clinic: Clinic, session: Session, case_id: uuid.UUID) -> None:
+    """Rebuild the case's FHIR resources when the FHIR publisher is installed."""
+    try:
+        from fhir.publish import publish_case
+    except ModuleNotFoundError as exc:  # publisher not installed in this deployment
+        if exc.name not in ("fhir.publish", "fhir"):
+            raise
+        return
+    except ImportError:
+        return
+    publish_case(clinic, session, case_id)
+
+
+def decide(
+    clinic: Clinic,
+    session: Session,
+    task: ReviewTask,
+    clinician: Clinician,
+    decision: str,
+    condition_code: str | None = None,
+    urgency: str | None = None,
+    recommendation: str | None = None,
+    note: str | None = None,
+) -> ReviewTask:
+    """Record a dermatologist's decision on a claimed task, in the caller's transaction.
+
+    accept/amend sign the case (in_review -> final / amended), publish FHIR and write the outbox
+    "final" message; request_info parks the task as waiting_patient (still held by this
+    dermatologist) and writes a "request_info" message. The caller commits, so state, FHIR and
+    the patient's message land together or not at all.
+    """
+    from clinic_db import outbox
+    from clinic_db.cases import transition
+    from clinic_db.models import AIResult
+    from clinic_db.states import CaseStatus
+
+    now = utcnow()
+    actor = Actor("clinician", str(clinician.id))
+    if clinician.role != "dermatologist" or not clinician.active:
+        raise DecisionError("forbidden", "only an active dermatologist may decide")
+    if decision not in DECISIONS:
+        raise DecisionError("bad_decision", f"decision must be one of {', '.join(DECISIONS)}")
+    if task.status != "open" or not holds_claim(task, clinician.id, now):
+        raise DecisionError("not_claimed", "claim this case before deciding (your claim may have expired)")
+    note = (note or "").strip() or None
+    if note is not None and len(note) > 4000:
+        raise DecisionError("note_too_long", "the note may have at most 4000 characters")
+    case = task.case
+
+    if decision == "request_info":
+        if note is None:
+            raise DecisionError("note_required", "say what the patient should send")
+        won = session.execute(
+            update(ReviewTask)
+            .where(ReviewTask.id == task.id, ReviewTask.status == "open", ReviewTask.claimed_by == clinician.id)
+            # no expiry while the patient is away: the task stays with this dermatologist
+            .values(status="waiting_patient", decision="request_info", claim_expires_at=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if won != 1:
+            raise DecisionError("not_claimed", "the task changed meanwhile; reload it")
+        session.refresh(task)
+        clinic.vault.set_text(session, task, "note", note, owner=case.patient_id)
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="request_info",
+                       dedup_key=f"request_info:{task.id}:{uuid.uuid4().hex}",
+                       payload={"case_id": str(case.id), "task_id": str(task.id)})
+        audit.record(session, actor, "review.request_info", "ReviewTask", task.id, case=str(case.id))
+        session.flush()
+        return task
+
+    latest_ai = session.scalar(
+        select(AIResult).where(AIResult.case_id == case.id).order_by(AIResult.created_at.desc()).limit(1)
+    )
+    if decision == "accept":
+        condition_code = (latest_ai.top_condition_code if latest_ai else None) or case.condition_code
+        if not condition_code:
+            raise DecisionError("nothing_to_accept", "there is no AI assessment to accept; amend instead")
+        urgency = urgency or case.urgency
+    else:
+        if not condition_code or not _known_condition(condition_code):
+            raise DecisionError("bad_condition", "choose a condition from the vocabulary")
+    if urgency not in URGENCY_PRIORITY:
+        raise DecisionError("bad_urgency", f"urgency must be one of {', '.join(URGENCY_PRIORITY)}")
+    if not valid_recommendation(recommendation):
+        raise DecisionError("bad_recommendation", "choose a recommendation")
+
+    won = session.execute(
+        update(ReviewTask)
+        .where(ReviewTask.id == task.id, ReviewTask.status == "open", ReviewTask.claimed_by == clinician.id,
+               ReviewTask.claim_expires_at > now)
+        .values(status="decided", decision=decision, decision_condition_code=condition_code,
+                decision_urgency=urgency, recommendation=recommendation, decided_by=clinician.id,
+                decided_at=now, claim_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if won != 1:
+        raise DecisionError("not_claimed", "the task changed meanwhile; reload it")
+    session.refresh(task)
+    clinic.vault.set_text(session, task, "note", note, owner=case.patient_id)
+
+    if case.status == CaseStatus.preliminary.value:  # review asked for before the pipeline handed over
+        transition(session, case, CaseStatus.in_review, actor, reason="review")
+    target = CaseStatus.final if decision == "accept" and case.status == CaseStatus.in_review.value else CaseStatus.amended
+    transition(session, case, target, actor, reason=f"review.{decision}")
+    case.condition_code = condition_code
+    case.urgency = urgency
+    session.flush()
+    _publish(clinic, session, case.id)
+    outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="final",
+                   dedup_key=f"final:{task.id}", payload={"case_id": str(case.id), "task_id": str(task.id)})
+    audit.record(session, actor, "review.decide", "ReviewTask", task.id, case=str(case.id), decision=decision,
+                 condition=condition_code, urgency=urgency, recommendation=recommendation,
+                 model=latest_ai.model_id if latest_ai else None)
+    session.flush()
+    return task
+
+
+def patient_replied(session: Session, case_id: uuid.UUID, *, now: datetime | None = None) -> ReviewTask | None:
+    """The patient answered a request for information: the task returns to the dermatologist who asked.
+
+    Called by the bot when new photos or answers arrive for a case whose task is waiting_patient.
+    The asking dermatologist keeps the claim for :data:`RETURN_RESERVE`; after that anyone may claim.
+    """
+    now = now or utcnow()
+    task = session.scalar(
+        select(ReviewTask).where(ReviewTask.case_id == case_id, ReviewTask.status == "waiting_patient")
+    )
+    if task is None:
+        return None
+    task.status = "open"
+    task.claim_expires_at = now + RETURN_RESERVE
+    task.due_at = now + URGENCY_SLA[task.urgency]  # the SLA clock restarts with the patient's answer
+    audit.record(session, Actor.system("bot"), "review.patient_replied", "ReviewTask", task.id, case=str(case_id))
+    session.flush()
+    return task

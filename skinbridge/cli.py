@@ -100,6 +100,32 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
 
 
 @main.command()
+@click.option("--host", default=None, help="Default: SKINBRIDGE_HTTP_HOST (127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Default: SKINBRIDGE_HTTP_PORT (8000).")
+def api(host: str | None, port: int | None) -> None:
+    """Serve the web app: FHIR API, SMART token endpoint, dermatologist console."""
+    import uvicorn
+
+    settings = _checked_settings()
+    uvicorn.run("skinbridge.web:create_app", factory=True, host=host or settings.http_host,
+                port=port or settings.http_port, log_level="info", proxy_headers=True)
+
+
+@main.command()
+def check() -> None:
+    """Check configuration, keys, database schema and imports; exit 1 on a problem."""
+    from skinbridge.selfcheck import run_checks
+
+    _checked_settings()
+    problems = run_checks(get_settings())
+    for line in problems:
+        click.echo(f"PROBLEM: {line}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo("all checks passed")
+
+
+@main.command()
 def up() -> None:
     """Start the whole system on embedded defaults (migrate, worker, web app, bot sandbox)."""
     from skinbridge.supervisor import run_all

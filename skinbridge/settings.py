@@ -50,7 +50,11 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = 600
     task_time_limit: int = 660
     sweeper_interval_s: float = 30.0
-    stuck_after_s: float = 300.0
+    stuck_after_s: float = 900.0  # longer than task_time_limit: only a lost task looks stuck
+    max_pipeline_attempts: int = 3
+    explanation_images: int = 2
+    # Fault injection for the crash tests: the diagnose step sleeps this long first. Refused in production.
+    fault_delay_s: float = 0.0
 
     # --- web (FHIR API, console, sandbox) --------------------------------------------------
     http_host: str = "127.0.0.1"
@@ -106,6 +110,8 @@ class Settings(BaseSettings):
         problems: list[str] = []
         if self.debug:
             problems.append("SKINBRIDGE_DEBUG must be false in production")
+        if self.fault_delay_s:
+            problems.append("SKINBRIDGE_FAULT_DELAY_S is a test setting; unset it in production")
         if self.master_key is None and self.key_dir is None:
             problems.append(
                 "set SKINBRIDGE_MASTER_KEY (base64 of 32 bytes) with SKINBRIDGE_MASTER_KEY_ID, "

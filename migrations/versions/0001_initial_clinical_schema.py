@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 15:32:10.915905
+Create Date: 2026-11-23
 """
 from typing import Sequence, Union
 
@@ -246,7 +246,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.ForeignKeyConstraint(['case_id'], ['cases.id'], name=op.f('fk_ai_results_case_id_cases'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_ai_results'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_ai_results')),
+    sa.UniqueConstraint('case_id', 'engine', name=op.f('uq_ai_results_case_id_engine'))
     )
     with op.batch_alter_table('ai_results', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_ai_results_case_id'), ['case_id'], unique=False)
@@ -277,7 +278,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.ForeignKeyConstraint(['case_id'], ['cases.id'], name=op.f('fk_explanation_images_case_id_cases'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_explanation_images'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_explanation_images')),
+    sa.UniqueConstraint('case_id', 'condition_code', 'seed', name=op.f('uq_explanation_images_case_id_condition_code_seed'))
     )
     with op.batch_alter_table('explanation_images', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_explanation_images_case_id'), ['case_id'], unique=False)

@@ -1,0 +1,103 @@
+"""The case pipeline as the rest of the system sees it: submit a case, a follow-up, a review request.
+
+The chain (see inference/tasks.py):
+
+    quality_gate (cpu) -> diagnose (gpu) -> explain (gpu) -> assemble_report (cpu) -> notify (cpu)
+
+Every step re-reads the case row (the source of truth) and does nothing if its work is already
+done, so a redelivered task, a re-enqueued chain or a second worker never doubles a result.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import chain
+
+from clinic_db import audit, cases, outbox, review
+from clinic_db.audit import Actor
+from clinic_db.db import get_clinic
+from clinic_db.models import Case
+from clinic_db.states import CaseStatus
+
+
+def case_chain(case_id: uuid.UUID | str):  # type: ignore[no-untyped-def]
+    from inference import tasks
+
+    cid = str(case_id)
+    return chain(
+        tasks.quality_gate.si(cid),
+        tasks.diagnose.si(cid),
+        tasks.explain.si(cid),
+        tasks.assemble_report.si(cid),
+        tasks.notify.si(cid),
+    )
+
+
+def submit_case(case_id: uuid.UUID | str, actor: Actor | None = None) -> None:
+    """Queue a received case for analysis. Safe to call twice: only the first call moves it."""
+    clinic = get_clinic()
+    with clinic.session() as session:
+        case = session.get(Case, uuid.UUID(str(case_id)))
+        if case is None:
+            raise LookupError(f"no case {case_id}")
+        if case.status != CaseStatus.received.value:
+            return  # already submitted; the sweeper looks after lost work
+        if not case.images:
+            raise ValueError("a case needs at least one photo before it is submitted")
+        cases.transition(session, case, CaseStatus.queued, actor or Actor("patient", str(case.patient_id)))
+        outbox.enqueue(
+            clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
+            dedup_key=f"progress:{case.id}:received", payload={"case_id": str(case.id), "stage": "received"},
+        )
+        session.commit()
+    case_chain(case_id).apply_async()
+
+
+def submit_followup(case_id: uuid.UUID | str, message_id: uuid.UUID | str) -> None:
+    """Answer a patient's follow-up question (a CaseMessage) asynchronously; the answer goes to the outbox."""
+    from inference import tasks
+
+    tasks.answer_followup.apply_async(args=[str(case_id), str(message_id)])
+
+
+def request_review(case_id: uuid.UUID | str, reason: str = "patient_request", *, urgency: str | None = None) -> None:
+    """Send a case to the dermatologist queue (patient asked for a doctor, or a red flag in follow-up)."""
+    clinic = get_clinic()
+    with clinic.session() as session:
+        case = session.get(Case, uuid.UUID(str(case_id)))
+        if case is None:
+            raise LookupError(f"no case {case_id}")
+        actor = Actor("patient", str(case.patient_id)) if reason == "patient_request" else Actor.system("triage")
+        if case.status == CaseStatus.preliminary.value:
+            cases.transition(session, case, CaseStatus.in_review, actor, reason=reason)
+        elif case.status not in (CaseStatus.in_review.value,):
+            # not analysed yet: remember the wish; assemble_report routes it when the AI result is in
+            audit.record(session, actor, "review.requested_early", "Case", case.id, reason=reason)
+            _remember_review_wish(session, case, reason)
+            session.commit()
+            return
+        chosen = urgency or case.urgency or "routine"
+        review.open_task(session, case, urgency=chosen, reasons=[reason])
+        outbox.enqueue(
+            clinic, session, patient_id=case.patient_id, case_id=case.id, kind="review_requested",
+            dedup_key=f"review_requested:{case.id}:{reason}", payload={"case_id": str(case.id)},
+        )
+        session.commit()
+
+
+def _remember_review_wish(session, case: Case, reason: str) -> None:  # type: ignore[no-untyped-def]
+    from clinic_db.models import KeyValue
+
+    row = session.get(KeyValue, ("review_wish", str(case.id)))
+    if row is None:
+        session.add(KeyValue(namespace="review_wish", key=str(case.id), value={"reasons": [reason]}))
+    else:
+        row.value = {"reasons": sorted(set(row.value.get("reasons", [])) | {reason})}
+
+
+def pending_review_wishes(session, case_id: uuid.UUID) -> list[str]:  # type: ignore[no-untyped-def]
+    from clinic_db.models import KeyValue
+
+    row = session.get(KeyValue, ("review_wish", str(case_id)))
+    return list(row.value.get("reasons", [])) if row is not None and row.value else []

@@ -1,0 +1,368 @@
+"""Celery tasks of the case pipeline. Tasks carry case ids, never image bytes.
+
+Idempotence: each step starts by reading the case row and returns early (stopping the chain with
+``Ignore``) when its work is already done or the case has moved on. Transient errors retry with
+back-off; anything else is poison: the case ends ``failed`` with a reason code and never loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from clinic_db import cases, outbox, review
+from clinic_db.audit import Actor
+from clinic_db.db import Clinic, get_clinic
+from clinic_db.models import AIResult, Case, CaseMessage, ExplanationImage, OutboxMessage, utcnow
+from clinic_db.states import PIPELINE_STATES, CaseStatus
+from skinbridge.celery_app import app
+from skinbridge.settings import get_settings
+
+log = logging.getLogger(__name__)
+WORKER = Actor.system("worker")
+TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
+
+
+# --- per-process set-up -------------------------------------------------------------------------
+@worker_process_init.connect
+def _init_worker_process(**_: Any) -> None:
+    """After the fork: fresh DB connections, and models loaded once (never touch CUDA before the fork)."""
+    get_clinic().engine.dispose(close=False)
+    if "gpu" in os.environ.get("SKINBRIDGE_WORKER_QUEUES", "gpu"):
+        engines()
+
+
+@functools.lru_cache(maxsize=1)
+def engines():  # type: ignore[no-untyped-def]
+    from inference.engines.registry import load_engines
+
+    return load_engines(get_settings())
+
+
+# --- helpers ------------------------------------------------------------------------------------
+class PoisonCase(Exception):
+    """The case cannot be processed (bad data, model error); retrying would not help."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def case_step(task, case_id: str, allowed: set[CaseStatus]) -> Iterator[tuple[Clinic, Session, Case]]:  # type: ignore[no-untyped-def]
+    """Open the case in a session; stop the chain if the case is not in an ``allowed`` state;
+    turn errors into a retry (transient) or a failed case (poison)."""
+    clinic = get_clinic()
+    session = clinic.session()
+    try:
+        case = session.get(Case, uuid.UUID(case_id))
+        if case is None or CaseStatus(case.status) not in allowed:
+            raise Ignore()
+        yield clinic, session, case
+        session.commit()
+    except (Ignore, IntegrityError) as exc:
+        session.rollback()
+        if isinstance(exc, IntegrityError):
+            log.info("step %s for case %s already done by another worker", task.name, case_id)
+        raise Ignore() from None
+    except TRANSIENT as exc:
+        session.rollback()
+        if task.request.retries >= task.max_retries:
+            _fail(case_id, f"{task.name.split('.')[-1]}_transient_error")
+            raise Ignore() from None
+        raise task.retry(exc=exc, countdown=min(60, 2 ** task.request.retries))
+    except SoftTimeLimitExceeded:
+        session.rollback()
+        _fail(case_id, f"{task.name.split('.')[-1]}_timeout")
+        raise Ignore() from None
+    except Exception as exc:  # noqa: BLE001 - poison: record and stop, never loop
+        session.rollback()
+        reason = exc.reason if isinstance(exc, PoisonCase) else f"{task.name.split('.')[-1]}_error:{type(exc).__name__}"
+        log.exception("case %s failed in %s", case_id, task.name)
+        _fail(case_id, reason)
+        raise Ignore() from None
+    finally:
+        session.close()
+
+
+def _fail(case_id: str, reason: str) -> None:
+    clinic = get_clinic()
+    with clinic.session() as session:
+        case = session.get(Case, uuid.UUID(case_id))
+        if case is None or CaseStatus.failed not in _next_states(case):
+            return
+        cases.transition(session, case, CaseStatus.failed, WORKER, reason=reason)
+        outbox.enqueue(
+            clinic, session, patient_id=case.patient_id, case_id=case.id, kind="failed",
+            dedup_key=f"failed:{case.id}:{case.pipeline_attempts}", payload={"case_id": case_id, "reason": reason},
+        )
+        session.commit()
+
+
+def _next_states(case: Case) -> frozenset[CaseStatus]:
+    from clinic_db.states import TRANSITIONS
+
+    return TRANSITIONS[CaseStatus(case.status)]
+
+
+def _photos(clinic: Clinic, session: Session, case: Case) -> list[PILImage.Image]:
+    photos = []
+    for image in case.images:
+        data = cases.image_bytes(clinic, session, image, WORKER, purpose="treatment")
+        photos.append(PILImage.open(io.BytesIO(data)).convert("RGB"))
+    if not photos:
+        raise PoisonCase("no_photos")
+    return photos
+
+
+def _seed(case_id: uuid.UUID, salt: int = 0) -> int:
+    return (case_id.int + salt) % (2**31 - 1)
+
+
+TASK_OPTS: dict[str, Any] = dict(bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=5)
+
+
+# --- the chain ------------------------------------------------------------------------------
+@app.task(name="skinbridge.quality_gate", queue="cpu", **TASK_OPTS)
+def quality_gate(self, case_id: str) -> None:
+    from inference.quality import assess
+    from clinic_db.cases import CleanImage
+
+    with case_step(self, case_id, {CaseStatus.queued, CaseStatus.analysing}) as (clinic, session, case):
+        if case.status == CaseStatus.queued.value:
+            case.pipeline_attempts += 1
+            if case.pipeline_attempts > get_settings().max_pipeline_attempts:
+                raise PoisonCase("too_many_attempts")
+            cases.transition(session, case, CaseStatus.analysing, WORKER)
+        for image in case.images:
+            if image.quality is None:
+                data = cases.image_bytes(clinic, session, image, WORKER)
+                report = assess(CleanImage(data=data, mime=image.mime, width=image.width, height=image.height))
+                image.quality = {"ok": report.ok, "problems": list(report.problems), **report.metrics}
+        outbox.enqueue(
+            clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
+            dedup_key=f"progress:{case.id}:analysing", payload={"case_id": case_id, "stage": "analysing"},
+        )
+
+
+@app.task(name="skinbridge.diagnose", queue="gpu", **TASK_OPTS)
+def diagnose(self, case_id: str) -> None:
+    with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
+        delay = get_settings().fault_delay_s
+        if delay:
+            time.sleep(delay)
+        done = set(session.scalars(select(AIResult.engine).where(AIResult.case_id == case.id)))
+        eng = engines()
+        photos = _photos(clinic, session, case)
+        predictions = []
+        if "classifier" not in done:
+            per_photo = eng.classifier.predict(photos, "clinical")
+            predictions.append(_merge_photo_predictions(per_photo))
+        if eng.vlm is not None and "vlm" not in done:
+            history = cases.history(clinic, session, case)
+            predictions.append(eng.vlm.diagnose(photos, history, case.patient.language))
+        for p in predictions:
+            cases.add_ai_result(
+                clinic, session, case, engine=p.engine, model_id=p.model_id, model_version=p.model_version,
+                weights_sha256=p.weights_sha256, differential=p.differential, description=p.description,
+                saliency_png=p.saliency_png, flags=list(p.flags) + [f"hint:{h}" for h in p.urgency_hints],
+                timings=p.timings,
+            )
+
+
+def _merge_photo_predictions(per_photo: list) -> Any:  # type: ignore[type-arg]
+    """Several photos of one lesion: average the probabilities; keep the first photo's saliency map."""
+    import dataclasses
+
+    first = per_photo[0]
+    if len(per_photo) == 1:
+        return first
+    totals: dict[str, float] = {}
+    for p in per_photo:
+        for d in p.differential:
+            totals[d["code"]] = totals.get(d["code"], 0.0) + d["probability"] / len(per_photo)
+    merged = [{"code": c, "probability": round(v, 6)} for c, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    timings = {k: sum(p.timings.get(k, 0.0) for p in per_photo) for k in first.timings}
+    flags = sorted({f for p in per_photo for f in p.flags})
+    hints = sorted({h for p in per_photo for h in p.urgency_hints})
+    return dataclasses.replace(first, differential=merged, timings=timings, flags=flags, urgency_hints=hints)
+
+
+@app.task(name="skinbridge.explain", queue="gpu", **TASK_OPTS)
+def explain(self, case_id: str) -> None:
+    settings = get_settings()
+    with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
+        top = _top_condition(session, case)
+        if top is None or settings.explanation_images <= 0:
+            return
+        have = session.scalar(
+            select(ExplanationImage.id).where(ExplanationImage.case_id == case.id,
+                                              ExplanationImage.condition_code == top).limit(1)
+        )
+        explainer = engines().explainer
+        if have is not None or explainer is None or not explainer.knows(top):
+            return
+        seed = _seed(case.id)
+        for i, png in enumerate(explainer.generate(top, settings.explanation_images, seed)):
+            cases.add_explanation_image(clinic, session, case, condition_code=top, png=png,
+                                        model_id=explainer.model_id, seed=seed + i)
+
+
+def _top_condition(session: Session, case: Case) -> str | None:
+    results = list(session.scalars(select(AIResult).where(AIResult.case_id == case.id)))
+    ranked = sorted((r for r in results if r.top_condition_code), key=lambda r: (r.engine != "classifier",))
+    return ranked[0].top_condition_code if ranked else None
+
+
+@app.task(name="skinbridge.assemble_report", queue="cpu", **TASK_OPTS)
+def assemble_report(self, case_id: str) -> None:
+    from inference.pipeline import pending_review_wishes
+    from inference.triage import decide
+
+    with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
+        predictions = _predictions_from_db(clinic, session, case)
+        quality_failed = bool(case.images) and all(not (i.quality or {}).get("ok", True) for i in case.images)
+        wishes = pending_review_wishes(session, case.id)
+        decision = decide(
+            predictions, cases.history(clinic, session, case),
+            photo_quality_failed=quality_failed, patient_requested="patient_request" in wishes,
+        )
+        usable = [p for p in predictions if p.differential]
+        case.urgency = decision.urgency
+        case.condition_code = usable[0].differential[0]["code"] if usable else None
+        if usable:
+            cases.transition(session, case, CaseStatus.preliminary, WORKER)
+        if decision.review or not usable:
+            reasons = list(decision.reasons) or ["no_usable_ai_result"]
+            cases.transition(session, case, CaseStatus.in_review, Actor.system("triage"), reason=",".join(reasons)[:200])
+            review.open_task(session, case, urgency=decision.urgency, reasons=reasons)
+        _publish(clinic, session, case)
+
+
+def _predictions_from_db(clinic: Clinic, session: Session, case: Case) -> list[Any]:
+    from inference.engines.base import Prediction
+
+    out = []
+    for r in session.scalars(select(AIResult).where(AIResult.case_id == case.id).order_by(AIResult.created_at)):
+        flags = [f for f in r.flags if not f.startswith("hint:")]
+        hints = [f[5:] for f in r.flags if f.startswith("hint:")]
+        out.append(Prediction(
+            engine=r.engine, model_id=r.model_id, model_version=r.model_version, weights_sha256=r.weights_sha256,
+            differential=clinic.vault.get_json(session, r, "differential", owner=case.patient_id) or [],
+            description=None, features=None, flags=flags, urgency_hints=hints, advice=None, saliency_png=None,
+            timings=dict(r.timings),
+        ))
+    return out
+
+
+def _publish(clinic: Clinic, session: Session, case: Case) -> None:
+    """Publish the FHIR DiagnosticReport (preliminary) in the same transaction as the status change."""
+    try:
+        from fhir.publish import publish_case
+    except ImportError:  # the FHIR component is optional in a worker-only install
+        return
+    publish_case(clinic, session, case.id)
+
+
+@app.task(name="skinbridge.notify", queue="cpu", **TASK_OPTS)
+def notify(self, case_id: str) -> None:
+    with case_step(self, case_id, {CaseStatus.preliminary, CaseStatus.in_review}) as (clinic, session, case):
+        _enqueue_result(clinic, session, case)
+
+
+def _enqueue_result(clinic: Clinic, session: Session, case: Case) -> None:
+    payload = {"case_id": str(case.id)}
+    outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
+                   dedup_key=f"progress:{case.id}:ready", payload=payload | {"stage": "ready"})
+    outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="result",
+                   dedup_key=f"result:{case.id}", payload=payload)
+
+
+# --- follow-up questions --------------------------------------------------------------------
+@app.task(name="skinbridge.answer_followup", queue="cpu", **TASK_OPTS)
+def answer_followup(self, case_id: str, message_id: str) -> None:
+    from inference.followup import answer_question
+
+    allowed = {CaseStatus.preliminary, CaseStatus.in_review, CaseStatus.final, CaseStatus.amended}
+    red_flag = False
+    with case_step(self, case_id, allowed) as (clinic, session, case):
+        dedup = f"followup_answer:{message_id}"
+        if session.scalar(select(OutboxMessage.id).where(OutboxMessage.dedup_key == dedup)) is not None:
+            raise Ignore()
+        question_row = session.get(CaseMessage, uuid.UUID(message_id))
+        if question_row is None or question_row.case_id != case.id:
+            raise PoisonCase("followup_message_missing")
+        question = clinic.vault.get_text(session, question_row, "text", owner=case.patient_id) or ""
+        answer = answer_question(clinic, session, case, question, engines())
+        reply = CaseMessage(case_id=case.id, patient_id=case.patient_id, role="assistant", flags=answer.flags)
+        reply.ensure_id()
+        clinic.vault.set_text(session, reply, "text", answer.text, owner=case.patient_id)
+        session.add(reply)
+        session.flush()
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="followup_answer",
+                       dedup_key=dedup, payload={"case_id": case_id, "message_id": str(reply.id)})
+        red_flag = "red_flag" in answer.flags
+    if red_flag:
+        from inference.pipeline import request_review
+
+        request_review(case_id, "red_flag_followup", urgency="urgent")
+
+
+# --- the sweeper: the case row is the source of truth ------------------------------------------
+@app.task(name="skinbridge.sweep", queue="cpu")
+def sweep() -> dict[str, int]:
+    """Re-enqueue cases stuck in the pipeline (their task was lost with a dead worker) and re-send
+    results whose notification never got written. Safe to run anywhere, any time."""
+    from inference.pipeline import case_chain
+
+    settings = get_settings()
+    clinic = get_clinic()
+    cutoff = utcnow() - timedelta(seconds=settings.stuck_after_s)
+    requeued = notified = 0
+    with clinic.session() as session:
+        stuck = session.scalars(
+            select(Case).where(Case.status.in_([s.value for s in PIPELINE_STATES]), Case.status_changed_at < cutoff)
+        ).all()
+        for case in stuck:
+            try:
+                if case.status == CaseStatus.analysing.value:
+                    cases.transition(session, case, CaseStatus.queued, Actor.system("sweeper"), reason="stuck")
+                else:
+                    case.status_changed_at = utcnow()  # re-arm the timer for a queued case
+                session.commit()
+            except cases.StaleCase:
+                session.rollback()
+                continue
+            case_chain(case.id).apply_async()
+            requeued += 1
+        # a crash between assemble_report and notify leaves a result without its message
+        recent = session.scalars(
+            select(Case).where(
+                Case.status.in_([CaseStatus.preliminary.value, CaseStatus.in_review.value]),
+                Case.status_changed_at < cutoff,
+                Case.status_changed_at > cutoff - timedelta(days=1),
+            )
+        ).all()
+        sent_keys = set(session.scalars(
+            select(OutboxMessage.dedup_key).where(OutboxMessage.dedup_key.in_([f"result:{c.id}" for c in recent]))
+        )) if recent else set()
+        unnotified = [c for c in recent if f"result:{c.id}" not in sent_keys]
+        for case in unnotified:
+            notify.delay(str(case.id))
+            notified += 1
+    return {"requeued": requeued, "notified": notified}
