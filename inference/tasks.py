@@ -323,6 +323,14 @@ def answer_followup(self, case_id: str, message_id: str) -> None:
         request_review(case_id, "red_flag_followup", urgency="urgent")
 
 
+@app.task(name="skinbridge.selfcheck", queue="cpu")
+def selfcheck() -> list[str]:
+    """Imports and schema as a worker process sees them (the `fhir` namespace in particular)."""
+    from skinbridge.selfcheck import record_worker_check
+
+    return record_worker_check()
+
+
 # --- the sweeper: the case row is the source of truth ------------------------------------------
 @app.task(name="skinbridge.sweep", queue="cpu")
 def sweep() -> dict[str, int]:

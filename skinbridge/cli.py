@@ -88,7 +88,10 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
     """Run a Celery worker (models load once per process after the fork)."""
     from skinbridge.celery_app import app
 
+    import os
+
     settings = _checked_settings()
+    os.environ["SKINBRIDGE_WORKER_QUEUES"] = queues  # tells worker_process_init whether to load models
     argv = [
         "worker", "--loglevel=INFO", "--pool=prefork", "-Q", queues,
         f"--concurrency={concurrency or settings.worker_concurrency}", "-E",

@@ -29,3 +29,20 @@ def run_checks(settings: Settings) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - report, don't crash the checker
         problems.append(f"database or keys: {type(exc).__name__}: {exc}")
     return problems
+
+
+def record_worker_check() -> list[str]:
+    """Run the checks inside a worker process and keep the outcome in the database (KeyValue)."""
+    import os
+    import socket
+
+    from clinic_db.db import get_clinic
+    from clinic_db.models import KeyValue
+    from skinbridge.settings import get_settings
+
+    problems = run_checks(get_settings())
+    with get_clinic().session() as session:
+        key = f"{socket.gethostname()}:{os.getpid()}"
+        session.merge(KeyValue(namespace="selfcheck", key=key, value={"problems": problems}))
+        session.commit()
+    return problems

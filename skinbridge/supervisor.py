@@ -37,9 +37,9 @@ def components(settings: Settings) -> list[Child]:
     children = [Child("worker", ["worker", "--queues", "gpu,cpu", "--beat"])]
     children.append(Child("web", ["api"]))
     if settings.telegram_token is None:
+        # no Telegram account needed: the local Bot API emulator with its chat page stands in
         children.append(Child("sandbox", ["sandbox"]))
-    else:
-        children.append(Child("bot", ["bot"]))
+    children.append(Child("bot", ["bot"]))
     return children
 
 
@@ -48,7 +48,7 @@ def banner(settings: Settings) -> str:
     lines = [
         "SkinBridge is up (embedded profile)" if settings.profile == "embedded" else "SkinBridge is up",
         f"  data, keys and broker: {settings.resolved_var_dir}",
-        f"  patient sandbox chat:  {base}/sandbox/" if settings.telegram_token is None else "  Telegram bot: polling",
+        "  patient sandbox chat:  http://127.0.0.1:8081/" if settings.telegram_token is None else "  Telegram bot: on",
         f"  dermatologist console: {base}/console/  (create an account: skinbridge clinician add)",
         f"  FHIR API for EHRs:     {base}/fhir/metadata",
         "  Ctrl-C stops everything.",
