@@ -13,8 +13,8 @@ from kombu import Queue
 from skinbridge.settings import Settings, get_settings
 
 
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("skinbridge", include=["inference.tasks"])
+def configure(app: Celery, settings: Settings) -> Celery:
+    """(Re)apply settings to the app; tests call it again after changing the environment."""
     conf: dict = dict(
         broker_url=settings.resolved_broker_url,
         result_backend=settings.result_backend,
@@ -51,7 +51,12 @@ def make_celery(settings: Settings) -> Celery:
         # visibility timeout above the hard time limit, so a long task is not redelivered while running
         conf["broker_transport_options"] = {"visibility_timeout": settings.task_time_limit + 120}
     app.conf.update(conf)
+    app.pool.force_close_all()  # drop connections made under the previous configuration
     return app
+
+
+def make_celery(settings: Settings) -> Celery:
+    return configure(Celery("skinbridge", include=["inference.tasks"]), settings)
 
 
 app = make_celery(get_settings())

@@ -34,3 +34,15 @@ def serve_app(app, port: int | None = None) -> Iterator[str]:  # type: ignore[no
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_for(predicate, timeout: float = 120.0, interval: float = 0.25, message: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; fail with ``message`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
+        time.sleep(interval)
