@@ -137,5 +137,14 @@ def up() -> None:
     sys.exit(run_all(settings))
 
 
+def _register_components() -> None:
+    """Commands that live with their component (each module keeps its own options)."""
+    from bot.emulator.cli import sandbox_command
+
+    main.add_command(sandbox_command)
+
+
+_register_components()
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,263 @@
+"""The in-memory world of the emulated Telegram: users, private chats, messages, the update queue.
+
+Everything runs on the server's single event loop, so no locks are needed; long polls wait on futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.emulator.errors import ApiError, bad_request
+from bot.emulator.media import FileStore
+
+UPDATE_KINDS = ("message", "edited_message", "channel_post", "edited_channel_post", "business_connection",
+                "business_message", "edited_business_message", "deleted_business_messages", "message_reaction",
+                "message_reaction_count", "inline_query", "chosen_inline_result", "callback_query",
+                "shipping_query", "pre_checkout_query", "purchased_paid_media", "poll", "poll_answer",
+                "my_chat_member", "chat_member", "chat_join_request", "chat_boost", "removed_chat_boost")
+CALL_LOG_LIMIT = 10_000
+
+
+@dataclass
+class User:
+    id: int
+    first_name: str = "Patient"
+    language_code: str | None = None
+    username: str | None = None
+    blocked_bot: bool = False
+
+    def as_user(self) -> dict[str, Any]:
+        user: dict[str, Any] = {"id": self.id, "is_bot": False, "first_name": self.first_name}
+        if self.username:
+            user["username"] = self.username
+        if self.language_code:
+            user["language_code"] = self.language_code
+        return user
+
+    def as_chat(self) -> dict[str, Any]:
+        chat: dict[str, Any] = {"id": self.id, "type": "private", "first_name": self.first_name}
+        if self.username:
+            chat["username"] = self.username
+        return chat
+
+
+@dataclass
+class StoredMessage:
+    chat_id: int
+    message: dict[str, Any]  # the Telegram Message object, current version
+    from_bot: bool
+    seq: int
+    parse_mode: str | None = None
+    keyboard: dict[str, Any] | None = None  # a reply keyboard/removal sent with it (not part of Message)
+    edited: bool = False
+    deleted: bool = False
+
+    @property
+    def message_id(self) -> int:
+        return int(self.message["message_id"])
+
+
+@dataclass
+class _Pending:
+    update: dict[str, Any]
+    forced: bool  # injected raw with its own update_id: survives one confirm so duplicates can be tested
+    delivered: bool = False
+
+
+@dataclass
+class Failure:
+    times: int
+    code: int
+    description: str
+    retry_after: int | None
+
+
+@dataclass
+class CallbackRecord:
+    chat_id: int
+    message_id: int
+    data: str
+    answered: bool = False
+    text: str | None = None
+    show_alert: bool = False
+
+
+@dataclass
+class World:
+    files: FileStore
+    users: dict[int, User] = field(default_factory=dict)
+    chats: dict[int, dict[int, StoredMessage]] = field(default_factory=dict)
+    callbacks: dict[str, CallbackRecord] = field(default_factory=dict)
+    photo_sets: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # any size's file_id -> all sizes
+    commands: dict[tuple[str, str], list[dict[str, str]]] = field(default_factory=dict)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    failures: dict[str, list[Failure]] = field(default_factory=dict)
+    chat_actions: dict[int, tuple[str, float]] = field(default_factory=dict)
+    webhook: dict[str, Any] = field(default_factory=dict)
+    allowed_updates: list[str] | None = None
+    _pending: list[_Pending] = field(default_factory=list)
+    _next_update_id: int = 100_000_001
+    _next_message_id: dict[int, int] = field(default_factory=dict)
+    _seq: int = 0
+    _waiters: set[asyncio.Future[None]] = field(default_factory=set)
+    _poll_generation: int = 0
+    _call_seq: int = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._wake()
+        self.files.clear()
+        for name in ("users", "chats", "callbacks", "photo_sets", "commands", "failures", "chat_actions", "webhook",
+                     "_next_message_id"):
+            getattr(self, name).clear()
+        self.calls.clear()
+        self._pending.clear()
+        self.allowed_updates = None
+        self._next_update_id = 100_000_001
+        self._seq = 0
+
+    # --- users and chats ---------------------------------------------------------------------
+    def user(self, user_id: int, *, first_name: str | None = None, language_code: str | None = None,
+             username: str | None = None) -> User:
+        user = self.users.get(user_id)
+        if user is None:
+            user = self.users[user_id] = User(user_id)
+            self.chats.setdefault(user_id, {})
+        if first_name:
+            user.first_name = first_name
+        if language_code:
+            user.language_code = language_code
+        if username:
+            user.username = username
+        return user
+
+    def chat_for_bot(self, chat_id: int | None) -> User:
+        """The private chat a bot wants to write to; Telegram only knows chats whose user started the bot."""
+        user = self.users.get(chat_id) if chat_id is not None else None
+        if user is None:
+            raise bad_request("chat not found")
+        if user.blocked_bot:
+            raise ApiError(403, "Forbidden: bot was blocked by the user")
+        return user
+
+    def next_message_id(self, chat_id: int) -> int:
+        value = self._next_message_id.get(chat_id, 0) + 1
+        self._next_message_id[chat_id] = value
+        return value
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def store(self, chat_id: int, message: dict[str, Any], *, from_bot: bool, parse_mode: str | None = None) -> StoredMessage:
+        stored = StoredMessage(chat_id, message, from_bot, self.next_seq(), parse_mode)
+        self.chats.setdefault(chat_id, {})[stored.message_id] = stored
+        return stored
+
+    def find(self, chat_id: int, message_id: int | None) -> StoredMessage | None:
+        if message_id is None:
+            return None
+        stored = self.chats.get(chat_id, {}).get(message_id)
+        return None if stored is None or stored.deleted else stored
+
+    def touch(self, stored: StoredMessage, *, edited: bool = True) -> None:
+        stored.seq = self.next_seq()
+        stored.edited = stored.edited or edited
+
+    # --- updates -----------------------------------------------------------------------------
+    def push_update(self, update: dict[str, Any], *, forced: bool = False) -> int:
+        if "update_id" not in update:
+            update = {"update_id": self._next_update_id, **update}
+        update_id = int(update["update_id"])
+        self._next_update_id = max(self._next_update_id, update_id + 1)
+        self._pending.append(_Pending(update, forced))
+        self._wake()
+        return update_id
+
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def _confirm(self, offset: int) -> None:
+        if offset > 0:
+            self._pending = [p for p in self._pending if p.update["update_id"] >= offset or (p.forced and not p.delivered)]
+        elif offset < 0:
+            self._pending = self._pending[offset:]
+
+    def _take(self, limit: int) -> list[dict[str, Any]]:
+        if self.allowed_updates:
+            allowed = set(self.allowed_updates)
+            # Telegram discards updates of kinds the bot did not ask for.
+            self._pending = [p for p in self._pending if any(k in allowed for k in p.update if k != "update_id")]
+        batch = self._pending[:limit]
+        for pending in batch:
+            pending.delivered = True
+        return [p.update for p in batch]
+
+    def _wake(self) -> None:
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def get_updates(self, *, offset: int, limit: int, timeout: float, allowed_updates: list[str] | None,
+                          client_gone: asyncio.Future[Any] | None = None) -> list[dict[str, Any]]:
+        """Long poll; `client_gone` completes when the HTTP client disconnects (a stopped bot must not
+        keep a poll, or the server, waiting)."""
+        if self.webhook.get("url"):
+            raise ApiError(409, "Conflict: can't use getUpdates method while webhook is active; "
+                                "use deleteWebhook to delete the webhook first")
+        if allowed_updates is not None:
+            self.allowed_updates = list(allowed_updates) or None
+        self._confirm(offset)
+        self._poll_generation += 1
+        generation = self._poll_generation
+        self._wake()  # an older long poll still waiting is terminated with 409, as on Telegram
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            batch = self._take(limit)
+            remaining = deadline - loop.time()
+            if batch or remaining <= 0:
+                return batch
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
+            try:
+                await asyncio.wait({waiter} | ({client_gone} if client_gone else set()), timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._waiters.discard(waiter)
+            if client_gone is not None and client_gone.done():
+                return []
+            if generation != self._poll_generation:
+                raise ApiError(409, "Conflict: terminated by other getUpdates request; "
+                                    "make sure that only one bot instance is running")
+
+    # --- test controls -----------------------------------------------------------------------
+    def add_failure(self, method: str, failure: Failure) -> None:
+        self.failures.setdefault(method.lower(), []).append(failure)
+
+    def take_failure(self, method: str) -> ApiError | None:
+        queue = self.failures.get(method.lower())
+        if not queue:
+            return None
+        failure = queue[0]
+        failure.times -= 1
+        if failure.times <= 0:
+            queue.pop(0)
+        parameters = {"retry_after": failure.retry_after} if failure.retry_after is not None else None
+        return ApiError(failure.code, failure.description, parameters)
+
+    def log_call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._call_seq += 1
+        entry = {"seq": self._call_seq, "method": method, "params": params, "at": time.time()}
+        self.calls.append(entry)
+        if len(self.calls) > CALL_LOG_LIMIT:  # a sandbox left running for days must not grow without bound
+            del self.calls[: len(self.calls) - CALL_LOG_LIMIT]
+        return entry
+
+    def chat_action(self, chat_id: int) -> str | None:
+        """The action a bot announced in the last 5 s (how long Telegram clients show it)."""
+        action = self.chat_actions.get(chat_id)
+        return action[0] if action and time.monotonic() - action[1] < 5 else None
