@@ -51,7 +51,10 @@ def configure(app: Celery, settings: Settings) -> Celery:
         # visibility timeout above the hard time limit, so a long task is not redelivered while running
         conf["broker_transport_options"] = {"visibility_timeout": settings.task_time_limit + 120}
     app.conf.update(conf)
-    app.pool.force_close_all()  # drop connections made under the previous configuration
+    if app._pool is not None:  # reconfigured (tests): drop connections made under the old broker URL
+        app._pool.force_close_all()
+        app._pool = None
+        app.amqp._producer_pool = None
     return app
 
 

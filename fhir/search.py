@@ -1,0 +1,302 @@
+"""FHIR search over the ``fhir_resources`` table: parameters, snapshot, sorting and stable paging.
+
+Every search runs against a *snapshot* ``seq <= S`` where S is the highest seq when the first page was
+asked for: each resource counts with its newest version at or below S. Pages of the default order
+are keyed on seq (``seq > last``), pages of other orders on an offset into the same snapshot, so
+reports that arrive (or change) while a client pages never cause duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from clinic_db.models import FhirResource, PatientKey
+
+DEFAULT_COUNT = 20
+MAX_COUNT = 100
+
+PATIENT_PARAMS = ("patient", "subject")
+TYPE_PARAMS: dict[str, frozenset[str]] = {
+    "DiagnosticReport": frozenset({"patient", "subject", "status", "category", "code", "date", "issued",
+                                   "identifier"}),
+    "Observation": frozenset({"patient", "subject", "status", "category", "code", "date"}),
+    "Media": frozenset({"patient", "subject", "status", "created"}),
+    "Patient": frozenset({"identifier"}),
+    "Device": frozenset({"identifier", "status"}),
+    "Provenance": frozenset({"patient", "recorded"}),
+    "Practitioner": frozenset({"identifier"}),
+    "Organization": frozenset(),
+    "Binary": frozenset(),
+}
+COMMON_PARAMS = frozenset({"_id", "_lastUpdated"})
+CONTROL_PARAMS = frozenset({"_count", "_sort", "_include", "_page", "_format", "_total", "_pretty", "_summary"})
+INCLUDES: dict[str, dict[str, str | None]] = {
+    # search param -> target type (None: any)
+    "DiagnosticReport": {"result": "Observation", "media": "Media", "subject": "Patient", "patient": "Patient",
+                         "performer": "Organization", "results-interpreter": "Practitioner"},
+    "Observation": {"subject": "Patient", "patient": "Patient", "device": "Device"},
+    "Media": {"subject": "Patient", "patient": "Patient"},
+    "Provenance": {"patient": "Patient", "target": None},
+}
+SORTS: dict[str, Any] = {
+    "_lastUpdated": FhirResource.last_updated,
+    "date": FhirResource.effective_at,
+    "issued": FhirResource.issued_at,
+    "created": FhirResource.effective_at,
+    "status": FhirResource.status,
+    "_id": FhirResource.id,
+}
+DATE_COLUMNS: dict[str, Any] = {
+    "date": FhirResource.effective_at,
+    "created": FhirResource.effective_at,
+    "recorded": FhirResource.effective_at,
+    "issued": FhirResource.issued_at,
+    "_lastUpdated": FhirResource.last_updated,
+}
+TOKEN_COLUMNS: dict[str, Any] = {
+    "code": FhirResource.code,
+    "category": FhirResource.category,
+    "identifier": FhirResource.identifier,
+}
+
+
+class SearchError(ValueError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Query:
+    resource_type: str
+    params: list[tuple[str, str]]
+    strict: bool = False
+    count: int = DEFAULT_COUNT
+    sort: list[tuple[str, bool]] = field(default_factory=list)  # (param, descending)
+    includes: list[tuple[str, str, str | None]] = field(default_factory=list)  # (source, param, target)
+    snapshot: int | None = None
+    after: int | None = None  # keyset cursor (default order)
+    offset: int = 0  # offset cursor (explicit _sort)
+    ignored: list[str] = field(default_factory=list)
+
+
+# --- parsing ------------------------------------------------------------------------------------
+def parse(resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> Query:
+    q = Query(resource_type, [], strict=strict)
+    allowed = TYPE_PARAMS[resource_type] | COMMON_PARAMS
+    for name, value in params:
+        base = name.split(":", 1)[0]
+        if name == "_count":
+            try:
+                q.count = int(value)
+            except ValueError as exc:
+                raise SearchError(400, "_count must be an integer") from exc
+            if q.count < 0:
+                raise SearchError(400, "_count must not be negative")
+            q.count = min(q.count, MAX_COUNT)
+        elif name == "_sort":
+            for key in value.split(","):
+                desc = key.startswith("-")
+                key = key.lstrip("-")
+                if key not in SORTS:
+                    raise SearchError(422, f"cannot sort by {key!r} (supported: {', '.join(SORTS)})")
+                q.sort.append((key, desc))
+        elif name == "_include":
+            parts = value.split(":")
+            if len(parts) not in (2, 3) or parts[0] not in INCLUDES or parts[1] not in INCLUDES[parts[0]]:
+                raise SearchError(422, f"unsupported _include {value!r}")
+            target = parts[2] if len(parts) == 3 else INCLUDES[parts[0]][parts[1]]
+            q.includes.append((parts[0], parts[1], target))
+        elif name == "_page":
+            q.snapshot, q.after, q.offset = _decode_page(value)
+        elif name in CONTROL_PARAMS:
+            continue
+        elif base in allowed and name == base:
+            q.params.append((name, value))
+        else:
+            if strict:
+                raise SearchError(400, f"unknown or unsupported search parameter {name!r} for {resource_type}")
+            q.ignored.append(name)
+    if q.sort and q.after is not None:
+        raise SearchError(400, "_page token does not match _sort")
+    return q
+
+
+def encode_page(snapshot: int, *, after: int | None = None, offset: int | None = None) -> str:
+    body = {"s": snapshot} | ({"a": after} if after is not None else {"o": offset or 0})
+    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_page(token: str) -> tuple[int, int | None, int]:
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        snapshot, after, offset = int(body["s"]), body.get("a"), int(body.get("o", 0))
+        return snapshot, (None if after is None else int(after)), offset
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SearchError(400, "invalid _page token") from exc
+
+
+# --- values -------------------------------------------------------------------------------------
+def parse_date(value: str) -> tuple[datetime, datetime]:
+    """The [start, end) instant range a FHIR date/dateTime value of any precision denotes (UTC if no zone)."""
+    try:
+        if len(value) == 4:
+            start = datetime(int(value), 1, 1, tzinfo=timezone.utc)
+            return start, start.replace(year=start.year + 1)
+        if len(value) == 7:
+            start = datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=timezone.utc)
+            nxt = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+            return start, nxt
+        if len(value) == 10:
+            start = datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
+            return start, start + timedelta(days=1)
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise SearchError(400, f"invalid date {value!r}") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    step = timedelta(microseconds=1) if dt.microsecond else timedelta(seconds=1)
+    return dt, dt + step
+
+
+def _date_clause(column: Any, raw: str) -> ColumnElement[bool]:
+    prefix, value = (raw[:2], raw[2:]) if raw[:2] in ("eq", "ne", "gt", "ge", "lt", "le") else ("eq", raw)
+    start, end = parse_date(value)
+    return {
+        "eq": and_(column >= start, column < end),
+        "ne": or_(column < start, column >= end),
+        "gt": column >= end,
+        "ge": column >= start,
+        "lt": column < start,
+        "le": column < end,
+    }[prefix]
+
+
+def _token_clause(column: Any, raw: str) -> ColumnElement[bool]:
+    clauses = []
+    for value in raw.split(","):
+        if "|" not in value:
+            clauses.append(column.like(f"%|{_escape(value)}", escape="\\"))
+        elif value.endswith("|"):
+            clauses.append(column.like(f"{_escape(value)}%", escape="\\"))
+        elif value.startswith("|"):
+            clauses.append(column == value)
+        else:
+            clauses.append(column == value)
+    return or_(*clauses)
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _patient_ids(raw: str) -> list[uuid.UUID]:
+    ids = []
+    for value in raw.split(","):
+        value = value.removeprefix("Patient/").rsplit("/Patient/", 1)[-1]
+        try:
+            ids.append(uuid.UUID(value))
+        except ValueError:
+            continue  # not one of ours: matches nothing
+    return ids
+
+
+# --- SQL ----------------------------------------------------------------------------------------
+def snapshot_select(resource_type: str, snapshot: int) -> Select[tuple[FhirResource]]:
+    """Each resource of the type at its newest version with seq <= snapshot (not deleted, not erased)."""
+    newer = aliased(FhirResource)
+    return select(FhirResource).where(
+        FhirResource.resource_type == resource_type,
+        FhirResource.seq <= snapshot,
+        FhirResource.deleted.is_(False),
+        ~exists().where(newer.resource_type == FhirResource.resource_type, newer.id == FhirResource.id,
+                        newer.seq > FhirResource.seq, newer.seq <= snapshot),
+        or_(FhirResource.patient_id.is_(None), FhirResource.patient_id.in_(select(PatientKey.patient_id))),
+    )
+
+
+def current_snapshot(session: Session) -> int:
+    return int(session.scalar(select(func.max(FhirResource.seq))) or 0)
+
+
+def filtered(q: Query, snapshot: int) -> Select[tuple[FhirResource]]:
+    stmt = snapshot_select(q.resource_type, snapshot)
+    for name, raw in q.params:
+        if name in PATIENT_PARAMS:
+            column = FhirResource.id if q.resource_type == "Patient" else FhirResource.patient_id
+            ids = _patient_ids(raw)
+            stmt = stmt.where(column.in_([str(i) for i in ids]) if q.resource_type == "Patient"
+                              else column.in_(ids))
+        elif name == "_id":
+            stmt = stmt.where(FhirResource.id.in_(raw.split(",")))
+        elif name == "status":
+            stmt = stmt.where(FhirResource.status.in_(raw.split(",")))
+        elif name in DATE_COLUMNS:
+            stmt = stmt.where(_date_clause(DATE_COLUMNS[name], raw))
+        elif name in TOKEN_COLUMNS:
+            stmt = stmt.where(_token_clause(TOKEN_COLUMNS[name], raw))
+        else:  # pragma: no cover - parse() only lets known parameters through
+            raise SearchError(400, f"unsupported parameter {name}")
+    return stmt
+
+
+@dataclass
+class Page:
+    rows: list[FhirResource]
+    total: int
+    snapshot: int
+    next_page: str | None
+
+
+def run(session: Session, q: Query) -> Page:
+    snapshot = q.snapshot if q.snapshot is not None else current_snapshot(session)
+    stmt = filtered(q, snapshot)
+    total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+    if q.count == 0:
+        return Page([], total, snapshot, None)
+    if q.sort:
+        order = [SORTS[k].desc() if desc else SORTS[k].asc() for k, desc in q.sort] + [FhirResource.seq.asc()]
+        rows = list(session.scalars(stmt.order_by(*order).offset(q.offset).limit(q.count + 1)))
+        more = len(rows) > q.count
+        rows = rows[: q.count]
+        nxt = encode_page(snapshot, offset=q.offset + q.count) if more else None
+    else:
+        if q.after is not None:
+            stmt = stmt.where(FhirResource.seq > q.after)
+        rows = list(session.scalars(stmt.order_by(FhirResource.seq.asc()).limit(q.count + 1)))
+        more = len(rows) > q.count
+        rows = rows[: q.count]
+        nxt = encode_page(snapshot, after=rows[-1].seq) if more and rows else None
+    return Page(rows, total, snapshot, nxt)
+
+
+def references(resource: dict[str, Any], param: str) -> list[str]:
+    """Literal references a resource holds for an _include search parameter."""
+    rtype = resource.get("resourceType")
+    if rtype == "DiagnosticReport":
+        if param == "result":
+            return [r["reference"] for r in resource.get("result", [])]
+        if param == "media":
+            return [m["link"]["reference"] for m in resource.get("media", [])]
+        if param == "performer":
+            return [r["reference"] for r in resource.get("performer", [])]
+        if param == "results-interpreter":
+            return [r["reference"] for r in resource.get("resultsInterpreter", [])]
+    if rtype == "Observation" and param == "device" and "device" in resource:
+        return [resource["device"]["reference"]]
+    if rtype == "Provenance":
+        if param == "target":
+            return [t["reference"] for t in resource.get("target", [])]
+        if param == "patient":
+            return []
+    if param in ("subject", "patient") and "subject" in resource:
+        return [resource["subject"]["reference"]]
+    return []

@@ -1,0 +1,165 @@
+"""Classifier engine: the project's SkinClassifierNet, loaded from a local folder, with Grad-CAM.
+
+Folder: ``config.json`` (:class:`ClassifierConfig`) + ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from inference.engines.base import Prediction, model_sha256, pick_device
+from inference.engines.classifier_net import (
+    IMAGE_TYPES,
+    WEIGHTS_NAME,
+    ClassifierConfig,
+    SkinClassifierNet,
+)
+
+TOP_K = 5
+
+
+def save_classifier(folder: str | Path, model: SkinClassifierNet, config: ClassifierConfig) -> Path:
+    """Write a classifier folder exactly as :meth:`ClassifierEngine.load` reads it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    config.save(folder)
+    return folder
+
+
+class ClassifierEngine:
+    def __init__(self, model: SkinClassifierNet, config: ClassifierConfig, device: str, weights_sha256: str) -> None:
+        self.model = model.to(device).eval()
+        self.config = config
+        self.device = device
+        self.weights_sha256 = weights_sha256
+        self._mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(config.std).view(1, 3, 1, 1)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "ClassifierEngine":
+        path = Path(path)
+        config = ClassifierConfig.load(path)
+        model = SkinClassifierNet(config.num_classes, config.num_image_types, config.width)
+        state = load_file(str(path / WEIGHTS_NAME))
+        model.load_state_dict(state)
+        return cls(model, config, pick_device(device), model_sha256(path / WEIGHTS_NAME))
+
+    # --- preprocessing ---------------------------------------------------------------------
+    def _square(self, image: Image.Image) -> Image.Image:
+        """RGB, shorter side resized to image_size, centre crop: the same view the net was trained on."""
+        image = image.convert("RGB")
+        size = self.config.image_size
+        w, h = image.size
+        scale = size / min(w, h)
+        resized = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        left = (resized.width - size) // 2
+        top = (resized.height - size) // 2
+        return resized.crop((left, top, left + size, top + size))
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        arrays = [np.asarray(self._square(img), dtype=np.float32) / 255.0 for img in images]
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return (batch - self._mean) / self._std
+
+    def _image_type(self, image_type: str, n: int) -> torch.Tensor:
+        if image_type not in IMAGE_TYPES:
+            raise ValueError(f"image_type must be one of {sorted(IMAGE_TYPES)}, not {image_type!r}")
+        return torch.full((n,), IMAGE_TYPES[image_type], dtype=torch.long)
+
+    # --- inference -------------------------------------------------------------------------
+    @torch.no_grad()
+    def probabilities(self, images: list[Image.Image], image_type: str) -> torch.Tensor:
+        """Calibrated class probabilities, one row per image (B x num_classes, on CPU)."""
+        x = self.preprocess(images).to(self.device)
+        logits = self.model(x, self._image_type(image_type, len(images)).to(self.device))
+        return torch.softmax(logits.float() / self.config.temperature, dim=-1).cpu()
+
+    def predict(self, images: list[Image.Image], image_type: str, *, saliency: bool = True) -> list[Prediction]:
+        if not images:
+            return []
+        t0 = time.perf_counter()
+        probs = self.probabilities(images, image_type)
+        t_infer = time.perf_counter() - t0
+        cams: list[bytes | None] = [None] * len(images)
+        t_cam = 0.0
+        if saliency:
+            t1 = time.perf_counter()
+            cams = [self.saliency_png(img, image_type, int(p.argmax())) for img, p in zip(images, probs)]
+            t_cam = time.perf_counter() - t1
+        codes = self.config.class_codes
+        predictions = []
+        for row, cam in zip(probs, cams):
+            order = torch.argsort(row, descending=True)[: min(TOP_K, len(codes))]
+            differential = [{"code": codes[i], "probability": round(float(row[i]), 6)} for i in order.tolist()]
+            predictions.append(
+                Prediction(
+                    engine="classifier",
+                    model_id=self.config.model_id,
+                    model_version=self.config.model_version,
+                    weights_sha256=self.weights_sha256,
+                    differential=differential,
+                    saliency_png=cam,
+                    timings={"inference_s": t_infer / len(images), "saliency_s": t_cam / len(images)},
+                )
+            )
+        return predictions
+
+    # --- Grad-CAM --------------------------------------------------------------------------
+    def gradcam(self, image: Image.Image, image_type: str, class_index: int) -> np.ndarray:
+        """Grad-CAM heat map (H x W in [0, 1], at the network's input size) for one class."""
+        store: dict[str, torch.Tensor] = {}
+        layer = self.model.target_layer
+        fwd = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
+        bwd = layer.register_full_backward_hook(lambda _m, _gi, go: store.__setitem__("grad", go[0]))
+        try:
+            x = self.preprocess([image]).to(self.device).requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.model(x, self._image_type(image_type, 1).to(self.device))
+                self.model.zero_grad(set_to_none=True)
+                logits[0, class_index].backward()
+        finally:
+            fwd.remove()
+            bwd.remove()
+        act, grad = store["act"].detach(), store["grad"].detach()
+        weights = grad.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * act).sum(dim=1, keepdim=True))
+        size = self.config.image_size
+        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        cam = cam - cam.min()
+        peak = float(cam.max())
+        return (cam / peak).cpu().numpy() if peak > 0 else cam.cpu().numpy()
+
+    def saliency_png(self, image: Image.Image, image_type: str, class_index: int) -> bytes:
+        """The heat map overlaid on the photo, at the photo's own size, as PNG."""
+        rgb = image.convert("RGB")
+        cam = self.gradcam(rgb, image_type, class_index)
+        # undo the centre crop: paste the square map back into the photo's frame
+        w, h = rgb.size
+        side = min(w, h)
+        heat_sq = Image.fromarray((cam * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
+        heat = Image.new("L", (w, h), 0)
+        heat.paste(heat_sq, ((w - side) // 2, (h - side) // 2))
+        colour = _jet(np.asarray(heat, dtype=np.float32) / 255.0)
+        alpha = (np.asarray(heat, dtype=np.float32)[..., None] / 255.0) * 0.55
+        blended = np.asarray(rgb, dtype=np.float32) * (1 - alpha) + colour * alpha
+        out = io.BytesIO()
+        Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(out, format="PNG")
+        return out.getvalue()
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    """A small 'jet' colour map (blue -> red) without pulling matplotlib into workers."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return np.stack([r, g, b], axis=-1) * 255.0

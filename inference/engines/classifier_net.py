@@ -1,0 +1,106 @@
+"""The project's own skin-lesion classifier architecture (trained in ``inference/training``).
+
+A compact from-scratch ResNet-style CNN. It is deliberately small (about 2.8 M parameters at the
+default width) so it trains on a single GPU in minutes and runs on CPU workers in milliseconds.
+The image type (dermoscopic vs clinical photo) is embedded and added to the pooled features,
+because the two acquisition modes look very different for the same condition.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGE_TYPES: dict[str, int] = {"dermoscopic": 0, "clinical": 1}
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ClassifierConfig:
+    num_classes: int
+    class_codes: list[str]
+    image_size: int = 96
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    temperature: float = 1.0  # fitted after training (temperature scaling) for calibrated probabilities
+    width: int = 32
+    num_image_types: int = 2
+    model_id: str = "skinbridge-classifier"
+    model_version: str = "0"
+
+    def __post_init__(self) -> None:
+        if len(self.class_codes) != self.num_classes:
+            raise ValueError(f"{len(self.class_codes)} class codes for {self.num_classes} classes")
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ClassifierConfig":
+        data = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class _Block(nn.Module):
+    """Pre-activation-free basic residual block: conv-BN-SiLU-conv-BN + shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU(inplace=False)  # not in-place: Grad-CAM hooks need intact activations
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.act(y + self.shortcut(x))
+
+
+class SkinClassifierNet(nn.Module):
+    """(images BCHW normalised, image_type LongTensor B) -> logits B x num_classes."""
+
+    def __init__(self, num_classes: int, num_image_types: int = 2, width: int = 32, dropout: float = 0.2) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.SiLU())
+        # four stages, channels w, 2w, 4w, 8w; 96 px input -> 6x6 feature map at the last stage
+        self.stages = nn.Sequential(
+            nn.Sequential(_Block(w, w, 1), _Block(w, w, 1)),
+            nn.Sequential(_Block(w, 2 * w, 2), _Block(2 * w, 2 * w, 1)),
+            nn.Sequential(_Block(2 * w, 4 * w, 2), _Block(4 * w, 4 * w, 1)),
+            nn.Sequential(_Block(4 * w, 8 * w, 2), _Block(8 * w, 8 * w, 1)),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.type_embedding = nn.Embedding(num_image_types, 8 * w)
+        # small init: the image type starts as a gentle offset instead of swamping the image features
+        nn.init.normal_(self.type_embedding.weight, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(8 * w, num_classes)
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """The last convolutional block: the layer Grad-CAM reads activations and gradients from."""
+        return self.stages[-1][-1]
+
+    def forward(self, images: torch.Tensor, image_type: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(images))
+        features = self.pool(x).flatten(1) + self.type_embedding(image_type)
+        return self.head(self.dropout(features))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

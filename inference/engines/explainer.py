@@ -1,0 +1,177 @@
+"""Explanation images: AI-generated examples of what a condition typically looks like.
+
+They help a patient understand a preliminary result; they never show the patient's own skin, and
+each PNG carries a visible "AI-generated" caption plus machine-readable provenance
+(:func:`~inference.engines.base.mark_ai_generated`). Generation is seeded: the same case gets the
+same pictures on every worker and every retry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inference.engines.base import mark_ai_generated, model_sha256, pick_device
+from inference.engines.generator_net import load_generator_parts
+from inference.engines.guardrails import PROMPTS_DIR
+
+CAPTIONS = {
+    "en": "AI-generated example of $name - not your photo, not a diagnosis",
+    "de": "KI-generiertes Beispiel: $name - nicht Ihr Foto, keine Diagnose",
+}
+LORA_DIR = "loras"  # <sd_path>/loras/<condition code>/pytorch_lora_weights.safetensors
+
+
+def _condition_name(vocabulary: Any | None, code: str, lang: str) -> str:
+    if vocabulary:  # None/False: no vocabulary wanted (benchmarks), the code is the name
+        try:
+            return vocabulary.get(code).name(lang)
+        except KeyError:
+            pass
+    return code.replace("_", " ")
+
+
+def _default_vocabulary() -> Any | None:
+    try:
+        from inference.vocabulary import load_vocabulary
+    except ImportError:
+        return None
+    return load_vocabulary()
+
+
+def caption_for(vocabulary: Any | None, code: str, lang: str = "en") -> str:
+    return Template(CAPTIONS.get(lang, CAPTIONS["en"])).substitute(name=_condition_name(vocabulary, code, lang))
+
+
+class ClassConditionalExplainer:
+    """The project's own small class-conditional DDIM generator (see generator_net)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", vocabulary: Any | None = None,
+                 display_size: int = 256) -> None:
+        self.path = Path(path)
+        self.device = pick_device(device)
+        unet, self.scheduler, self.config = load_generator_parts(self.path)
+        self.unet = unet.to(self.device).eval()
+        self.vocabulary = vocabulary if vocabulary is not None else _default_vocabulary()
+        self.display_size = display_size
+        self.model_id = f"{self.config.model_id}@{self.config.model_version}"
+        self.weights_sha256 = model_sha256(self.path / "unet")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "ClassConditionalExplainer":
+        return cls(path, device, **kwargs)
+
+    @property
+    def codes(self) -> list[str]:
+        return list(self.config.class_codes)
+
+    def knows(self, code: str) -> bool:
+        return code in self.config.class_codes
+
+    @torch.inference_mode()
+    def sample(self, code: str, n: int, seed: int, steps: int | None = None) -> torch.Tensor:
+        """n images (n x 3 x S x S in [0, 1], on CPU); image i depends only on (code, seed + i)."""
+        if not self.knows(code):
+            raise KeyError(f"the generator was not trained on {code!r}")
+        size = self.config.sample_size
+        # noise drawn on the CPU per image: identical pictures on CPU and GPU workers, whatever n is
+        noise = torch.stack([
+            torch.randn((3, size, size), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)
+        ]).to(self.device, self.unet.dtype)
+        labels = torch.full((n,), self.config.class_codes.index(code), dtype=torch.long, device=self.device)
+        self.scheduler.set_timesteps(steps or self.config.num_inference_steps)
+        x = noise
+        for t in self.scheduler.timesteps:
+            eps = self.unet(x, t, class_labels=labels).sample
+            x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample  # eta=0: deterministic DDIM
+        return (x.float().clamp(-1, 1) / 2 + 0.5).cpu()
+
+    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
+        images = self.sample(condition_code, n, seed)
+        caption = caption_for(self.vocabulary, condition_code, lang)
+        out = []
+        for img in images:
+            pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            pil = pil.resize((self.display_size, self.display_size), Image.Resampling.LANCZOS)
+            out.append(mark_ai_generated(pil, caption, generator=self.model_id))
+        return out
+
+
+class StableDiffusionExplainer:
+    """A local Stable-Diffusion-style checkpoint with one LoRA adapter per condition.
+
+    Folder: the diffusers pipeline layout + ``loras/<code>/`` (one adapter each) + optional
+    ``prompts.json`` (same form as ``prompts/sd_conditions.json``)."""
+
+    def __init__(self, path: str | Path, device: str = "auto", vocabulary: Any | None = None,
+                 num_inference_steps: int | None = None, image_size: int | None = None) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        self.path = Path(path)
+        self.device = pick_device(device)
+        # fp16 on GPUs; the keyword is only passed there (its name changed across diffusers versions)
+        extra: dict[str, Any] = {"torch_dtype": torch.float16} if self.device.startswith("cuda") else {}
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            self.path, local_files_only=True, safety_checker=None, requires_safety_checker=False, **extra,
+        ).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        prompts_file = self.path / "prompts.json"
+        self.prompts: dict[str, Any] = json.loads(
+            (prompts_file if prompts_file.exists() else PROMPTS_DIR / "sd_conditions.json").read_text(encoding="utf-8")
+        )
+        self.vocabulary = vocabulary if vocabulary is not None else _default_vocabulary()
+        self.num_inference_steps = num_inference_steps or int(self.prompts.get("num_inference_steps", 30))
+        self.image_size = image_size
+        self._loaded: set[str] = set()
+        self.model_id = f"sd:{self.path.name}"
+        self.weights_sha256 = model_sha256(self.path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "StableDiffusionExplainer":
+        return cls(path, device, **kwargs)
+
+    @property
+    def codes(self) -> list[str]:
+        root = self.path / LORA_DIR
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+    def knows(self, code: str) -> bool:
+        # only conditions with their own adapter: the base model alone is no medical illustration
+        return (self.path / LORA_DIR / code).is_dir()
+
+    def prompt_for(self, code: str) -> str:
+        specific = self.prompts.get("conditions", {}).get(code)
+        if specific:
+            return specific
+        return Template(self.prompts["template"]).substitute(name=_condition_name(self.vocabulary, code, "en"))
+
+    def _activate(self, code: str) -> None:
+        if not self.knows(code):
+            raise KeyError(f"no LoRA adapter for {code!r} under {self.path / LORA_DIR}")
+        if code not in self._loaded:
+            self.pipe.load_lora_weights(str(self.path / LORA_DIR / code), adapter_name=code)
+            self._loaded.add(code)
+        self.pipe.set_adapters([code], adapter_weights=[float(self.prompts.get("lora_scale", 1.0))])
+
+    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
+        self._activate(condition_code)
+        size = self.image_size or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        result = self.pipe(
+            prompt=[self.prompt_for(condition_code)] * n,
+            negative_prompt=[self.prompts.get("negative", "")] * n,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=float(self.prompts.get("guidance_scale", 7.0)),
+            generator=generators,
+            height=size,
+            width=size,
+            output_type="pil",
+        )
+        caption = caption_for(self.vocabulary, condition_code, lang)
+        return [mark_ai_generated(img, caption, generator=self.model_id) for img in result.images]

@@ -1,0 +1,97 @@
+"""The project's class-conditional image generator (explanation images "what does X look like").
+
+A small diffusers ``UNet2DModel`` conditioned on the condition class through ``num_class_embeds``,
+sampled with DDIM. Folder layout (diffusers style, so standard tooling can read the parts)::
+
+    <folder>/config.json                     GeneratorConfig (class codes, sampling settings)
+    <folder>/unet/config.json + diffusion_pytorch_model.safetensors
+    <folder>/scheduler/scheduler_config.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffusers import DDIMScheduler, UNet2DModel
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class GeneratorConfig:
+    class_codes: list[str]
+    sample_size: int = 64
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
+    num_inference_steps: int = 50
+    model_id: str = "skinbridge-generator"
+    model_version: str = "0"
+    extra: dict = field(default_factory=dict)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "GeneratorConfig":
+        data = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def make_scheduler(self) -> DDIMScheduler:
+        return DDIMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
+            clip_sample=True,
+        )
+
+
+def build_generator_unet(
+    num_classes: int,
+    sample_size: int = 64,
+    block_out_channels: tuple[int, ...] = (64, 128, 128, 256),
+    layers_per_block: int = 2,
+    attention_levels: tuple[bool, ...] | None = None,
+    norm_num_groups: int = 32,
+) -> UNet2DModel:
+    """A class-conditional UNet; ``attention_levels`` marks which resolutions get self-attention
+    (default: only the lowest one, where attention is cheap)."""
+    n = len(block_out_channels)
+    if attention_levels is None:
+        attention_levels = tuple(i == n - 1 for i in range(n))
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=layers_per_block,
+        block_out_channels=block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        num_class_embeds=num_classes,
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def save_generator(folder: str | Path, unet: UNet2DModel, config: GeneratorConfig) -> Path:
+    folder = Path(folder)
+    if unet.config.num_class_embeds != len(config.class_codes):
+        raise ValueError("the UNet's class embeddings do not match the configured class codes")
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    config.make_scheduler().save_pretrained(folder / "scheduler")
+    config.save(folder)
+    return folder
+
+
+def load_generator_parts(folder: str | Path) -> tuple[UNet2DModel, DDIMScheduler, GeneratorConfig]:
+    folder = Path(folder)
+    config = GeneratorConfig.load(folder)
+    unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True)
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    return unet, scheduler, config

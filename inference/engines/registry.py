@@ -1,0 +1,79 @@
+"""Which engines a worker process runs, chosen from settings and loaded once per process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.engines.base import pick_device
+from inference.engines.classifier import ClassifierEngine
+from inference.engines.explainer import ClassConditionalExplainer, StableDiffusionExplainer
+from inference.engines.vlm import VLMEngine
+
+log = logging.getLogger(__name__)
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_CLASSIFIER = WEIGHTS_DIR / "classifier"
+DEFAULT_GENERATOR = WEIGHTS_DIR / "generator"
+
+
+@dataclass
+class Engines:
+    classifier: ClassifierEngine
+    vlm: VLMEngine | None
+    explainer: ClassConditionalExplainer | StableDiffusionExplainer | None
+    device: str
+
+
+_lock = threading.Lock()
+_cache: dict[tuple[Any, ...], Engines] = {}
+
+
+def _key(settings: Any) -> tuple[Any, ...]:
+    return (settings.classifier_path, settings.generator_path, settings.vlm_path, settings.sd_path, settings.device)
+
+
+def load_engines(settings: Any, *, vocabulary: Any | None = None) -> Engines:
+    """Load (once per process and configuration) the classifier, the optional VLM and the explainer.
+
+    The explainer is the Stable-Diffusion one when ``sd_path`` is set, else the project's own
+    generator when its folder exists, else None (no explanation images). A configured path that is
+    missing is an error: a worker must not silently run without the model it was deployed with."""
+    key = _key(settings)
+    with _lock:
+        if key not in _cache:
+            _cache[key] = _load(settings, vocabulary)
+        return _cache[key]
+
+
+def clear_engine_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def _existing(path: Path | None, what: str) -> Path:
+    if path is None or not Path(path).exists():
+        raise FileNotFoundError(f"{what} not found at {path}; set the SKINBRIDGE_ setting or ship the weights")
+    return Path(path)
+
+
+def _load(settings: Any, vocabulary: Any | None) -> Engines:
+    device = pick_device(settings.device)
+    classifier = ClassifierEngine.load(_existing(settings.classifier_path or DEFAULT_CLASSIFIER, "classifier"), device)
+    vlm = None
+    if settings.vlm_path:
+        vlm = VLMEngine.load(_existing(settings.vlm_path, "VLM checkpoint"), device, vocabulary=vocabulary)
+    explainer: ClassConditionalExplainer | StableDiffusionExplainer | None = None
+    if settings.sd_path:
+        explainer = StableDiffusionExplainer.load(_existing(settings.sd_path, "SD checkpoint"), device,
+                                                  vocabulary=vocabulary)
+    elif settings.generator_path:
+        explainer = ClassConditionalExplainer.load(_existing(settings.generator_path, "generator"), device,
+                                                   vocabulary=vocabulary)
+    elif DEFAULT_GENERATOR.exists():
+        explainer = ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=vocabulary)
+    log.info("engines on %s: classifier=%s vlm=%s explainer=%s", device, classifier.config.model_id,
+             vlm.model_id if vlm else None, explainer.model_id if explainer else None)
+    return Engines(classifier=classifier, vlm=vlm, explainer=explainer, device=device)

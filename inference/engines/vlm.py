@@ -1,0 +1,340 @@
+"""Vision-language engine: any local transformers image-text-to-text checkpoint (LLaVA, Qwen2-VL, ...).
+
+Two-step prompting (describe what is visible, then a JSON differential restricted to the project's
+vocabulary), strict pydantic validation, at most ONE repair prompt, and the flag ``vlm_unparseable``
+with an empty differential when the model still gives nothing usable: the pipeline then routes the
+case to a dermatologist and never shows the text as a diagnosis.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from string import Template
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from inference.engines.base import Prediction, model_sha256, pick_device
+from inference.engines.guardrails import PROMPTS_DIR, GuardRails, load_guardrails
+
+LANGUAGE_NAMES = {"en": "English", "de": "German"}
+FLAG_UNPARSEABLE = "vlm_unparseable"
+FLAG_REPAIRED = "vlm_repaired"
+FLAG_RED_FLAG = "red_flag"
+FLAG_DOSING_REFUSED = "dosing_refused"
+
+# A hook returns extra logits processors for one generation step ("describe", "diagnose",
+# "repair", "followup"); used for constrained decoding and by tests to drive generate() deterministically.
+GenerationHook = Callable[[str, Any], list[Any]]
+
+
+class _Condition(Protocol):
+    code: str
+
+    def name(self, lang: str) -> str: ...
+
+
+class VocabularyLike(Protocol):
+    codes: list[str]
+
+    def get(self, code: str) -> _Condition: ...
+
+    def match(self, free_text: str) -> _Condition | None: ...
+
+
+# --- the answer format ----------------------------------------------------------------------
+class DifferentialItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    condition: str = Field(min_length=1, max_length=120)
+    probability: float = Field(ge=0.0, le=1.0)
+
+
+class VLMDiagnosis(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    differential: list[DifferentialItem] = Field(min_length=1, max_length=8)
+    features: dict[str, str] = Field(default_factory=dict)
+    urgency_hints: list[str] = Field(default_factory=list, max_length=10)
+    advice: str = Field(default="", max_length=600)
+
+
+class AnswerRejected(ValueError):
+    """The model's answer is not usable; the message is fed back in the repair prompt."""
+
+
+def extract_json_object(text: str) -> str:
+    """The first balanced ``{...}`` in ``text`` (models like to wrap JSON in prose or code fences)."""
+    start = text.find("{")
+    if start < 0:
+        raise AnswerRejected("no JSON object found")
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1]
+    raise AnswerRejected("the JSON object is not closed")
+
+
+def parse_diagnosis(
+    text: str, vocabulary: VocabularyLike, allowed_urgency: list[str]
+) -> tuple[VLMDiagnosis, list[dict[str, Any]]]:
+    """Validate a model answer and map its condition names to vocabulary codes.
+
+    Raises AnswerRejected (with a reason the model can act on) when the JSON is invalid or names a
+    condition outside the vocabulary."""
+    try:
+        answer = VLMDiagnosis.model_validate_json(extract_json_object(text))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise AnswerRejected(f"invalid JSON answer at {where or 'top level'}: {first['msg']}") from None
+    merged: dict[str, float] = {}
+    unknown: list[str] = []
+    for item in answer.differential:
+        condition = vocabulary.match(item.condition)
+        if condition is None:
+            unknown.append(item.condition)
+        else:
+            merged[condition.code] = merged.get(condition.code, 0.0) + item.probability
+    if unknown:
+        raise AnswerRejected(f"conditions not in the allowed list: {', '.join(unknown)}")
+    total = sum(merged.values())
+    if total > 1.0:  # models often give independent scores; renormalise to a distribution
+        merged = {code: p / total for code, p in merged.items()}
+    differential = [
+        {"code": code, "probability": round(min(1.0, p), 6)}
+        for code, p in sorted(merged.items(), key=lambda kv: kv[1], reverse=True)
+    ]
+    answer.urgency_hints = [h for h in answer.urgency_hints if h in allowed_urgency]
+    return answer, differential
+
+
+class FollowupAnswer(str):
+    """The answer text (a plain ``str`` for callers that only need text) plus guard-rail flags."""
+
+    flags: list[str]
+
+    def __new__(cls, text: str, flags: list[str] | None = None) -> "FollowupAnswer":
+        obj = super().__new__(cls, text)
+        obj.flags = list(flags or [])
+        return obj
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+    @property
+    def needs_dermatologist(self) -> bool:
+        return FLAG_RED_FLAG in self.flags
+
+
+def _load_template(name: str, prompts_dir: Path) -> Template:
+    return Template((prompts_dir / name).read_text(encoding="utf-8"))
+
+
+def _format_mapping(data: dict[str, Any] | None) -> str:
+    if not data:
+        return "(none)"
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False)
+        lines.append(f"- {key}: {value}")
+    return "\n".join(lines)
+
+
+class VLMEngine:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        device: str,
+        model_id: str,
+        model_version: str,
+        weights_sha256: str,
+        vocabulary: VocabularyLike | None = None,
+        prompts_dir: Path = PROMPTS_DIR,
+        max_new_tokens: int = 384,
+        generation_hook: GenerationHook | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.device = device
+        self.model_id = model_id
+        self.model_version = model_version
+        self.weights_sha256 = weights_sha256
+        self._vocabulary = vocabulary
+        self.prompts_dir = Path(prompts_dir)
+        self.max_new_tokens = max_new_tokens
+        self.generation_hook = generation_hook
+        self.guardrails: GuardRails = load_guardrails(str(self.prompts_dir / "guardrails.json"))
+        self.templates = {
+            name: _load_template(f"{name}.txt", self.prompts_dir)
+            for name in ("describe", "diagnose", "repair", "followup")
+        }
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "VLMEngine":
+        """Load from a local folder only; nothing is downloaded."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        path = Path(path)
+        device = pick_device(device)
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        meta_file = path / "skinbridge_model.json"  # optional: a human model id/version for the report
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        return cls(
+            model,
+            processor,
+            device=device,
+            model_id=meta.get("model_id", path.name),
+            model_version=str(meta.get("model_version", "local")),
+            weights_sha256=model_sha256(path),
+            **kwargs,
+        )
+
+    @property
+    def vocabulary(self) -> VocabularyLike:
+        if self._vocabulary is None:
+            from inference.vocabulary import load_vocabulary  # the project's condition vocabulary
+
+            self._vocabulary = load_vocabulary()
+        return self._vocabulary
+
+    # --- generation --------------------------------------------------------------------------
+    def generate(self, images: list[Image.Image], prompt: str, *, step: str, max_new_tokens: int | None = None) -> str:
+        """One chat turn with the photos attached; returns only the newly generated text."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": prompt})
+        messages = [{"role": "user", "content": content}]
+        chat = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(
+            images=[img.convert("RGB") for img in images] or None, text=chat, return_tensors="pt"
+        )
+        inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens or self.max_new_tokens,
+            "do_sample": False,  # deterministic answers: same photo, same preliminary result
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        }
+        if self.generation_hook is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList(self.generation_hook(step, prompt_len))
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+
+    # --- diagnosis ---------------------------------------------------------------------------
+    def _condition_names(self, lang: str = "en") -> str:
+        vocab = self.vocabulary
+        return "; ".join(vocab.get(code).name(lang) for code in vocab.codes)
+
+    def diagnose(self, images: list[Image.Image], history: dict[str, Any] | None, lang: str = "en") -> Prediction:
+        timings: dict[str, float] = {}
+        language = LANGUAGE_NAMES.get(lang, "English")
+        conditions = self._condition_names("en")  # the model maps best to English names
+        t0 = time.perf_counter()
+        description = self.generate(images, self.templates["describe"].substitute(language=language), step="describe")
+        timings["describe_s"] = time.perf_counter() - t0
+
+        prompt = self.templates["diagnose"].substitute(
+            description=description or "(no description)",
+            history=_format_mapping(history),
+            conditions=conditions,
+            language=language,
+            urgency_words=", ".join(self.guardrails.urgency_words),
+        )
+        t1 = time.perf_counter()
+        answer_text = self.generate(images, prompt, step="diagnose")
+        timings["diagnose_s"] = time.perf_counter() - t1
+        flags: list[str] = []
+        try:
+            answer, differential = parse_diagnosis(answer_text, self.vocabulary, self.guardrails.urgency_words)
+        except AnswerRejected as first_error:
+            repair = self.templates["repair"].substitute(
+                error=str(first_error), previous=answer_text[:2000], conditions=conditions
+            )
+            t2 = time.perf_counter()
+            repaired_text = self.generate(images, prompt + "\n\n" + repair, step="repair")
+            timings["repair_s"] = time.perf_counter() - t2
+            try:
+                answer, differential = parse_diagnosis(repaired_text, self.vocabulary, self.guardrails.urgency_words)
+                flags.append(FLAG_REPAIRED)
+            except AnswerRejected:
+                return Prediction(
+                    engine="vlm",
+                    model_id=self.model_id,
+                    model_version=self.model_version,
+                    weights_sha256=self.weights_sha256,
+                    differential=[],
+                    description=description or None,
+                    flags=[FLAG_UNPARSEABLE],
+                    timings=timings,
+                )
+        features = {k: v for k, v in answer.features.items() if v}
+        return Prediction(
+            engine="vlm",
+            model_id=self.model_id,
+            model_version=self.model_version,
+            weights_sha256=self.weights_sha256,
+            differential=differential,
+            description=description or None,
+            features=features or None,
+            flags=flags,
+            urgency_hints=answer.urgency_hints,
+            advice=answer.advice or None,
+            timings=timings,
+        )
+
+    # --- follow-up questions -----------------------------------------------------------------
+    def followup(
+        self, images: list[Image.Image], context: dict[str, Any] | None, question: str, lang: str = "en"
+    ) -> FollowupAnswer:
+        """Answer a patient's question about their case, under guard rails; every answer ends with
+        the 'preliminary, not a diagnosis' disclaimer."""
+        rails = self.guardrails
+        disclaimer = rails.text("disclaimer", lang)
+        red_flags = rails.red_flags_in(question)
+        if red_flags:  # a warning sign always goes to a human, whatever the model would say
+            return FollowupAnswer(
+                f"{rails.text('red_flag', lang)}\n\n{disclaimer}",
+                [FLAG_RED_FLAG, *(f"red_flag:{name}" for name in red_flags)],
+            )
+        if rails.asks_for_dosing(question):
+            return FollowupAnswer(f"{rails.text('dosing_refused', lang)}\n\n{disclaimer}", [FLAG_DOSING_REFUSED])
+        prompt = self.templates["followup"].substitute(
+            language=LANGUAGE_NAMES.get(lang, "English"),
+            context=_format_mapping(context),
+            question=question.strip()[:1000],
+        )
+        text = self.generate(images, prompt, step="followup", max_new_tokens=min(self.max_new_tokens, 256))
+        if rails.answer_gives_dosing(text):
+            return FollowupAnswer(f"{rails.text('dosing_refused', lang)}\n\n{disclaimer}", [FLAG_DOSING_REFUSED])
+        if not text:
+            return FollowupAnswer(f"{rails.text('no_answer', lang)}\n\n{disclaimer}", ["no_answer"])
+        return FollowupAnswer(f"{text}\n\n{disclaimer}", [])
