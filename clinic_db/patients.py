@@ -77,9 +77,19 @@ def erase(clinic: Clinic, session: Session, patient_id: uuid.UUID, actor: Actor)
         session.execute(delete(OutboxMessage).where(OutboxMessage.patient_id == patient_id))
         session.delete(patient)  # cascades to cases, images, AI results, review tasks
     clinic.vault.destroy_data_key(session, patient_id)
+    _retract_published(session, patient_id)
     session.flush()
     remaining = session.scalar(select(Case.id).where(Case.patient_id == patient_id).limit(1))
     if remaining is not None:
         raise RuntimeError("erasure left cases behind")
     audit.record(session, actor, "patient.erase", "Patient", patient_id, cases=n_cases)
     return n_cases
+
+
+def _retract_published(session: Session, patient_id: uuid.UUID) -> None:
+    """Mark the patient's published FHIR resources deleted (their content is already unreadable)."""
+    try:
+        from fhir.publish import retract_patient
+    except ImportError:  # a deployment without the FHIR component
+        return
+    retract_patient(session, patient_id)

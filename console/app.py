@@ -51,6 +51,9 @@ REASON_LABELS = {
     "photo_quality": "poor photo quality",
     "red_flag": "red-flag history",
     "ai_unusable": "AI output unusable",
+    "urgent_condition": "serious condition likely",
+    "engines_disagree": "AI engines disagree",
+    "ai_urgency_hint": "AI saw a warning sign",
 }
 HISTORY_LABELS = {
     "body_site": "Body site", "duration": "Duration", "itch": "Itch", "bleeding": "Bleeding", "growth": "Growth",

@@ -54,7 +54,7 @@ class ConditionTerm:
 
 # Used only when inference.vocabulary is missing or does not know a code.
 _BUILTIN: dict[str, tuple[str, str, str, bool]] = {
-    "melanoma": ("372130007", "Malignant melanoma of skin", "Melanoma", True),
+    "melanoma": ("93655004", "Malignant melanoma of skin", "Melanoma", True),
     "basal_cell_carcinoma": ("254701007", "Basal cell carcinoma of skin", "Basal cell carcinoma", True),
     "psoriasis": ("9014002", "Psoriasis", "Psoriasis", False),
     "acne": ("88616000", "Acne vulgaris", "Acne", False),

@@ -19,6 +19,7 @@ from clinic_db.audit import Actor
 from clinic_db.db import get_clinic
 from clinic_db.models import Case
 from clinic_db.states import CaseStatus
+from inference.triage import PATIENT_REQUESTED
 
 
 def case_chain(case_id: uuid.UUID | str):  # type: ignore[no-untyped-def]
@@ -61,14 +62,14 @@ def submit_followup(case_id: uuid.UUID | str, message_id: uuid.UUID | str) -> No
     tasks.answer_followup.apply_async(args=[str(case_id), str(message_id)])
 
 
-def request_review(case_id: uuid.UUID | str, reason: str = "patient_request", *, urgency: str | None = None) -> None:
+def request_review(case_id: uuid.UUID | str, reason: str = PATIENT_REQUESTED, *, urgency: str | None = None) -> None:
     """Send a case to the dermatologist queue (patient asked for a doctor, or a red flag in follow-up)."""
     clinic = get_clinic()
     with clinic.session() as session:
         case = session.get(Case, uuid.UUID(str(case_id)))
         if case is None:
             raise LookupError(f"no case {case_id}")
-        actor = Actor("patient", str(case.patient_id)) if reason == "patient_request" else Actor.system("triage")
+        actor = Actor("patient", str(case.patient_id)) if reason == PATIENT_REQUESTED else Actor.system("triage")
         if case.status == CaseStatus.preliminary.value:
             cases.transition(session, case, CaseStatus.in_review, actor, reason=reason)
         elif case.status not in (CaseStatus.in_review.value,):

@@ -232,7 +232,7 @@ def _top_condition(session: Session, case: Case) -> str | None:
 @app.task(name="skinbridge.assemble_report", queue="cpu", **TASK_OPTS)
 def assemble_report(self, case_id: str) -> None:
     from inference.pipeline import pending_review_wishes
-    from inference.triage import decide
+    from inference.triage import AI_UNUSABLE, PATIENT_REQUESTED, decide
 
     with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
         predictions = _predictions_from_db(clinic, session, case)
@@ -240,7 +240,7 @@ def assemble_report(self, case_id: str) -> None:
         wishes = pending_review_wishes(session, case.id)
         decision = decide(
             predictions, cases.history(clinic, session, case),
-            photo_quality_failed=quality_failed, patient_requested="patient_request" in wishes,
+            photo_quality_failed=quality_failed, patient_requested=PATIENT_REQUESTED in wishes,
         )
         usable = [p for p in predictions if p.differential]
         case.urgency = decision.urgency
@@ -248,7 +248,7 @@ def assemble_report(self, case_id: str) -> None:
         if usable:
             cases.transition(session, case, CaseStatus.preliminary, WORKER)
         if decision.review or not usable:
-            reasons = list(decision.reasons) or ["no_usable_ai_result"]
+            reasons = list(decision.reasons) or [AI_UNUSABLE]
             cases.transition(session, case, CaseStatus.in_review, Actor.system("triage"), reason=",".join(reasons)[:200])
             review.open_task(session, case, urgency=decision.urgency, reasons=reasons)
         _publish(clinic, session, case)
@@ -320,7 +320,9 @@ def answer_followup(self, case_id: str, message_id: str) -> None:
     if red_flag:
         from inference.pipeline import request_review
 
-        request_review(case_id, "red_flag_followup", urgency="urgent")
+        from inference.triage import RED_FLAG
+
+        request_review(case_id, RED_FLAG, urgency="urgent")
 
 
 @app.task(name="skinbridge.selfcheck", queue="cpu")
@@ -329,6 +331,14 @@ def selfcheck() -> list[str]:
     from skinbridge.selfcheck import record_worker_check
 
     return record_worker_check()
+
+
+@app.task(name="skinbridge.deliver_subscriptions", queue="cpu", ignore_result=True)
+def deliver_subscriptions() -> None:
+    """Push id-only notifications to EHRs' FHIR rest-hook subscriptions (retries with back-off)."""
+    from fhir.subscriptions import deliver_due
+
+    deliver_due(get_clinic())
 
 
 # --- the sweeper: the case row is the source of truth ------------------------------------------

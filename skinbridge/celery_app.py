@@ -34,6 +34,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule={
             "sweep-stuck-cases": {"task": "skinbridge.sweep", "schedule": settings.sweeper_interval_s},
+            "deliver-fhir-subscriptions": {"task": "skinbridge.deliver_subscriptions", "schedule": 5.0},
         },
     )
     if settings.is_embedded_broker:

@@ -23,6 +23,12 @@ def create_app() -> FastAPI:
             conn.execute(text("select 1"))
         return {"status": "ok"}
 
+    from console.app import build_router as console_router
+    from fhir.api import build_router as fhir_router
+
+    app.include_router(fhir_router())
+    app.include_router(console_router(), prefix="/console")
+
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/console/")
