@@ -139,13 +139,14 @@ def up() -> None:
 
 def _register_components() -> None:
     """Commands that live with their component (each module keeps its own options)."""
+    from bot.cli import bot_command
     from bot.emulator.cli import sandbox_command
     from console.cli import clinician_command
     from fhir.smart import fhir_client_command
     from fhir.subscriptions import fhir_subscription_command
     from inference.bench import bench_command
 
-    for command in (sandbox_command, clinician_command, fhir_client_command, fhir_subscription_command,
+    for command in (bot_command, sandbox_command, clinician_command, fhir_client_command, fhir_subscription_command,
                     bench_command):
         main.add_command(command)
 

@@ -1,0 +1,5 @@
+"""`python -m bot`: the same as `skinbridge bot`."""
+
+from bot.cli import bot_command
+
+bot_command()

@@ -1,0 +1,521 @@
+"""The patient conversation: consent, photos, history questions, result buttons, /history, /delete.
+
+Conversation state lives in ``context.user_data`` (persisted sealed in the database by
+:class:`bot.persistence.SqlPersistence`) and is only created after consent:
+
+    step "photos"   -> collecting photos for user_data["case_id"]
+    step "history"  -> answering question user_data["q"] (index into QUESTIONS)
+    step "submitted"-> case handed to the AI pipeline; results arrive through the outbox
+    step "followup" -> the next text is a question about user_data["followup_case"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from sqlalchemy import delete, select
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
+from telegram.constants import ChatAction
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from bot.i18n import LANGUAGES, t
+from bot.patients import Who, own_case, who
+from bot.persistence import purge_user
+from bot.photos import Intake, photo_count, take_photo
+from clinic_db import audit, cases, patients, review
+from clinic_db.audit import Actor
+from clinic_db.db import Clinic, get_clinic
+from clinic_db.models import Case, CaseMessage, KeyValue, ReviewTask
+from clinic_db.states import CaseStatus
+from inference.triage import PATIENT_REQUESTED
+
+log = logging.getLogger(__name__)
+
+CONSENT_VERSION = "2026-11-v1"
+NS_PROGRESS = "bot_progress"  # case id -> Telegram message id of its progress message (bot.sender)
+
+# (history field, answer codes, optional?) asked in this order; answers are stored as the codes
+QUESTIONS: list[tuple[str, list[str], bool]] = [
+    ("body_site", ["face", "scalp", "neck", "chest", "back", "abdomen", "arm", "hand", "leg", "foot", "genital", "other"], False),
+    ("duration", ["days", "weeks", "months", "years"], False),
+    ("itch", ["yes", "no"], False),
+    ("bleeding", ["yes", "no"], False),
+    ("growth", ["yes", "no", "unsure"], False),
+    ("pain", ["yes", "no"], False),
+    ("prior_treatment", ["none", "cream", "medicine", "procedure"], False),
+    ("fitzpatrick", ["I", "II", "III", "IV", "V", "VI"], True),
+]
+ALBUM_SETTLE_S = 1.5  # wait this long after an album's last photo before one acknowledgement
+
+
+def clinic() -> Clinic:
+    return get_clinic()
+
+
+def _who(update: Update) -> Who:
+    user = update.effective_user
+    assert user is not None
+    with clinic().session() as session:
+        return who(clinic(), session, user.id, user.language_code)
+
+
+def _rows(buttons: list[InlineKeyboardButton], per_row: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([buttons[i : i + per_row] for i in range(0, len(buttons), per_row)])
+
+
+def result_buttons(lang: str, case_id: uuid.UUID | str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([
+        [InlineKeyboardButton(t(lang, "button.ask"), callback_data=f"c:ask:{case_id}")],
+        [InlineKeyboardButton(t(lang, "button.doctor"), callback_data=f"c:doc:{case_id}")],
+        [InlineKeyboardButton(t(lang, "button.new"), callback_data="c:new")],
+    ])
+
+
+# --- consent and language -------------------------------------------------------------------------
+def consent_keyboard(lang: str) -> InlineKeyboardMarkup:
+    # the language travels in the button: nothing about the person is stored before they accept
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton(t(lang, "start.accept"), callback_data=f"consent:yes:{lang}"),
+        InlineKeyboardButton(t(lang, "start.decline"), callback_data=f"consent:no:{lang}"),
+    ]])
+
+
+async def cmd_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    me = _who(update)
+    assert update.effective_message is not None
+    if me.consented:
+        await update.effective_message.reply_text(t(me.lang, "start.already"))
+        return
+    await update.effective_message.reply_text(
+        t(me.lang, "start.intro", version=CONSENT_VERSION), reply_markup=consent_keyboard(me.lang)
+    )
+
+
+async def on_consent(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    assert query is not None and query.data is not None and update.effective_user is not None
+    _, answer, lang = query.data.split(":", 2)
+    lang = lang if lang in LANGUAGES else "en"
+    await query.answer()
+    if answer != "yes":
+        await query.edit_message_reply_markup(None)
+        await query.message.reply_text(t(lang, "start.declined"))  # type: ignore[union-attr]
+        return
+    c = clinic()
+    with c.session() as session:
+        patients.register(c, session, update.effective_user.id, language=lang, consent_version=CONSENT_VERSION)
+        session.commit()
+    await query.edit_message_reply_markup(None)
+    await query.message.reply_text(t(lang, "start.accepted"))  # type: ignore[union-attr]
+
+
+async def cmd_language(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    me = _who(update)
+    keyboard = InlineKeyboardMarkup([[
+        InlineKeyboardButton("English", callback_data="lang:en"),
+        InlineKeyboardButton("Deutsch", callback_data="lang:de"),
+    ]])
+    await update.effective_message.reply_text(t(me.lang, "language.choose"), reply_markup=keyboard)  # type: ignore[union-attr]
+
+
+async def on_language(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    assert query is not None and query.data is not None and update.effective_user is not None
+    lang = query.data.split(":", 1)[1]
+    if lang not in LANGUAGES:
+        await query.answer()
+        return
+    await query.answer()
+    c = clinic()
+    with c.session() as session:
+        patient = patients.find_by_telegram(c, session, update.effective_user.id)
+        if patient is not None:
+            patient.language = lang
+            session.commit()
+    await query.edit_message_reply_markup(None)
+    await query.message.reply_text(t(lang, "language.set"))  # type: ignore[union-attr]
+    if patient is None or not patient.has_consent:  # not registered: show the consent text again, in that language
+        await query.message.reply_text(  # type: ignore[union-attr]
+            t(lang, "start.intro", version=CONSENT_VERSION), reply_markup=consent_keyboard(lang)
+        )
+
+
+async def cmd_help(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    me = _who(update)
+    await update.effective_message.reply_text(t(me.lang, "help.text"))  # type: ignore[union-attr]
+
+
+async def _need_consent(update: Update, me: Who) -> bool:
+    if me.consented:
+        return False
+    await update.effective_message.reply_text(t(me.lang, "consent.needed"))  # type: ignore[union-attr]
+    return True
+
+
+# --- cases and photos -----------------------------------------------------------------------------
+def _open_case(me: Who, user_data: dict) -> uuid.UUID:
+    c = clinic()
+    assert me.patient is not None
+    with c.session() as session:
+        patient = session.merge(me.patient)
+        case = cases.open_case(c, session, patient)
+        session.commit()
+        case_id = case.id
+    user_data.clear()
+    user_data.update({"step": "photos", "case_id": str(case_id)})
+    return case_id
+
+
+async def cmd_new(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    me = _who(update)
+    if await _need_consent(update, me):
+        return
+    _open_case(me, context.user_data)  # type: ignore[arg-type]
+    await update.effective_message.reply_text(t(me.lang, "case.opened"))  # type: ignore[union-attr]
+
+
+def _current_case_for_photos(me: Who, user_data: dict) -> uuid.UUID | None:
+    """The case new photos belong to: the open one still collecting (status received), else None."""
+    case_id = user_data.get("case_id")
+    if not case_id or user_data.get("step") not in ("photos", "history"):
+        return None
+    with clinic().session() as session:
+        case = own_case(session, me.patient, case_id)  # type: ignore[arg-type]
+        if case is None or case.status != CaseStatus.received.value:
+            return None
+        return case.id
+
+
+def _continue_keyboard(lang: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[InlineKeyboardButton(t(lang, "photo.continue"), callback_data="photos:done")]])
+
+
+async def on_photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message = update.effective_message
+    assert message is not None
+    me = _who(update)
+    if await _need_consent(update, me):
+        return
+    user_data: dict = context.user_data  # type: ignore[assignment]
+    info_case = None
+    case_id = _current_case_for_photos(me, user_data)
+    if case_id is None:
+        info_case = _info_case(me)  # a dermatologist asked for more: the photo belongs to that case
+        case_id = info_case or _open_case(me, user_data)
+    await context.bot.send_chat_action(message.chat_id, ChatAction.TYPING)
+    intake = await take_photo(context, clinic(), message, case_id)
+    if not intake.stored:
+        await message.reply_text(_rejection_text(me.lang, intake))
+        return
+    if info_case is not None:
+        await _answer_info_request(update, me, text=message.caption or "[photo]")
+        return
+    if message.media_group_id:
+        _album_ack(context, message, me.lang, case_id)
+        return
+    count = photo_count(clinic(), case_id)
+    await message.reply_text(t(me.lang, "photo.saved", count=count), reply_markup=_continue_keyboard(me.lang))
+
+
+def _rejection_text(lang: str, intake: Intake) -> str:
+    if intake.rejected_code:
+        key = f"photo.rejected.{intake.rejected_code}"
+        return t(lang, key if _has(key) else "photo.rejected.unknown")
+    tips = [_tip(code, lang) for code in intake.problems]
+    return "\n".join([t(lang, "photo.not_saved"), *tips])
+
+
+def _has(key: str) -> bool:
+    from bot.i18n import has
+
+    return has(key)
+
+
+def _tip(code: str, lang: str) -> str:
+    """A concrete tip per problem code: the photo gate's own text, else ours."""
+    try:
+        from inference import quality
+
+        text = quality.tip(code, lang)
+        if text:
+            return text
+    except Exception:  # noqa: BLE001 - a missing tip must not hide the problem from the patient
+        log.debug("no tip from inference.quality for %s", code)
+    key = f"photo.problem.{code}"
+    return t(lang, key) if _has(key) else code
+
+
+# One acknowledgement per album: each photo is stored as it arrives; the answer waits for the last.
+_albums: dict[str, tuple[int, asyncio.Task]] = {}
+
+
+def _album_ack(context: ContextTypes.DEFAULT_TYPE, message: Message, lang: str, case_id: uuid.UUID) -> None:
+    group = str(message.media_group_id)
+    seen, pending = _albums.get(group, (0, None))  # type: ignore[assignment]
+    if pending is not None:
+        pending.cancel()
+
+    async def settle() -> None:
+        await asyncio.sleep(ALBUM_SETTLE_S)
+        n, _ = _albums.pop(group, (seen + 1, None))
+        count = photo_count(clinic(), case_id)
+        await context.bot.send_message(
+            message.chat_id, t(lang, "photo.album_saved", n=n, count=count), reply_markup=_continue_keyboard(lang)
+        )
+
+    _albums[group] = (seen + 1, asyncio.get_running_loop().create_task(settle()))
+
+
+async def on_photos_done(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    assert query is not None
+    me = _who(update)
+    user_data: dict = context.user_data  # type: ignore[assignment]
+    if not me.consented or user_data.get("step") != "photos":
+        await query.answer(t(me.lang, "history.stale"))
+        return
+    case_id = uuid.UUID(user_data["case_id"])
+    if photo_count(clinic(), case_id) == 0:
+        await query.answer(t(me.lang, "photo.need_one"))
+        return
+    await query.answer()
+    await query.edit_message_reply_markup(None)
+    user_data.update({"step": "history", "q": 0})
+    await query.message.reply_text(t(me.lang, "history.intro"))  # type: ignore[union-attr]
+    await _ask(query.message, me.lang, 0)  # type: ignore[arg-type]
+
+
+# --- history questions -----------------------------------------------------------------------------
+async def _ask(message: Message, lang: str, index: int) -> None:
+    field, answers, optional = QUESTIONS[index]
+    buttons = [InlineKeyboardButton(t(lang, f"history.a.{a}"), callback_data=f"h:{field}:{a}") for a in answers]
+    if optional:
+        buttons.append(InlineKeyboardButton(t(lang, "history.a.skip"), callback_data=f"h:{field}:skip"))
+    per_row = 1 if field == "fitzpatrick" else 3 if len(answers) > 4 else len(answers)
+    await message.chat.send_message(t(lang, f"history.q.{field}"), reply_markup=_rows(buttons, per_row))
+
+
+async def on_history_answer(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    assert query is not None and query.data is not None
+    me = _who(update)
+    user_data: dict = context.user_data  # type: ignore[assignment]
+    _, field, answer = query.data.split(":", 2)
+    index = user_data.get("q", -1)
+    if not me.consented or user_data.get("step") != "history" or not (0 <= index < len(QUESTIONS)) \
+            or QUESTIONS[index][0] != field or (answer not in QUESTIONS[index][1] and answer != "skip"):
+        await query.answer(t(me.lang, "history.stale"))
+        return
+    c = clinic()
+    with c.session() as session:
+        case = own_case(session, me.patient, user_data.get("case_id"))  # type: ignore[arg-type]
+        if case is None:
+            await query.answer(t(me.lang, "history.stale"))
+            return
+        if answer != "skip":
+            cases.set_history(c, session, case, **{field: answer})
+            audit.record(session, Actor("patient", str(case.patient_id)), "case.history", "Case", case.id, field=field)
+        session.commit()
+    await query.answer()
+    await query.edit_message_text(
+        t(me.lang, "history.answered", question=t(me.lang, f"history.q.{field}"), answer=t(me.lang, f"history.a.{answer}"))
+    )
+    if index + 1 < len(QUESTIONS):
+        user_data["q"] = index + 1
+        await _ask(query.message, me.lang, index + 1)  # type: ignore[arg-type]
+        return
+    await submit(user_data["case_id"])
+    user_data.update({"step": "submitted", "q": len(QUESTIONS)})
+    await query.message.reply_text(t(me.lang, "history.done"))  # type: ignore[union-attr]
+
+
+async def submit(case_id: str) -> None:
+    """Hand the case to the pipeline. The pipeline writes the progress message to the outbox."""
+    from inference import pipeline
+
+    try:
+        await asyncio.to_thread(pipeline.submit_case, case_id)
+    except Exception:
+        # If the case moved to queued, the commit happened and only the broker hand-off failed:
+        # the sweeper re-enqueues stuck cases. Otherwise the patient must hear that it failed.
+        with clinic().session() as session:
+            case = cases.get_case(session, case_id)
+            if case is None or case.status == CaseStatus.received.value:
+                raise
+        log.exception("case %s queued but its chain was not enqueued; the sweeper will retry", case_id)
+
+
+# --- result buttons and follow-up questions ------------------------------------------------------
+async def on_case_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    assert query is not None and query.data is not None
+    me = _who(update)
+    user_data: dict = context.user_data  # type: ignore[assignment]
+    parts = query.data.split(":", 2)
+    if not me.consented:
+        await query.answer()
+        await _need_consent(update, me)
+        return
+    if parts[1] == "new":
+        await query.answer()
+        _open_case(me, user_data)
+        await query.message.reply_text(t(me.lang, "case.opened"))  # type: ignore[union-attr]
+        return
+    with clinic().session() as session:
+        case = own_case(session, me.patient, parts[2] if len(parts) > 2 else None)  # type: ignore[arg-type]
+        case_id = None if case is None else str(case.id)
+    if case_id is None:
+        await query.answer(t(me.lang, "history.stale"))
+        return
+    if parts[1] == "ask":
+        user_data.update({"step": "followup", "followup_case": case_id})
+        await query.answer()
+        await query.message.reply_text(t(me.lang, "followup.prompt"))  # type: ignore[union-attr]
+    elif parts[1] == "doc":
+        from inference import pipeline
+
+        await asyncio.to_thread(pipeline.request_review, case_id, PATIENT_REQUESTED)
+        await query.answer(t(me.lang, "doctor.requested"), show_alert=False)
+    else:
+        await query.answer()
+
+
+async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message = update.effective_message
+    assert message is not None and message.text is not None
+    me = _who(update)
+    user_data: dict = context.user_data  # type: ignore[assignment]
+    if me.consented and await _answer_info_request(update, me, text=message.text):
+        return
+    if me.consented and user_data.get("step") == "followup":
+        c = clinic()
+        with c.session() as session:
+            case = own_case(session, me.patient, user_data.get("followup_case"))  # type: ignore[arg-type]
+            if case is not None:
+                row = CaseMessage(case_id=case.id, patient_id=case.patient_id, role="patient", flags=[])
+                row.ensure_id()
+                c.vault.set_text(session, row, "text", message.text[:4000], owner=case.patient_id)
+                session.add(row)
+                audit.record(session, Actor("patient", str(case.patient_id)), "case_message.create",
+                             "CaseMessage", row.id, case=str(case.id))
+                session.commit()
+                case_id, message_id = str(case.id), str(row.id)
+        if case is not None:
+            user_data["step"] = "submitted"
+            await message.reply_text(t(me.lang, "followup.received"))
+            from inference import pipeline
+
+            await asyncio.to_thread(pipeline.submit_followup, case_id, message_id)
+            return
+    await message.reply_text(t(me.lang, "fallback.text" if me.consented else "consent.needed"))
+
+
+# --- answers to a dermatologist's "request_info" -----------------------------------------------------
+def _waiting_task(session, patient_id: uuid.UUID) -> ReviewTask | None:  # type: ignore[no-untyped-def]
+    return session.scalar(
+        select(ReviewTask).join(Case).where(Case.patient_id == patient_id, ReviewTask.status == "waiting_patient")
+        .order_by(ReviewTask.created_at.desc()).limit(1)
+    )
+
+
+def _info_case(me: Who) -> uuid.UUID | None:
+    """The case a dermatologist asked this patient about, if one is waiting for an answer."""
+    with clinic().session() as session:
+        task = _waiting_task(session, me.patient.id)  # type: ignore[union-attr]
+        return None if task is None else task.case_id
+
+
+async def _answer_info_request(update: Update, me: Who, *, text: str) -> bool:
+    """Store the patient's reply on the case and put the task back in the dermatologist's queue."""
+    c = clinic()
+    with c.session() as session:
+        task = _waiting_task(session, me.patient.id)  # type: ignore[union-attr]
+        if task is None:
+            return False
+        row = CaseMessage(case_id=task.case_id, patient_id=me.patient.id, role="patient", flags=["info_reply"])  # type: ignore[union-attr]
+        row.ensure_id()
+        c.vault.set_text(session, row, "text", text[:4000], owner=me.patient.id)  # type: ignore[union-attr]
+        session.add(row)
+        review.patient_replied(session, task.case_id)  # back to the dermatologist who asked
+        audit.record(session, Actor("patient", str(me.patient.id)), "case_message.create", "CaseMessage", row.id,  # type: ignore[union-attr]
+                     case=str(task.case_id), reason="request_info")
+        session.commit()
+    await update.effective_message.reply_text(t(me.lang, "request_info.received"))  # type: ignore[union-attr]
+    return True
+
+
+# --- /history and /delete -------------------------------------------------------------------------
+async def cmd_history(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    me = _who(update)
+    if await _need_consent(update, me):
+        return
+    with clinic().session() as session:
+        patient = session.merge(me.patient)
+        rows = sorted(patient.cases, key=lambda case: case.created_at, reverse=True)
+        lines = [
+            t(me.lang, "history.list_item", date=case.created_at.strftime("%Y-%m-%d"), status=t(me.lang, f"status.{case.status}"))
+            for case in rows
+        ]
+    text = t(me.lang, "history.list_title") + "\n" + "\n".join(lines) if lines else t(me.lang, "history.empty")
+    await update.effective_message.reply_text(text)  # type: ignore[union-attr]
+
+
+async def cmd_delete(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    me = _who(update)
+    if me.patient is None:
+        await update.effective_message.reply_text(t(me.lang, "delete.nothing"))  # type: ignore[union-attr]
+        return
+    keyboard = InlineKeyboardMarkup([[
+        InlineKeyboardButton(t(me.lang, "delete.yes"), callback_data="del:yes"),
+        InlineKeyboardButton(t(me.lang, "delete.no"), callback_data="del:no"),
+    ]])
+    await update.effective_message.reply_text(t(me.lang, "delete.confirm"), reply_markup=keyboard)  # type: ignore[union-attr]
+
+
+async def on_delete(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    assert query is not None and query.data is not None and update.effective_user is not None
+    me = _who(update)
+    await query.answer()
+    await query.edit_message_reply_markup(None)
+    if query.data != "del:yes":
+        await query.message.reply_text(t(me.lang, "delete.cancelled"))  # type: ignore[union-attr]
+        return
+    if me.patient is None:
+        await query.message.reply_text(t(me.lang, "delete.nothing"))  # type: ignore[union-attr]
+        return
+    c = clinic()
+    with c.session() as session:
+        case_ids = [str(case.id) for case in session.merge(me.patient).cases]
+        patients.erase(c, session, me.patient.id, Actor("patient", str(me.patient.id)))
+        session.execute(delete(KeyValue).where(KeyValue.namespace == NS_PROGRESS, KeyValue.key.in_(case_ids)))
+        session.commit()
+    context.application.drop_user_data(update.effective_user.id)
+    purge_user(c, update.effective_user.id)
+    await query.message.reply_text(t(me.lang, "delete.done"))  # type: ignore[union-attr]
+
+
+def register(app: Application) -> None:
+    app.add_handler(CommandHandler("start", cmd_start))
+    app.add_handler(CommandHandler("help", cmd_help))
+    app.add_handler(CommandHandler("language", cmd_language))
+    app.add_handler(CommandHandler("new", cmd_new))
+    app.add_handler(CommandHandler("history", cmd_history))
+    app.add_handler(CommandHandler("delete", cmd_delete))
+    app.add_handler(CallbackQueryHandler(on_consent, pattern=r"^consent:"))
+    app.add_handler(CallbackQueryHandler(on_language, pattern=r"^lang:"))
+    app.add_handler(CallbackQueryHandler(on_photos_done, pattern=r"^photos:done$"))
+    app.add_handler(CallbackQueryHandler(on_history_answer, pattern=r"^h:"))
+    app.add_handler(CallbackQueryHandler(on_case_button, pattern=r"^c:"))
+    app.add_handler(CallbackQueryHandler(on_delete, pattern=r"^del:"))
+    app.add_handler(MessageHandler(filters.PHOTO | filters.Document.ALL, on_photo))
+    app.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, on_text))

@@ -1,0 +1,190 @@
+"""Deliver the outbox to patients (at least once).
+
+Progress, results, follow-up answers and dermatologist messages are written to the outbox by the
+pipeline and the console in the same transaction as the state change; this loop polls
+``outbox.due``, renders each message in the patient's language, sends it, and only then marks it
+sent. A crash between sending and marking re-sends on restart (at-least-once); the progress
+message is edited in place, its Telegram message id kept in the ``kv`` table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+from telegram import Bot, InputMediaPhoto
+from telegram.error import BadRequest, Forbidden, TelegramError
+
+from bot.handlers import NS_PROGRESS, result_buttons
+from bot.i18n import pick_language, t
+from bot.render import condition_name, result_text
+from clinic_db import audit, outbox, patients
+from clinic_db.audit import Actor
+from clinic_db.db import Clinic
+from clinic_db.models import AIResult, Case, CaseMessage, KeyValue, OutboxMessage, Patient, ReviewTask, utcnow
+
+log = logging.getLogger(__name__)
+
+NS_UPDATES = "bot_update"
+UPDATE_ID_RETENTION = timedelta(days=7)
+ENGINE_PREFERENCE = ("vlm", "classifier")  # which AI result the patient sees when both exist
+
+
+class OutboxSender:
+    def __init__(self, bot: Bot, clinic: Clinic, interval_s: float = 1.0):
+        self.bot = bot
+        self.clinic = clinic
+        self.interval_s = interval_s
+        self._last_prune = 0.0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.deliver_due()
+                self._maybe_prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must survive a bad message or a DB hiccup
+                log.exception("outbox delivery round failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def deliver_due(self) -> int:
+        with self.clinic.session() as session:
+            ids = [msg.id for msg in outbox.due(session)]
+        for msg_id in ids:
+            await self.deliver(msg_id)
+        return len(ids)
+
+    async def deliver(self, msg_id: uuid.UUID) -> None:
+        with self.clinic.session() as session:
+            msg = session.get(OutboxMessage, msg_id)
+            if msg is None or msg.status != "pending":
+                return
+            patient = session.get(Patient, msg.patient_id)
+            if patient is None or not patient.has_consent:
+                msg.status = "dead"
+                msg.last_error = "no consenting patient"
+                session.commit()
+                return
+            chat_id = patients.telegram_id(self.clinic, session, patient)
+            lang = pick_language(patient.language)
+            try:
+                await self._send(session, msg.kind, outbox.payload(self.clinic, session, msg), chat_id, lang, patient)
+            except Forbidden as exc:  # the patient blocked the bot: retrying soon will not help
+                outbox.mark_failed(session, msg, f"forbidden: {exc.message}")
+                session.commit()
+                return
+            except TelegramError as exc:
+                log.warning("outbox %s (%s) not delivered: %s", msg.id, msg.kind, exc)
+                outbox.mark_failed(session, msg, str(exc))
+                session.commit()
+                return
+            outbox.mark_sent(session, msg.id)
+            audit.record(session, Actor.system("bot"), "outbox.deliver", "OutboxMessage", msg.id,
+                         kind=msg.kind, case=str(msg.case_id) if msg.case_id else None)
+            session.commit()
+
+    # --- per kind ---------------------------------------------------------------------------------
+    async def _send(self, session: Session, kind: str, payload: dict[str, Any], chat_id: int, lang: str,
+                    patient: Patient) -> None:
+        case = session.get(Case, uuid.UUID(payload["case_id"])) if payload.get("case_id") else None
+        if case is not None and case.patient_id != patient.id:
+            raise PermissionError("outbox message names another patient's case")
+        if kind == "progress":
+            await self._progress(session, chat_id, lang, payload["case_id"], payload["stage"])
+        elif kind == "result":
+            await self._result(session, chat_id, lang, case)
+        elif kind == "followup_answer":
+            row = session.get(CaseMessage, uuid.UUID(payload["message_id"]))
+            if row is None or row.patient_id != patient.id:
+                raise LookupError("follow-up answer is gone")
+            text = self.clinic.vault.get_text(session, row, "text", owner=patient.id) or ""
+            audit.record(session, Actor("patient", str(patient.id)), "case_message.read", "CaseMessage", row.id)
+            await self.bot.send_message(chat_id, t(lang, "followup.answer", text=text),
+                                        reply_markup=result_buttons(lang, payload["case_id"]))
+        elif kind == "review_requested":
+            urgency = case.urgency if case is not None else "routine"
+            await self.bot.send_message(chat_id, t(lang, "review.requested", sla=t(lang, f"sla.{urgency}")))
+        elif kind in ("final", "request_info"):
+            await self._clinician(session, chat_id, lang, kind, payload, patient)
+        elif kind == "failed":
+            await self.bot.send_message(chat_id, t(lang, "failed.text", reason=payload.get("reason", "")))
+        else:
+            raise ValueError(f"unknown outbox kind {kind}")
+
+    async def _progress(self, session: Session, chat_id: int, lang: str, case_id: str, stage: str) -> None:
+        text = t(lang, f"progress.{stage}")
+        row = session.get(KeyValue, (NS_PROGRESS, case_id))
+        if row is not None and row.value:
+            try:
+                await self.bot.edit_message_text(text, chat_id=chat_id, message_id=int(row.value["message_id"]))
+                return
+            except BadRequest as exc:
+                if "not modified" in exc.message.lower():
+                    return  # re-delivery after a crash: the text is already there
+                log.info("progress message could not be edited (%s); sending a new one", exc.message)
+        sent = await self.bot.send_message(chat_id, text)
+        if row is None:
+            session.add(KeyValue(namespace=NS_PROGRESS, key=case_id, value={"message_id": sent.message_id}))
+        else:
+            row.value = {"message_id": sent.message_id}
+        session.flush()
+
+    async def _result(self, session: Session, chat_id: int, lang: str, case: Case | None) -> None:
+        if case is None:
+            raise LookupError("result for a case that is gone")
+        results = {r.engine: r for r in session.scalars(select(AIResult).where(AIResult.case_id == case.id))}
+        chosen = next((results[e] for e in ENGINE_PREFERENCE if e in results), None)
+        differential: list[dict[str, Any]] = []
+        if chosen is not None:
+            differential = self.clinic.vault.get_json(session, chosen, "differential", owner=case.patient_id) or []
+            audit.record(session, Actor("patient", str(case.patient_id)), "ai_result.read", "AIResult", chosen.id,
+                         case=str(case.id))
+        media = []
+        for image in case.explanation_images:
+            data = self.clinic.vault.decrypt(session, image, "data", owner=case.patient_id)
+            caption = t(lang, "result.example_caption", name=condition_name(lang, image.condition_code))
+            media.append(InputMediaPhoto(data, caption=caption))
+        if media:
+            await self.bot.send_media_group(chat_id, media[:10])
+        await self.bot.send_message(chat_id, result_text(lang, differential, case.urgency or "routine"),
+                                    reply_markup=result_buttons(lang, case.id))
+
+    async def _clinician(self, session: Session, chat_id: int, lang: str, kind: str, payload: dict[str, Any],
+                         patient: Patient) -> None:
+        task = session.get(ReviewTask, uuid.UUID(payload["task_id"]))
+        if task is None or task.case.patient_id != patient.id:
+            raise LookupError("review task is gone")
+        note = self.clinic.vault.get_text(session, task, "note", owner=patient.id)
+        audit.record(session, Actor("patient", str(patient.id)), "review.read", "ReviewTask", task.id)
+        if kind == "request_info":
+            await self.bot.send_message(chat_id, t(lang, "request_info.text", note=note or ""))
+            return
+        lines = [t(lang, "final.title")]
+        if task.decision_condition_code:
+            lines.append(t(lang, "final.condition", name=condition_name(lang, task.decision_condition_code)))
+        if task.decision_urgency:
+            lines.append(t(lang, f"urgency.{task.decision_urgency}"))
+        if task.recommendation:
+            lines.append(t(lang, "final.recommendation", recommendation=task.recommendation))
+        if note:
+            lines.append(t(lang, "final.note", note=note))
+        await self.bot.send_message(chat_id, "\n\n".join(lines))
+
+    # --- housekeeping ---------------------------------------------------------------------------
+    def _maybe_prune(self) -> None:
+        """Forget processed update ids after a week (Telegram never re-delivers that late)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_prune < 3600:
+            return
+        self._last_prune = now
+        with self.clinic.session() as session:
+            session.execute(delete(KeyValue).where(
+                KeyValue.namespace == NS_UPDATES, KeyValue.updated_at < utcnow() - UPDATE_ID_RETENTION
+            ))
+            session.commit()

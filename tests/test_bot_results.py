@@ -1,0 +1,185 @@
+"""What the patient receives through the outbox: progress edits, the preliminary result with AI example
+images, follow-up questions, asking for a dermatologist, and the dermatologist's messages.
+
+The bot runs as a real process against the emulator. The database rows the AI workers and the
+review console write (AI result, explanation images, outbox messages, review decisions) are
+written here with the same clinic_db functions those components use, so this covers the bot's side
+without a GPU worker; the full chain with a worker is exercised by the pipeline's own tests.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+from PIL import Image
+from sqlalchemy import select
+
+from clinic_db import cases, outbox
+from clinic_db.audit import Actor
+from clinic_db.models import Case, CaseMessage, ReviewTask, utcnow
+from clinic_db.states import CaseStatus
+from tests.test_bot_conversation import (  # noqa: F401 - fixtures used by name
+    HISTORY,
+    BotProcess,
+    Chat,
+    answer_history,
+    bot,
+    bot_env,
+    consent,
+    emulator,
+    lesion_photo,
+    only_case,
+)
+
+DIFFERENTIAL = [{"code": "melanoma", "probability": 0.62}, {"code": "nevus", "probability": 0.30},
+                {"code": "seborrheic_keratosis", "probability": 0.08}]
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (256, 256), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def submitted_case(chat: Chat) -> None:
+    consent(chat)
+    chat.photo(lesion_photo(11))
+    saved = chat.expect_text("Photo saved")
+    chat.tap(saved, "photos:done")
+    answer_history(chat, HISTORY)
+    chat.expect_text("submitted")
+
+
+def publish_ai_result(clinic, case_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
+    """What the worker chain leaves behind: status, AI result, example images, outbox messages."""
+    system = Actor.system("inference")
+    with clinic.session() as session:
+        case = session.get(Case, case_id)
+        cases.transition(session, case, CaseStatus.analysing, system)
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
+                       dedup_key=f"progress:{case.id}:analysing", payload={"case_id": str(case.id), "stage": "analysing"})
+        session.commit()
+    with clinic.session() as session:
+        case = session.get(Case, case_id)
+        cases.add_ai_result(clinic, session, case, engine="classifier", model_id="test-classifier", model_version="1",
+                            weights_sha256="0" * 64, differential=DIFFERENTIAL)
+        for seed, color in ((1, (120, 70, 50)), (2, (90, 50, 40))):
+            cases.add_explanation_image(clinic, session, case, condition_code="melanoma", png=_png(color),
+                                        model_id="test-generator", seed=seed)
+        case.urgency = "urgent"
+        case.condition_code = "melanoma"
+        cases.transition(session, case, CaseStatus.preliminary, system)
+        payload = {"case_id": str(case.id)}
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
+                       dedup_key=f"progress:{case.id}:ready", payload=payload | {"stage": "ready"})
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="result",
+                       dedup_key=f"result:{case.id}", payload=payload)
+        session.commit()
+
+
+def test_result_followup_and_dermatologist(clinic, emulator: str, bot: BotProcess) -> None:  # type: ignore[no-untyped-def]
+    chat = Chat(emulator, 2001)
+    submitted_case(chat)
+    progress = chat.expect_text("received and is waiting")
+    case_id = only_case(clinic).id
+
+    publish_ai_result(clinic, case_id)
+    ready = chat.expect_text("assessment is ready")
+    assert ready["message_id"] == progress["message_id"] and ready["edited"]  # ONE progress message, edited
+    album = chat.expect(lambda m: m["kind"] == "media_group", "the example images")
+    assert len(album["files"]) == 2
+    assert all(c and c.startswith("AI-generated example of Melanoma") for c in album["captions"])
+    result = chat.expect_text("Most likely: Melanoma (likely)")
+    text = result["text"]
+    assert "Mole (melanocytic naevus) (possible)" in text and "less likely" in text
+    assert "within 24 hours" in text  # the urgency triage decided
+    assert "Do not scratch or remove it yourself" in text  # the vocabulary's advice
+    assert "NOT a diagnosis" in text and "until a dermatologist reviews it" in text
+    bot_texts = [m.get("text") or "" for m in chat.messages()]
+    assert sum("received and is waiting" in t or "assessment is ready" in t or "analysing" in t for t in bot_texts) == 1
+
+    # a follow-up question is stored on the case and handed to the pipeline
+    chat.tap(result, "c:ask:")
+    chat.expect_text("Type your question")
+    chat.text("Is it dangerous if it itches?")
+    chat.expect_text("question was received")
+    with clinic.session() as session:
+        question = session.scalars(select(CaseMessage).where(CaseMessage.case_id == case_id)).one()
+        assert question.role == "patient"
+        assert clinic.vault.get_text(session, question, "text", owner=question.patient_id) == "Is it dangerous if it itches?"
+        answer = CaseMessage(case_id=case_id, patient_id=question.patient_id, role="assistant", flags=[])
+        answer.ensure_id()
+        clinic.vault.set_text(session, answer, "text", "Itching alone does not tell.", owner=question.patient_id)
+        session.add(answer)
+        outbox.enqueue(clinic, session, patient_id=question.patient_id, case_id=case_id, kind="followup_answer",
+                       dedup_key=f"followup:{question.id}", payload={"case_id": str(case_id), "message_id": str(answer.id)})
+        session.commit()
+    reply = chat.expect_text("Itching alone does not tell.")
+    assert "not a diagnosis" in reply["text"]
+
+    # asking for a dermatologist opens a review task, and the patient hears when to expect it
+    chat.tap(reply, "c:doc:")
+    chat.expect_text("A dermatologist will review your case (usually within 24 hours)")
+    with clinic.session() as session:
+        task = session.scalars(select(ReviewTask).where(ReviewTask.case_id == case_id)).one()
+        assert "patient_request" in task.reasons
+        assert session.get(Case, case_id).status == CaseStatus.in_review.value
+        task_id = task.id
+
+    # the dermatologist asks for more information; the patient's reply goes back to the queue
+    with clinic.session() as session:
+        task = session.get(ReviewTask, task_id)
+        task.status = "waiting_patient"
+        clinic.vault.set_text(session, task, "note", "Has it changed colour?", owner=task.case.patient_id)
+        outbox.enqueue(clinic, session, patient_id=task.case.patient_id, case_id=case_id, kind="request_info",
+                       dedup_key=f"request_info:{task.id}:1", payload={"case_id": str(case_id), "task_id": str(task.id)})
+        session.commit()
+    chat.expect_text("Has it changed colour?")
+    chat.text("Yes, darker at the edge.")
+    chat.expect_text("answer was added to the case")
+    with clinic.session() as session:
+        assert session.get(ReviewTask, task_id).status == "open"
+        texts = [clinic.vault.get_text(session, m, "text", owner=m.patient_id)
+                 for m in session.scalars(select(CaseMessage).where(CaseMessage.case_id == case_id))]
+        assert "Yes, darker at the edge." in texts
+
+    # the signed decision
+    with clinic.session() as session:
+        task = session.get(ReviewTask, task_id)
+        task.status, task.decision, task.decided_at = "decided", "accept", utcnow()
+        task.decision_condition_code, task.decision_urgency = "melanoma", "urgent"
+        clinic.vault.set_text(session, task, "note", "Please book an excision this week.", owner=task.case.patient_id)
+        outbox.enqueue(clinic, session, patient_id=task.case.patient_id, case_id=case_id, kind="final",
+                       dedup_key=f"final:{task.id}", payload={"case_id": str(case_id), "task_id": str(task.id)})
+        session.commit()
+    final = chat.expect_text("A dermatologist has reviewed your case.")
+    assert "Assessment: Melanoma." in final["text"] and "Please book an excision this week." in final["text"]
+    deadline = time.monotonic() + 10  # marked sent right after Telegram accepted it
+    while True:
+        with clinic.session() as session:
+            pending = session.scalars(select(outbox.OutboxMessage.kind).where(outbox.OutboxMessage.status != "sent")).all()
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert pending == []  # every message was delivered and marked sent
+
+
+def test_german_patient_gets_a_german_result(clinic, emulator: str, bot: BotProcess) -> None:  # type: ignore[no-untyped-def]
+    chat = Chat(emulator, 2002, language_code="de")
+    chat.text("/start")
+    intro = chat.expect_text("Sind Sie einverstanden?")
+    chat.tap(intro, "consent:yes")
+    chat.expect_text("/new")
+    chat.photo(lesion_photo(12))
+    saved = chat.expect_text("Foto gespeichert")
+    chat.tap(saved, "photos:done")
+    answer_history(chat, HISTORY)
+    chat.expect_text("übermittelt")
+    chat.expect_text("eingegangen")  # the progress message
+    publish_ai_result(clinic, only_case(clinic).id)
+    album = chat.expect(lambda m: m["kind"] == "media_group", "the example images")
+    assert album["captions"][0].startswith("KI-generiertes Beispiel für Melanom")
+    result = chat.expect_text("Am wahrscheinlichsten: Melanom")
+    assert "KEINE Diagnose" in result["text"] and "24 Stunden" in result["text"]
