@@ -124,7 +124,7 @@ def test_result_followup_and_dermatologist(clinic, emulator: str, bot: BotProces
     chat.expect_text("A dermatologist will review your case (usually within 24 hours)")
     with clinic.session() as session:
         task = session.scalars(select(ReviewTask).where(ReviewTask.case_id == case_id)).one()
-        assert "patient_request" in task.reasons
+        assert "patient_requested" in task.reasons
         assert session.get(Case, case_id).status == CaseStatus.in_review.value
         task_id = task.id
 
