@@ -39,12 +39,13 @@ def configure(app: Celery, settings: Settings) -> Celery:
     )
     if settings.is_embedded_broker:
         folder = settings.broker_folder
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # broadcast exchanges; kombu's default is ./control
             "store_processed": False,
             "polling_interval": settings.broker_poll_interval,
         }

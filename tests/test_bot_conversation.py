@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
@@ -26,11 +21,15 @@ from sqlalchemy import func, select
 from bot.emulator import create_app
 from clinic_db import cases as clinic_cases
 from clinic_db.models import Case, Image as ImageRow, KeyValue, Patient, PatientKey
+from tests.e2e_support import (  # noqa: F401 - re-exported for tests/test_bot_results.py
+    HISTORY,
+    BotProcess,
+    Chat,
+    answer_history,
+    bot_environment,
+    consent,
+)
 from tests.support import serve_app
-
-REPO = Path(__file__).resolve().parent.parent
-CONTROL = {"X-Emulator-Control": "1"}
-WAIT_S = 30.0
 
 
 # --- photos -----------------------------------------------------------------------------------------
@@ -66,117 +65,6 @@ def decompression_bomb() -> bytes:
 
 
 # --- the emulator and the bot process -------------------------------------------------------------
-class Chat:
-    """One patient talking to the bot through the emulator's control API."""
-
-    def __init__(self, base: str, user_id: int, language_code: str = "en"):
-        self.base, self.user_id, self.language_code = base, user_id, language_code
-        self.http = httpx.Client(base_url=base, headers=CONTROL, timeout=30)
-        self.consumed: set[tuple[int, int]] = set()
-
-    def _user(self, path: str) -> str:
-        return f"/_emulator/users/{self.user_id}/{path}"
-
-    def text(self, text: str) -> dict[str, Any]:
-        r = self.http.post(self._user("text"), json={"text": text, "language_code": self.language_code})
-        r.raise_for_status()
-        return r.json()
-
-    def photo(self, data: bytes) -> dict[str, Any]:
-        r = self.http.post(self._user("photo"), files={"file": ("p.jpg", data, "image/jpeg")},
-                           data={"language_code": self.language_code})
-        r.raise_for_status()
-        return r.json()
-
-    def document(self, data: bytes, mime: str, name: str) -> dict[str, Any]:
-        r = self.http.post(self._user("document"), files={"file": (name, data, mime)},
-                           data={"mime_type": mime, "file_name": name, "language_code": self.language_code})
-        r.raise_for_status()
-        return r.json()
-
-    def album(self, photos: list[bytes]) -> dict[str, Any]:
-        files = [("files", (f"p{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
-        r = self.http.post(self._user("album"), files=files, data={"language_code": self.language_code})
-        r.raise_for_status()
-        return r.json()
-
-    def press(self, message_id: int, data: str) -> None:
-        r = self.http.post(self._user("press"), json={"message_id": message_id, "data": data,
-                                                      "language_code": self.language_code})
-        r.raise_for_status()
-
-    def messages(self, after: int = 0) -> list[dict[str, Any]]:
-        r = self.http.get(self._user("messages"), params={"after": after})
-        r.raise_for_status()
-        return r.json()
-
-    def expect(self, match: Callable[[dict[str, Any]], bool], what: str, timeout: float = WAIT_S) -> dict[str, Any]:
-        """Wait for a bot message (or a new version of an edited one) that matches and was not matched before.
-
-        Messages from the outbox sender and from handlers can arrive in either order, so this does not
-        require a message to come after the previously expected one.
-        """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for message in self.messages():
-                key = (message["message_id"], message["seq"])
-                if key not in self.consumed and match(message):
-                    self.consumed.add(key)
-                    return message
-            time.sleep(0.1)
-        raise AssertionError(f"no bot message {what}; chat: {[m.get('text') for m in self.messages()]}")
-
-    def expect_text(self, fragment: str, timeout: float = WAIT_S) -> dict[str, Any]:
-        return self.expect(lambda m: fragment in (m.get("text") or m.get("caption") or ""), repr(fragment), timeout)
-
-    def button(self, message: dict[str, Any], data_prefix: str) -> str:
-        for row in (message.get("reply_markup") or {}).get("inline_keyboard", []):
-            for button in row:
-                if button.get("callback_data", "").startswith(data_prefix):
-                    return button["callback_data"]
-        raise AssertionError(f"no button {data_prefix} on {message}")
-
-    def tap(self, message: dict[str, Any], data_prefix: str) -> None:
-        self.press(message["message_id"], self.button(message, data_prefix))
-
-
-class BotProcess:
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env, self.log_path = env, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, emulator: str) -> None:
-        before = len(httpx.get(f"{emulator}/_emulator/calls", params={"method": "getUpdates"}).json())
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bot"], cwd=REPO, env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # ready once it polls for updates
-            if len(httpx.get(f"{emulator}/_emulator/calls", params={"method": "getUpdates"}).json()) > before:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError("bot did not start:\n" + self.log_path.read_text(errors="replace")[-4000:])
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture
 def emulator(tmp_path: Path) -> Iterator[str]:
     with serve_app(create_app(tmp_path / "emulator-files")) as url:
@@ -185,16 +73,7 @@ def emulator(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def bot_env(clinic, emulator: str, tmp_path: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SKINBRIDGE_")}
-    env.update({
-        "SKINBRIDGE_VAR_DIR": os.environ["SKINBRIDGE_VAR_DIR"],
-        "SKINBRIDGE_DATABASE_URL": os.environ["SKINBRIDGE_DATABASE_URL"],
-        "SKINBRIDGE_PROFILE": "embedded",
-        "SKINBRIDGE_TELEGRAM_BASE_URL": f"{emulator}/bot",
-        "SKINBRIDGE_TELEGRAM_BASE_FILE_URL": f"{emulator}/file/bot",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    })
-    return env
+    return bot_environment(emulator)
 
 
 @pytest.fixture
@@ -204,23 +83,6 @@ def bot(bot_env: dict[str, str], emulator: str, tmp_path: Path) -> Iterator[BotP
     yield process
     process.stop()
     print(process.log()[-6000:])  # shown by pytest when the test failed
-
-
-def consent(chat: Chat) -> None:
-    chat.text("/start")
-    intro = chat.expect(lambda m: "consent:yes" in str(m.get("reply_markup")), "with the consent buttons")
-    chat.tap(intro, "consent:yes")
-    chat.expect_text("/new")
-
-
-def answer_history(chat: Chat, answers: dict[str, str]) -> None:
-    for field, value in answers.items():
-        question = chat.expect(lambda m: f"h:{field}:" in str(m.get("reply_markup")), f"question {field}")
-        chat.press(question["message_id"], f"h:{field}:{value}")
-
-
-HISTORY = {"body_site": "back", "duration": "months", "itch": "no", "bleeding": "no", "growth": "yes",
-           "pain": "no", "prior_treatment": "none", "fitzpatrick": "skip"}
 
 
 def count(clinic, model, *where) -> int:  # type: ignore[no-untyped-def]

@@ -19,13 +19,11 @@ from clinic_db import cases, clinicians, outbox, review
 from clinic_db.models import Case, CaseMessage, Clinician, OutboxMessage, ReviewTask
 from console import demo
 from console.app import build_router
+from tests.e2e_support import CHROMIUM, CHROMIUM_ARGS
 from tests.support import serve_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 PASSWORD = "correct horse battery"
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'

@@ -17,6 +17,7 @@ from clinic_db import clinicians
 from clinic_db.models import AuditEvent, Case, OutboxMessage, ReviewTask
 from console import demo
 from console.app import build_router
+from tests.e2e_support import console_login, csrf_token
 from tests.support import serve_app
 
 PASSWORD = "correct horse battery"
@@ -54,19 +55,11 @@ def world(clinic) -> Iterator[World]:  # type: ignore[no-untyped-def]
         yield World(base=base, clinic=clinic, cases=made)
 
 
-def _csrf(html: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert match, "page has no CSRF field"
-    return match.group(1)
+_csrf = csrf_token
 
 
 def _login(base: str, username: str, password: str = PASSWORD) -> httpx.Client:
-    client = httpx.Client(base_url=base, follow_redirects=False)
-    page = client.get("/console/login")
-    r = client.post("/console/login", data={"username": username, "password": password,
-                                            "csrf_token": _csrf(page.text)})
-    assert r.status_code == 303, r.text
-    return client
+    return console_login(base, username, password)
 
 
 def test_pages_need_a_login_and_carry_security_headers(world: World) -> None:

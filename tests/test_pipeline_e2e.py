@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +19,8 @@ from clinic_db.states import CaseStatus
 from inference.pipeline import case_chain, submit_case
 from skinbridge.celery_app import app, configure
 from skinbridge.settings import get_settings, reset_settings_cache
+from tests.e2e_support import Worker, tiny_model_env
 from tests.support import wait_for
-from tests.tiny_models import build_tiny_classifier, build_tiny_generator
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -31,46 +29,7 @@ DONE = {CaseStatus.preliminary.value, CaseStatus.in_review.value}
 
 @pytest.fixture
 def models(tmp_path_factory) -> dict[str, str]:
-    from inference.vocabulary import load_vocabulary
-
-    root = tmp_path_factory.mktemp("models")
-    codes = load_vocabulary().classifier_classes()
-    return {
-        "SKINBRIDGE_CLASSIFIER_PATH": str(build_tiny_classifier(root / "classifier", codes)),
-        "SKINBRIDGE_GENERATOR_PATH": str(build_tiny_generator(root / "generator", codes)),
-    }
-
-
-class Worker:
-    """A real `skinbridge worker` process (prefork pool, beat for the sweeper)."""
-
-    def __init__(self, env: dict[str, str], cwd: Path):
-        self.env, self.cwd, self.proc = env, cwd, None
-        self.log = cwd / "worker.log"
-
-    def start(self) -> "Worker":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "skinbridge", "worker", "--queues", "gpu,cpu", "--beat"],
-            cwd=self.cwd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    def kill_all(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+    return tiny_model_env(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture

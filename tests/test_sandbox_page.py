@@ -14,13 +14,11 @@ from PIL import Image
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
 
 from bot.emulator import create_app
+from tests.e2e_support import CHROMIUM, CHROMIUM_ARGS
 from tests.support import serve_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "sandbox.png"
 TOKEN = "5550001:echo-bot"
 
