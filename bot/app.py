@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from telegram import BotCommand, Update
 from telegram.ext import AIORateLimiter, Application, ContextTypes
 
-from bot import handlers
+from bot import clinician, handlers
 from bot.i18n import LANGUAGES, pick_language, t
 from bot.persistence import SqlPersistence
 from bot.sender import NS_UPDATES, OutboxSender
@@ -122,16 +122,18 @@ async def _post_init(app: Application) -> None:
         await app.bot.set_my_commands(commands, language_code=None if lang == "en" else lang)
     sender = OutboxSender(app.bot, app.clinic, interval_s=app.sender_interval_s)  # type: ignore[attr-defined]
     app.sender_task = asyncio.get_running_loop().create_task(sender.run(), name="outbox-sender")  # type: ignore[attr-defined]
+    app.pusher_task = clinician.start_pusher(app, app.sender_interval_s)  # type: ignore[attr-defined]
 
 
 async def _post_stop(app: Application) -> None:
-    task = getattr(app, "sender_task", None)
-    if task is not None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+    for name in ("sender_task", "pusher_task"):
+        task = getattr(app, name, None)
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
 
 
 def connection(settings: Settings) -> tuple[str, str, str]:
@@ -164,6 +166,7 @@ def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> 
     app.processed = ProcessedUpdates(clinic)  # type: ignore[attr-defined]
     app.user_limit = UserRateLimit()  # type: ignore[attr-defined]
     app.sender_interval_s = sender_interval_s  # type: ignore[attr-defined]
+    clinician.register(app)  # group -1: linked dermatologists, before the patient handlers
     handlers.register(app)
     app.add_error_handler(on_error)
     return app

@@ -25,6 +25,7 @@ from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import AIResult, Case, CaseMessage, Clinician, ExplanationImage, Image, ReviewTask, utcnow
 from console import conditions, stats
+from console.labels import HISTORY_LABELS, REASON_LABELS
 from console.security import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
@@ -44,22 +45,6 @@ HERE = Path(__file__).resolve().parent
 STATIC_FILES = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
 LANG = "en"
 
-REASON_LABELS = {
-    "malignancy_suspected": "malignancy suspected",
-    "low_confidence": "low AI confidence",
-    "patient_requested": "patient asked for a dermatologist",
-    "photo_quality": "poor photo quality",
-    "red_flag": "red-flag history",
-    "ai_unusable": "AI output unusable",
-    "urgent_condition": "serious condition likely",
-    "engines_disagree": "AI engines disagree",
-    "ai_urgency_hint": "AI saw a warning sign",
-}
-HISTORY_LABELS = {
-    "body_site": "Body site", "duration": "Duration", "itch": "Itch", "bleeding": "Bleeding", "growth": "Growth",
-    "pain": "Pain", "prior_treatment": "Prior treatment", "fitzpatrick": "Fitzpatrick skin type",
-    "free_text": "Patient's own words",
-}
 RECOMMENDATIONS = {
     "self_care": "Self-care (advice only)",
     "see_gp": "See a general practitioner",

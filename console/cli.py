@@ -93,7 +93,8 @@ def _change(username: str, action) -> None:  # type: ignore[no-untyped-def]
 @click.argument("username")
 @click.argument("telegram_user_id", type=int)
 def link_telegram(username: str, telegram_user_id: int) -> None:
-    """Let a dermatologist ask the bot for a PHI-free queue digest (/queue) from this Telegram account."""
+    """Link a dermatologist's Telegram account: urgent cases are pushed there and can be viewed,
+    accepted or amended with inline buttons (the account must send /start to the bot once)."""
     from clinic_db.db import get_clinic
     from console import telegram_review
 

@@ -199,11 +199,19 @@ def _prediction_reasons(p: PredictionLike, vocab: Vocabulary, rules: Rules) -> l
     return out
 
 
-def _flag_reasons(predictions: Sequence[PredictionLike], rules: Rules) -> list[Reason]:
+def _flag_reasons(predictions: Sequence[PredictionLike], rules: Rules, vocab: Vocabulary) -> list[Reason]:
     out = []
     known = rules.raw["ai_flags"]
     for p in predictions:
         for flag in p.flags:
+            code = flag.removeprefix("suspect:")
+            if flag.startswith("suspect:") and code in vocab:
+                # the model's own validated operating point (e.g. melanoma at >= 90 % sensitivity)
+                condition = vocab.get(code)
+                suspicion = rules.suspicion(code, condition.category)
+                urgency = suspicion[1] if suspicion else condition.default_urgency
+                out.append(Reason(MALIGNANCY_SUSPECTED, f"{p.engine}:{code}:operating_point", urgency,
+                                  f"{p.engine} rates {condition.name('en')} above its validated threshold."))
             if flag in known:
                 out.append(Reason(AI_UNUSABLE, f"flag:{flag}", known[flag]["urgency"], known[flag]["text"]))
         if not p.differential:
@@ -256,7 +264,7 @@ def decide(
         details.append(Reason(AI_UNUSABLE, "no_prediction", "routine", "No AI engine produced a result."))
     for p in usable:
         details.extend(_prediction_reasons(p, vocab, rules))
-    details.extend(_flag_reasons(predictions, rules))
+    details.extend(_flag_reasons(predictions, rules, vocab))
     details.extend(_disagreement(usable, rules))
     details.extend(red_flags(history, rules))
     if photo_quality_failed:

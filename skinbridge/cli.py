@@ -145,9 +145,10 @@ def _register_components() -> None:
     from fhir.smart import fhir_client_command
     from fhir.subscriptions import fhir_subscription_command
     from inference.bench import bench_command
+    from inference.training.cli import train_command
 
     for command in (bot_command, sandbox_command, clinician_command, fhir_client_command, fhir_subscription_command,
-                    bench_command):
+                    bench_command, train_command):
         main.add_command(command)
 
 

@@ -108,3 +108,16 @@ def test_rejects_unknown_image_type_and_bad_config(classifier_dir: Path, tmp_pat
     assert data["class_codes"] == CODES
     with pytest.raises(ValueError):
         ClassifierConfig(num_classes=3, class_codes=CODES)
+
+
+def test_validated_threshold_flags_the_condition(classifier_dir: Path) -> None:
+    """A class at or above the model's operating point is flagged for triage, below it is not."""
+    engine = ClassifierEngine.load(classifier_dir, device="cpu")
+    photo = [_photo(7, (40, 40))]
+    probs = engine.probabilities(photo, "clinical")[0]
+    code = CODES[int(probs.argmin())]
+    p = float(probs.min())
+    engine.config.thresholds = {code: p * 0.99}
+    assert f"suspect:{code}" in engine.predict(photo, "clinical", saliency=False)[0].flags
+    engine.config.thresholds = {code: p * 1.01}
+    assert engine.predict(photo, "clinical", saliency=False)[0].flags == []

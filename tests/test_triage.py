@@ -167,3 +167,13 @@ def test_decision_opens_a_review_task_due_within_the_sla(clinic):
         s.commit()
         assert task.urgency == "urgent" and set(task.reasons) == {"malignancy_suspected", "red_flag"}
         assert before + timedelta(hours=23) < task.due_at <= utcnow() + URGENCY_SLA["urgent"]
+
+
+def test_model_operating_point_flag_sends_melanoma_to_review_even_at_low_probability():
+    """The shipped classifier flags melanoma at its validated >= 90 % sensitivity threshold, which
+    lies far below the generic rule's probability: the flag alone is enough."""
+    d = run([pred("classifier", ("nevus", 0.9), ("melanoma", 0.01), flags=["suspect:melanoma"])])
+    assert d.review and "malignancy_suspected" in d.reasons
+    assert d.urgency == load_rules().suspicion("melanoma", "malignant")[1]
+    calm = run([pred("classifier", ("nevus", 0.9), ("melanoma", 0.01))])
+    assert not calm.review

@@ -24,6 +24,7 @@ from inference.engines.classifier_net import (
 )
 
 TOP_K = 5
+SUSPECT_FLAG = "suspect:"  # + condition code: probability at or above the model's validated threshold
 
 
 def save_classifier(folder: str | Path, model: SkinClassifierNet, config: ClassifierConfig) -> Path:
@@ -101,6 +102,8 @@ class ClassifierEngine:
         for row, cam in zip(probs, cams):
             order = torch.argsort(row, descending=True)[: min(TOP_K, len(codes))]
             differential = [{"code": codes[i], "probability": round(float(row[i]), 6)} for i in order.tolist()]
+            flags = [f"{SUSPECT_FLAG}{code}" for code, limit in sorted(self.config.thresholds.items())
+                     if code in codes and float(row[codes.index(code)]) >= limit]
             predictions.append(
                 Prediction(
                     engine="classifier",
@@ -109,6 +112,7 @@ class ClassifierEngine:
                     weights_sha256=self.weights_sha256,
                     differential=differential,
                     saliency_png=cam,
+                    flags=flags,
                     timings={"inference_s": t_infer / len(images), "saliency_s": t_cam / len(images)},
                 )
             )

@@ -32,6 +32,9 @@ class ClassifierConfig:
     num_image_types: int = 2
     model_id: str = "skinbridge-classifier"
     model_version: str = "0"
+    # validated operating points: P(code) at or above this flags the case (e.g. melanoma at the
+    # threshold chosen for >= 90 % sensitivity on validation data); triage reads the flag
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.class_codes) != self.num_classes:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import mark_ai_generated, model_sha256, pick_device
-from inference.engines.generator_net import load_generator_parts
+from inference.engines.generator_net import ddim_sample, load_generator_parts
 from inference.engines.guardrails import PROMPTS_DIR
 
 CAPTIONS = {
@@ -69,10 +69,12 @@ class ClassConditionalExplainer:
 
     @property
     def codes(self) -> list[str]:
-        return list(self.config.class_codes)
+        """Conditions it draws (a trained null class for guidance is not one of them)."""
+        null = int(self.config.extra.get("null_class_index", -1))
+        return [c for i, c in enumerate(self.config.class_codes) if i != null]
 
     def knows(self, code: str) -> bool:
-        return code in self.config.class_codes
+        return code in self.codes
 
     @torch.inference_mode()
     def sample(self, code: str, n: int, seed: int, steps: int | None = None) -> torch.Tensor:
@@ -84,13 +86,7 @@ class ClassConditionalExplainer:
         noise = torch.stack([
             torch.randn((3, size, size), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)
         ]).to(self.device, self.unet.dtype)
-        labels = torch.full((n,), self.config.class_codes.index(code), dtype=torch.long, device=self.device)
-        self.scheduler.set_timesteps(steps or self.config.num_inference_steps)
-        x = noise
-        for t in self.scheduler.timesteps:
-            eps = self.unet(x, t, class_labels=labels).sample
-            x = self.scheduler.step(eps, t, x, eta=0.0).prev_sample  # eta=0: deterministic DDIM
-        return (x.float().clamp(-1, 1) / 2 + 0.5).cpu()
+        return ddim_sample(self.unet, self.config, self.config.class_codes.index(code), noise, steps=steps)
 
     def generate(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
         images = self.sample(condition_code, n, seed)

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 CONFIG_NAME = "config.json"
@@ -95,3 +96,30 @@ def load_generator_parts(folder: str | Path) -> tuple[UNet2DModel, DDIMScheduler
     unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True)
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
     return unet, scheduler, config
+
+
+@torch.inference_mode()
+def ddim_sample(unet: UNet2DModel, config: GeneratorConfig, class_index: int, noise: torch.Tensor, *,
+                guidance_scale: float | None = None, steps: int | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta=0) from ``noise`` for one class, in [0, 1] on the CPU.
+
+    With a null class in the config (``extra.null_class_index``, trained by dropping labels),
+    classifier-free guidance mixes conditional and unconditional predictions:
+    eps = eps_u + g * (eps_c - eps_u). Serving and training evaluation both sample here.
+    """
+    scheduler = config.make_scheduler()
+    scheduler.set_timesteps(steps or config.num_inference_steps)
+    g = float(config.extra.get("guidance_scale", 0.0)) if guidance_scale is None else guidance_scale
+    null = int(config.extra.get("null_class_index", -1))
+    n = noise.shape[0]
+    cond = torch.full((n,), class_index, dtype=torch.long, device=noise.device)
+    uncond = torch.full((n,), null, dtype=torch.long, device=noise.device)
+    x = noise
+    for t in scheduler.timesteps:
+        if g > 0 and null >= 0:
+            e_c, e_u = unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, uncond])).sample.chunk(2)
+            eps = e_u + g * (e_c - e_u)
+        else:
+            eps = unet(x, t, class_labels=cond).sample
+        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+    return (x.float().clamp(-1, 1) / 2 + 0.5).cpu()

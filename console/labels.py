@@ -1,0 +1,18 @@
+"""Labels of reason codes and history questions, shared by the web console and Telegram review."""
+
+REASON_LABELS = {
+    "malignancy_suspected": "malignancy suspected",
+    "low_confidence": "low AI confidence",
+    "patient_requested": "patient asked for a dermatologist",
+    "photo_quality": "poor photo quality",
+    "red_flag": "red-flag history",
+    "ai_unusable": "AI output unusable",
+    "urgent_condition": "serious condition likely",
+    "engines_disagree": "AI engines disagree",
+    "ai_urgency_hint": "AI saw a warning sign",
+}
+HISTORY_LABELS = {
+    "body_site": "Body site", "duration": "Duration", "itch": "Itch", "bleeding": "Bleeding", "growth": "Growth",
+    "pain": "Pain", "prior_treatment": "Prior treatment", "fitzpatrick": "Fitzpatrick skin type",
+    "free_text": "Patient's own words",
+}

@@ -1,0 +1,153 @@
+"""`skinbridge train ...`: train and evaluate the project's own default models.
+
+Registered by the main CLI as ``main.add_command(train_command)``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+REPO_DOCS = Path(__file__).resolve().parent.parent.parent / "docs"
+DEFAULT_DATA = Path("../shared/data")
+
+
+def _common(f):  # type: ignore[no-untyped-def]
+    f = click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
+                     help="folder with ham10000/ and dermnet/")(f)
+    f = click.option("--epochs", type=int, default=30, show_default=True)(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--device", default="auto", show_default=True, help='"auto", "cpu", "cuda", "cuda:1"')(f)
+    f = click.option("--time-budget", type=float, default=None,
+                     help="wall-clock minutes; the schedule follows elapsed time and training stops there")(f)
+    f = click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads")(f)
+    f = click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("var/cache"), show_default=True)(f)
+    f = click.option("--subset-per-label", type=int, default=None, hidden=True,
+                     help="tests: train on a few photos per dataset label only")(f)
+    f = click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True,
+                     help="docs folder: models.md and img/ are updated")(f)
+    return f
+
+
+@click.group("train")
+def train_command() -> None:
+    """Train and evaluate SkinBridge's own classifier and explanation-image generator."""
+
+
+@train_command.command("classifier")
+@_common
+@click.option("--out", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True)
+@click.option("--image-size", type=int, default=32, show_default=True)
+@click.option("--width", type=int, default=16, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
+                   cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, image_size: int,
+                   width: int, lr: float,
+                   batch_size: int) -> None:
+    """Train the classifier on HAM10000 + DermNet; writes weights, config, metrics and MODEL_CARD.md."""
+    from inference.training.model_card import classifier_card, load_json, write_card
+    from inference.training.train_classifier import ClassifierRun, train_classifier
+
+    metrics = train_classifier(ClassifierRun(
+        data=data, out=out, epochs=epochs, seed=seed, device=device, image_size=image_size, width=width, lr=lr,
+        batch_size=batch_size, time_budget_s=time_budget * 60 if time_budget else None, threads=threads,
+        cache_dir=cache_dir, docs_img=docs / "img", items_per_label=subset_per_label,
+        min_per_class=2 if subset_per_label else 10,
+    ))
+    card = classifier_card(load_json(out / "config.json"), metrics, _rel(out), _command_line())
+    write_card(out, card, docs / "models.md", "classifier")
+    click.echo(json.dumps(_summary(metrics), indent=2))
+
+
+@train_command.command("generator")
+@_common
+@click.option("--out", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True)
+@click.option("--classifier", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True,
+              help="classifier folder for the recognition metric")
+@click.option("--sample-size", type=int, default=32, show_default=True)
+@click.option("--samples-per-class", type=int, default=16, show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True, help="DDIM sampling steps")
+@click.option("--channels", default="16,32,32", show_default=True, help="UNet block widths")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
+                  cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, classifier: Path,
+                  sample_size: int,
+                  samples_per_class: int, steps: int, channels: str, batch_size: int, lr: float) -> None:
+    """Train the class-conditional diffusion generator; measures recognition by the classifier."""
+    from inference.training.model_card import generator_card, load_json, write_card
+    from inference.training.train_generator import GeneratorRun, train_generator
+
+    metrics = train_generator(GeneratorRun(
+        data=data, out=out, epochs=epochs, seed=seed, device=device, sample_size=sample_size,
+        time_budget_s=time_budget * 60 if time_budget else None, threads=threads, cache_dir=cache_dir,
+        classifier=classifier if (classifier / "config.json").exists() else None,
+        samples_per_class=samples_per_class, docs_img=docs / "img", items_per_label=subset_per_label,
+        min_per_class=2 if subset_per_label else 40,
+        num_inference_steps=steps, block_out_channels=tuple(int(c) for c in channels.split(",")),
+        batch_size=batch_size, lr=lr,
+    ))
+    write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line()), docs / "models.md",
+               "generator")
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@train_command.command("evaluate-classifier")
+@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+@click.option("--split", type=click.Choice(["dermamnist-test", "dermamnist-val", "ham-lesion-test", "ham-lesion-val",
+                                            "dermnet-val"]), default="dermamnist-test", show_default=True)
+def evaluate_classifier_cmd(model: Path, data: Path, split: str) -> None:
+    """Re-evaluate a classifier folder on one split, decoding the photos afresh."""
+    from inference.training.evaluate import evaluate_classifier
+
+    result = evaluate_classifier(model, data, split)
+    result.pop("confusion", None)
+    click.echo(json.dumps(result, indent=2))
+
+
+@train_command.command("evaluate-generator")
+@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True)
+@click.option("--classifier", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True)
+@click.option("--samples-per-class", type=int, default=16, show_default=True)
+@click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
+def evaluate_generator_cmd(model: Path, classifier: Path, samples_per_class: int, docs: Path) -> None:
+    """Share of generated pictures the classifier recognises as their class; updates metrics + card."""
+    from inference.training.model_card import generator_card, load_json, write_card
+    from inference.training.train_generator import evaluate_generator
+
+    result = evaluate_generator(model, classifier, samples_per_class)
+    old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
+    trained_with = re.search(r"Trained with: `([^`]*)`", old)
+    card = generator_card(load_json(model / "config.json"), load_json(model / "metrics.json"),
+                          trained_with.group(1) if trained_with else None)
+    write_card(model, card, docs / "models.md", "generator")
+    click.echo(json.dumps(result, indent=2))
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _command_line() -> str:
+    """The invoking command with every option spelled out (defaults included), for the model card."""
+    ctx = click.get_current_context()
+    parts = ["skinbridge", "train", ctx.info_name or ""]
+    for name, value in ctx.params.items():
+        if value is None or name in ("docs", "cache_dir"):
+            continue
+        parts += [f"--{name.replace('_', '-')}", _rel(value) if isinstance(value, Path) else str(value)]
+    return " ".join(parts)
+
+
+def _summary(metrics: dict) -> dict:  # type: ignore[type-arg]
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "confusion"} if isinstance(v, dict) else v)
+            for k, v in metrics.items()}

@@ -1,0 +1,154 @@
+"""Model cards (MODEL_CARD.md beside the weights, merged into docs/models.md between markers)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+ATTRIBUTION = """\
+- **HAM10000** — Tschandl P., Rosendahl C., Kittler H. *The HAM10000 dataset, a large collection of
+  multi-source dermatoscopic images of common pigmented skin lesions.* Sci. Data 5, 180161 (2018).
+  Licence CC BY-NC-SA 4.0 (non-commercial, attribution, share-alike). Split for comparison: DermaMNIST
+  (MedMNIST v2, Yang et al. 2023).
+- **DermNet** — clinical photographs © DermNet (dermnetnz.org), licence CC BY-NC-ND 3.0 NZ
+  (non-commercial, attribution, no derivatives of the photos). Topics grouped into the SkinBridge
+  vocabulary by `inference/data/dermnet_grouping.csv`.
+- Because of these licences the trained weights are for **non-commercial** use; the photos themselves
+  are not part of this repository."""
+
+LIMITS = """\
+- **Intended use:** preliminary triage support inside SkinBridge. The output is *never* a diagnosis;
+  every result is shown as preliminary until a dermatologist has reviewed the case.
+- **Known biases:** HAM10000 is mostly light skin (Fitzpatrick I-III) from Austria and Australia;
+  performance on darker skin is unknown and likely worse. DermNet has more skin tones but few photos
+  per condition. Dermoscopic and phone photos look very different; the model is told the image type,
+  but a phone photo of a pigmented lesion is closer to the DermNet data than to HAM10000. Most DermNet
+  photos carry a watermark in the lower-left corner, which the model may partly have learnt.
+- **Not validated** prospectively or on patients; the DermNet numbers are a development estimate (part
+  of each condition's photos is held back by the data provider)."""
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{100 * float(v):.1f} %"
+
+
+def _trained_with(command: str | None) -> str:
+    return f"\nTrained with: `{command}`\n" if command else ""
+
+
+def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: str,
+                    command: str | None = None) -> str:
+    tr = config.get("training", {})
+    dm, hl, dn = metrics["dermamnist-test"], metrics["ham-lesion-test"], metrics["dermnet-val"]
+    mel = hl.get("melanoma", {})
+    dn_mel = dn.get("melanoma", {})
+    ev = f"skinbridge train evaluate-classifier --model {model_dir} --split"
+    return f"""## Classifier `{config['model_id']}` {config['model_version']}
+
+SkinClassifierNet (compact ResNet, width {config['width']}, image-type embedding), trained **from
+scratch on CPU** at **{config['image_size']}×{config['image_size']} px**, {len(config['class_codes'])} vocabulary
+classes, on HAM10000 (dermoscopic, DermaMNIST train split) + DermNet (clinical, 80 % per topic)
+jointly. Training: {tr.get('epochs_done')} epochs ({tr.get('steps')} steps, batch {tr.get('batch_size')},
+{tr.get('wall_s')} s wall on a shared 2-core CPU, seed {tr.get('seed')}), AdamW + warm-up/cosine, EMA,
+class-balanced loss (weights ∝ n^-{tr.get('class_balance')}), flips/rotations/colour jitter/random resized
+crops. Temperature scaling on validation data: T = {config['temperature']:.3f}. Melanoma triage threshold
+(P(melanoma) ≥ {config['thresholds']['melanoma']:.4f}) chosen on lesion-disjoint HAM10000 + DermNet
+validation photos for sensitivity ≥ 90 %. A very low threshold means the model separates melanoma
+poorly in some photos (mostly the clinical DermNet ones): at ≥ 90 % sensitivity it flags many benign
+lesions (see specificity) — acceptable for "ask a dermatologist", not for ruling anything out.
+{_trained_with(command)}
+| Metric | Value | Reproduce |
+|---|---|---|
+| DermaMNIST test ACC (7 classes, n={dm['n']}) | **{dm['acc']:.3f}** | `{ev} dermamnist-test` |
+| DermaMNIST test AUC (macro one-vs-rest) | **{dm['auc_macro_ovr']:.3f}** | same |
+| HAM10000 lesion-disjoint test balanced accuracy (n={hl['n']}) | {hl['balanced_acc']:.3f} | `{ev} ham-lesion-test` |
+| HAM10000 lesion-disjoint test ACC | {hl['acc']:.3f} | same |
+| Melanoma sensitivity / specificity at threshold (HAM lesion-disjoint test, {mel.get('n_melanoma')} melanomas) | {_pct(mel.get('sensitivity'))} / {_pct(mel.get('specificity'))} | same |
+| DermNet validation top-1 / top-3 (n={dn['n']}) | {dn['top1']:.3f} / {dn['top3']:.3f} | `{ev} dermnet-val` |
+| Melanoma sensitivity / specificity, DermNet validation ({dn_mel.get('n_melanoma')} melanomas) | {_pct(dn_mel.get('sensitivity'))} / {_pct(dn_mel.get('specificity'))} | same |
+
+Published DermaMNIST references (28 px): ResNet-18 ACC 0.735 / AUC 0.917; best published ACC 0.768.
+The DermaMNIST split shares lesions between train and test (1,006 lesions), so its numbers are
+optimistic; the *lesion-disjoint* test keeps only DermaMNIST-test images whose lesion has no image in
+train/val. Lesions photographed several times are more often melanomas or keratoses, so that subset
+has more naevi and a higher plain ACC; its *balanced* accuracy is the fairer figure. The 7-class numbers restrict the softmax to the HAM10000 classes with image type
+"dermoscopic"; the triage threshold uses the full calibrated softmax, as the engine does.
+
+![DermaMNIST test confusion matrix](img/classifier_confusion_dermamnist_test.png)
+
+### Data and licences
+{ATTRIBUTION}
+
+### Intended use, limits and biases
+{LIMITS}
+"""
+
+
+def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str | None = None) -> str:
+    extra = config.get("extra", {})
+    tr = extra.get("training", {})
+    rec = metrics.get("recognition")
+    codes = [c for c in config["class_codes"] if not c.startswith("_")]
+    rows = ""
+    if rec:
+        rows = "\n".join(f"| {c} | {_pct(v)} |" for c, v in sorted(rec["per_class"].items()))
+        rec_text = (f"The shipped classifier recognises **{_pct(rec['overall'])}** of generated pictures as the "
+                    f"class they were generated for ({rec['samples_per_class']} per class, guidance "
+                    f"{rec['guidance_scale']}, {rec['steps']} DDIM steps; goal ≥ 80 %).\n\n"
+                    f"| Class | Recognised |\n|---|---|\n{rows}\n")
+        if rec["overall"] < 0.8:
+            rec_text += ("\n**Below the 80 % goal: not fit to show to patients.** This generator is kept as a draft in "
+                         "`inference/weights/generator-draft/`, which the explainer does not load by default; "
+                         "retrain with a GPU (wider `--channels`, 64 px, many more epochs) before shipping one to "
+                         "`inference/weights/generator/`.\n")
+    else:
+        rec_text = "Recognition by the classifier: not measured yet.\n"
+    return f"""## Generator `{config['model_id']}` {config['model_version']}
+
+Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM ε-prediction training, DDIM sampling,
+classifier-free guidance with scale {extra.get('guidance_scale')}), **{config['sample_size']}×{config['sample_size']} px**,
+{len(codes)} classes (HAM10000 classes + grouped DermNet classes with ≥ 40 training photos). Trained
+from scratch **on a shared 2-core CPU** for {tr.get('steps')} steps ({tr.get('epochs_done')} epochs,
+{tr.get('wall_s')} s, batch {tr.get('batch_size')}, seed {tr.get('seed')}). That is a very small budget for a
+diffusion model: pictures are low-resolution and, unless the recognition rate below is high, mostly
+colour and texture rather than recognisable lesions. They are
+*illustrations*, always marked as AI-generated, never patient photos and never evidence for a diagnosis.
+The null class for guidance is the last entry of `class_codes` (`{config['class_codes'][-1]}`), its index in
+`extra.null_class_index`.
+{_trained_with(command)}
+{rec_text}
+![Generated samples](img/generator_samples.png)
+
+### Data and licences
+{ATTRIBUTION}
+- DermNet's licence forbids publishing altered copies of its photos; the generator produces new
+  low-resolution pictures, not copies, but a model this small can memorise — do not present its
+  output as DermNet material.
+
+### Intended use, limits and biases
+{LIMITS}
+"""
+
+
+def write_card(model_dir: Path, card: str, docs: Path | None, section: str) -> None:
+    # the card beside the weights links the plots in docs/img (inference/weights/<model>/ -> repo root)
+    (model_dir / "MODEL_CARD.md").write_text(card.replace("](img/", "](../../../docs/img/"), encoding="utf-8")
+    if docs is not None:
+        merge_into_docs(docs, section, card)
+
+
+def merge_into_docs(docs: Path, section: str, card: str) -> None:
+    """Replace (or append) the section between ``<!-- BEGIN section -->`` / ``<!-- END section -->``."""
+    begin, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
+    block = f"{begin}\n{card.rstrip()}\n{end}"
+    text = docs.read_text(encoding="utf-8") if docs.exists() else "# SkinBridge models\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text, encoding="utf-8")
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,260 @@
+"""Train the class-conditional diffusion generator of explanation images (DDPM loss, DDIM sampling).
+
+Classifier-free guidance: during training the class label is replaced by a "null" class with
+probability ``p_uncond``; sampling mixes conditional and unconditional noise predictions, which
+makes the pictures far more typical of their class than the plain conditional model. The null class
+is stored as the LAST entry of ``class_codes`` (``NULL_CODE``) and named in ``config.extra``.
+
+Measured afterwards: how often the shipped classifier recognises a generated picture as the class it
+was generated for (per class + overall), and a sample grid for docs/img.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.training import data as D
+from inference.training.train_classifier import seed_everything, small_subset
+
+NULL_CODE = "_unconditional"
+
+
+@dataclass
+class GeneratorRun:
+    data: Path
+    out: Path
+    epochs: int = 30
+    seed: int = 0
+    device: str = "auto"
+    sample_size: int = 32
+    block_out_channels: tuple[int, ...] = (16, 32, 32)  # what a shared 2-core CPU affords; widen on a GPU
+    layers_per_block: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    p_uncond: float = 0.1
+    guidance_scale: float = 3.0
+    num_inference_steps: int = 25
+    min_per_class: int = 40  # DermNet-grouped codes need this many training photos to be learnt
+    time_budget_s: float | None = None
+    threads: int = 2
+    cache_dir: Path = Path("var/cache")
+    items_per_label: int | None = None
+    classifier: Path | None = None  # for the recognition metric
+    samples_per_class: int = 16
+    docs_img: Path | None = None
+
+
+def _training_rows(
+    labelled: D.Labelled, masks: dict[str, np.ndarray], min_per_class: int
+) -> tuple[np.ndarray, list[str]]:
+    """Training rows of the classes with at least ``min_per_class`` photos, and those class codes."""
+    rows = np.flatnonzero(masks["train"])
+    counts: dict[str, int] = {}
+    for i in rows:
+        counts[labelled.codes[i]] = counts.get(labelled.codes[i], 0) + 1
+    codes = sorted(c for c, n in counts.items() if n >= min_per_class)
+    keep = np.asarray([i for i in rows if labelled.codes[i] in set(codes)], dtype=np.int64)
+    return keep, codes
+
+
+@torch.no_grad()
+def sample(unet: Any, config: Any, class_index: int, n: int, seed: int, *, guidance_scale: float | None = None,
+           steps: int | None = None, device: str = "cpu") -> torch.Tensor:
+    """n images of one class, B x 3 x S x S in [0, 1]: the serving sampler, from one seeded noise batch."""
+    from inference.engines.generator_net import ddim_sample
+
+    s = config.sample_size
+    noise = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed)).to(device)
+    return ddim_sample(unet, config, class_index, noise, guidance_scale=guidance_scale, steps=steps)
+
+
+def train_generator(run: GeneratorRun) -> dict[str, Any]:
+    from inference.engines.base import pick_device
+    from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
+
+    torch.set_num_threads(run.threads)
+    gen = seed_everything(run.seed)
+    device = pick_device(run.device)
+    run.out.mkdir(parents=True, exist_ok=True)
+    log_path = run.out / "train_log.jsonl"
+    log_path.write_text("")
+
+    items = small_subset(run.data, run.items_per_label) if run.items_per_label else None
+    cache = D.build_cache(run.data, run.sample_size, run.cache_dir, items=items)
+    labelled = D.label(cache)
+    masks = D.split_masks(run.data, labelled, seed=run.seed)
+    rows, codes = _training_rows(labelled, masks, run.min_per_class)
+    index = {c: k for k, c in enumerate(codes)}
+    # the image type a class is mostly photographed with (for the recognition check)
+    image_types = {}
+    for c in codes:
+        t = [labelled.image_type[i] for i in rows if labelled.codes[i] == c]
+        image_types[c] = "clinical" if np.mean(t) >= 0.5 else "dermoscopic"
+
+    images_t = torch.from_numpy(np.ascontiguousarray(labelled.images))
+    types_t = torch.from_numpy(labelled.image_type)
+    targets_t = torch.tensor([index.get(c, -1) for c in labelled.codes])
+    null_index = len(codes)
+    config = GeneratorConfig(
+        class_codes=[*codes, NULL_CODE], sample_size=run.sample_size, num_inference_steps=run.num_inference_steps,
+        model_version=time.strftime("%Y.%m.%d"),
+        extra={"null_class_index": null_index, "guidance_scale": run.guidance_scale, "image_types": image_types},
+    )
+    unet = build_generator_unet(len(codes) + 1, run.sample_size, tuple(run.block_out_channels),
+                                run.layers_per_block, norm_num_groups=16).to(device)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    noise_sched = config.make_scheduler()
+    alphas = noise_sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=run.lr, weight_decay=0.0)
+    steps_per_epoch = max(1, len(rows) // run.batch_size)
+
+    from tqdm import tqdm
+
+    start = time.monotonic()
+    step, epochs_done, stop = 0, 0, False
+    for epoch in range(run.epochs):
+        unet.train()
+        perm = rows[torch.randperm(len(rows), generator=gen).numpy()]
+        running, seen = 0.0, 0
+        for b in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{run.epochs}", mininterval=30):
+            if run.time_budget_s and time.monotonic() - start >= run.time_budget_s:
+                stop = True
+                break
+            for grp in opt.param_groups:
+                grp["lr"] = run.lr * min(1.0, (step + 1) / 200)  # warm-up, then constant (EMA smooths)
+            idx = torch.from_numpy(perm[b * run.batch_size : (b + 1) * run.batch_size])
+            x = images_t[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            # flips; dermoscopy also vertically (no "up")
+            flip_h = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip_h.view(-1, 1, 1, 1), x.flip(3), x)
+            flip_v = (torch.rand(len(idx), generator=gen) < 0.5) & (types_t[idx] == D.DERMOSCOPIC)
+            x = torch.where(flip_v.view(-1, 1, 1, 1), x.flip(2), x).to(device)
+            y = targets_t[idx].clone()
+            y[torch.rand(len(idx), generator=gen) < run.p_uncond] = null_index
+            noise = torch.randn(x.shape, generator=gen).to(device)
+            t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen).to(device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+            loss = F.mse_loss(unet(noisy, t, class_labels=y.to(device)).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            d = min(run.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                    e.mul_(d).add_(p.detach(), alpha=1 - d)
+            step += 1
+            running += loss.item() * len(idx)
+            seen += len(idx)
+        if seen:
+            epochs_done = epoch + 1
+        record = {"epoch": epoch + 1, "step": step, "loss": running / max(1, seen),
+                  "elapsed_s": round(time.monotonic() - start, 1)}
+        with log_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+        if stop:
+            break
+
+    config.extra["training"] = {
+        "seed": run.seed, "epochs_done": epochs_done, "steps": step, "batch_size": run.batch_size,
+        "train_images": int(len(rows)), "wall_s": round(time.monotonic() - start, 1),
+        "time_budget_s": run.time_budget_s, "device": device, "subset_per_label": run.items_per_label,
+    }
+    save_generator(run.out, ema, config)
+    metrics: dict[str, Any] = {"steps": step, "epochs_done": epochs_done}
+    if run.classifier is not None:
+        metrics["recognition"] = recognition(ema, config, run.classifier, run.samples_per_class, seed=run.seed,
+                                             device=device)
+    if run.docs_img is not None:
+        sample_grid(ema, config, run.docs_img / "generator_samples.png", seed=run.seed, device=device)
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    from inference.engines.base import model_sha256
+
+    # the same digest ClassConditionalExplainer reports as weights_sha256
+    (run.out / "weights.sha256").write_text(f"{model_sha256(run.out / 'unet')}  unet/\n")
+    return metrics
+
+
+@torch.no_grad()
+def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: int = 0,
+                device: str = "cpu") -> dict[str, Any]:
+    """Share of generated images the classifier assigns (top-1) to the class they were generated for."""
+    from inference.training.evaluate import load_model, logits_for
+
+    model, cconf = load_model(classifier_dir)
+    size = int(cconf["image_size"])
+    per_class: dict[str, float] = {}
+    hits = total = 0
+    for k, code in enumerate(config.class_codes[:-1]):
+        imgs = sample(unet, config, k, n, seed + k, device=device)
+        if imgs.shape[-1] != size:
+            imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+        u8 = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        itype = 1 if config.extra.get("image_types", {}).get(code) == "clinical" else 0
+        logits = logits_for(model, u8, np.full(len(u8), itype), cconf["mean"], cconf["std"])
+        pred = [cconf["class_codes"][i] for i in logits.argmax(1).tolist()]
+        h = sum(p == code for p in pred)
+        per_class[code] = h / len(pred)
+        hits += h
+        total += len(pred)
+    return {"overall": hits / max(1, total), "per_class": per_class, "samples_per_class": n,
+            "guidance_scale": config.extra.get("guidance_scale"), "steps": config.num_inference_steps}
+
+
+def sample_grid(unet: Any, config: Any, path: Path, *, per_class: int = 8, seed: int = 0, device: str = "cpu",
+                scale: int = 3) -> Path:
+    """A PNG grid: one row per class, labelled, captioned as AI-generated."""
+    from PIL import Image, ImageDraw
+
+    codes = config.class_codes[:-1]
+    s = config.sample_size * scale
+    label_w, caption_h = 190, 24
+    grid = Image.new("RGB", (label_w + per_class * s, caption_h + len(codes) * s), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), "AI-GENERATED illustrations (SkinBridge generator) - not patient photos, not for diagnosis",
+              fill=(160, 0, 0))
+    for k, code in enumerate(codes):
+        imgs = sample(unet, config, k, per_class, seed + 1000 + k, device=device)
+        draw.text((4, caption_h + k * s + s // 2 - 6), code, fill=(0, 0, 0))
+        for j, img in enumerate(imgs):
+            tile = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            grid.paste(tile.resize((s, s), Image.Resampling.NEAREST), (label_w + j * s, caption_h + k * s))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def evaluate_generator(folder: Path, classifier_dir: Path, samples_per_class: int = 16, *, seed: int = 0,
+                       steps: int | None = None) -> dict[str, Any]:
+    """Recognition metric of a saved generator folder, recorded into its metrics.json."""
+    from inference.engines.generator_net import load_generator_parts
+
+    unet, _scheduler, config = load_generator_parts(folder)
+    unet = unet.float().eval()
+    if steps:
+        config.num_inference_steps = steps
+    result = recognition(unet, config, classifier_dir, samples_per_class, seed=seed)
+    path = folder / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    metrics["recognition"] = result
+    metrics["recognition"]["classifier_sha256"] = _sha(classifier_dir)
+    path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return result
+
+
+def _sha(classifier_dir: Path) -> str:
+    from inference.engines.base import model_sha256
+
+    return model_sha256(classifier_dir / "model.safetensors")
