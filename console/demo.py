@@ -74,7 +74,7 @@ def review_case(
     differential: list[dict[str, Any]],
     history: dict[str, Any] | None = None,
     description: str | None = None,
-    model_id: str = "skinbridge/efficientnet-b0-ham10000",
+    model_id: str = "skinbridge-classifier",
     model_version: str = "1.0.0",
     engine: str = "classifier",
     flags: list[str] | None = None,

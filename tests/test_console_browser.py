@@ -163,7 +163,7 @@ def test_review_workflow_in_the_browser(browser, site, clinic) -> None:  # type:
     assert ops.locator("#waiting-total").inner_text() == "1"
     assert ops.locator("[data-urgency=soon]").inner_text() == "1"
     table = ops.locator("table.agreement-table").inner_text()
-    assert "skinbridge/efficientnet-b0-ham10000\t1\t1\t50%" in table
+    assert "skinbridge-classifier\t1\t1\t50%" in table
     assert ops.locator("svg.agreement rect").count() >= 2 + 2
     assert ops.console_errors == []
     ops.screenshot(path=str(DOCS_IMG / "console-admin.png"), full_page=True)

@@ -166,7 +166,7 @@ def test_case_view_is_audited_and_shows_the_ai_assessment(world: World) -> None:
     rc = world.cases[1]
     html = ada.get(f"/console/tasks/{rc.task_id}").text
     assert "preliminary" in html and "62%" in html and "31%" in html
-    assert "skinbridge/efficientnet-b0-ham10000" in html and "version 1.0.0" in html
+    assert "skinbridge-classifier" in html and "version 1.0.0" in html
     assert "Asymmetric pigmented lesion" in html
     assert f"/console/saliency/{rc.ai_id}" in html
     assert html.count("/console/explanations/") == 2

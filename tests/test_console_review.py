@@ -229,7 +229,7 @@ def test_service_figures(clinic) -> None:  # type: ignore[no-untyped-def]
     assert figures.wait_median_h == 2.0 and figures.wait_p90_h == pytest.approx(24.4, abs=0.1)
     assert figures.decided_in_window == 3
     [model] = figures.agreement
-    assert (model.model_id, model.accepted, model.amended) == ("skinbridge/efficientnet-b0-ham10000", 2, 1)
+    assert (model.model_id, model.accepted, model.amended) == ("skinbridge-classifier", 2, 1)
     assert model.rate == pytest.approx(2 / 3)
     [bar] = stats.agreement_bars(figures.agreement, width=300)
     assert (bar.accepted_w, bar.amended_w, bar.text) == (200.0, 100.0, "67% agreed (2/3)")
