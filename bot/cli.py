@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from urllib.parse import urlparse
 
 import click
+
+# Telegram's rule for setWebhook's secret_token: 1-256 characters of A-Z, a-z, 0-9, _ and -.
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def webhook_secret_problem(secret: str | None) -> str | None:
+    """Why this secret cannot protect a webhook, or None if it can.
+
+    Without a secret anyone who learns the webhook URL can inject updates as any patient; an empty
+    value (``SKINBRIDGE_WEBHOOK_SECRET=`` in an env file) would start a bot that refuses every update.
+    """
+    if secret is None or not secret.strip():
+        return "webhook mode needs SKINBRIDGE_WEBHOOK_SECRET (Telegram's secret_token header); it is unset or empty"
+    if not _SECRET_TOKEN.fullmatch(secret):
+        return ("SKINBRIDGE_WEBHOOK_SECRET must be 1-256 characters of A-Z, a-z, 0-9, _ and - "
+                "(Telegram refuses other secret tokens)")
+    return None
 
 
 @click.command("bot")
@@ -28,12 +46,15 @@ def bot_command(listen: str, port: int, poll_interval: float) -> None:
     except UnsafeConfiguration as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
+    if settings.webhook_url:  # checked before anything is opened or registered
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        if problem := webhook_secret_problem(secret):
+            click.echo(problem, err=True)
+            sys.exit(2)
     app = build_application(settings)
     _, base_url, _ = connection(settings)
     if settings.webhook_url:
-        if settings.webhook_secret is None:
-            click.echo("webhook mode needs SKINBRIDGE_WEBHOOK_SECRET (Telegram's secret_token header)", err=True)
-            sys.exit(2)
+        assert settings.webhook_secret is not None  # checked above
         path = urlparse(settings.webhook_url).path.lstrip("/") or "telegram"
         click.echo(f"bot: webhook {settings.webhook_url} (listening on {listen}:{port})")
         app.run_webhook(
