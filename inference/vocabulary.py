@@ -198,6 +198,38 @@ class Vocabulary:
         return [r[2] for r in ranked]
 
 
+# --- SNOMED CT identifiers -------------------------------------------------------------------------
+# Verhoeff tables (dihedral group D5 multiplication, permutation): an SCTID ends in a Verhoeff check
+# digit, which catches every single-digit typo and every swap of adjacent digits.
+_VERHOEFF_D = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 3, 4, 0, 6, 7, 8, 9, 5), (2, 3, 4, 0, 1, 7, 8, 9, 5, 6),
+    (3, 4, 0, 1, 2, 8, 9, 5, 6, 7), (4, 0, 1, 2, 3, 9, 5, 6, 7, 8), (5, 9, 8, 7, 6, 0, 4, 3, 2, 1),
+    (6, 5, 9, 8, 7, 1, 0, 4, 3, 2), (7, 6, 5, 9, 8, 2, 1, 0, 4, 3), (8, 7, 6, 5, 9, 3, 2, 1, 0, 4),
+    (9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+)
+_VERHOEFF_P = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 5, 7, 6, 2, 8, 3, 0, 9, 4), (5, 8, 0, 3, 7, 9, 6, 1, 4, 2),
+    (8, 9, 1, 6, 0, 4, 3, 5, 2, 7), (9, 4, 5, 3, 1, 2, 6, 8, 7, 0), (4, 2, 8, 6, 5, 7, 3, 9, 0, 1),
+    (2, 7, 9, 3, 8, 0, 6, 4, 1, 5), (7, 0, 4, 6, 9, 1, 3, 2, 5, 8),
+)
+
+
+def verhoeff_ok(number: str) -> bool:
+    """True when the last digit of ``number`` is its Verhoeff check digit."""
+    if not number.isdigit():
+        return False
+    check = 0
+    for i, ch in enumerate(reversed(number)):
+        check = _VERHOEFF_D[check][_VERHOEFF_P[i % 8][int(ch)]]
+    return check == 0
+
+
+def valid_concept_sctid(sctid: str) -> bool:
+    """6-18 digits, no leading zero, partition identifier 00/10 (a concept), valid Verhoeff check digit."""
+    return (sctid.isdigit() and 6 <= len(sctid) <= 18 and sctid[0] != "0"
+            and sctid[-3:-1] in ("00", "10") and verhoeff_ok(sctid))
+
+
 # --- loading ------------------------------------------------------------------------------------
 def _read_grouping(path: Path, source_col: str) -> dict[str, list[str]]:
     """condition code -> dataset labels, from a ``<source_col>,condition_code`` CSV."""

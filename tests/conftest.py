@@ -26,7 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SKINBRIDGE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
-def _service_missing(what: str, exc: Exception) -> None:
+def service_missing(what: str, exc: Exception | str) -> None:
+    """Skip a test whose outside tool or service is missing; under CI (REQUIRE_SERVICES) fail instead."""
     message = f"{what} is not reachable: {exc}"
     if REQUIRE_SERVICES:
         pytest.fail(message + " (SKINBRIDGE_TEST_REQUIRE_SERVICES=1)")
@@ -41,7 +42,7 @@ def pg_admin_url() -> str:
             conn.execute(text("select 1"))
         engine.dispose()
     except Exception as exc:  # noqa: BLE001
-        _service_missing("PostgreSQL", exc)
+        service_missing("PostgreSQL", exc)
     return PG_ADMIN_URL
 
 
@@ -123,7 +124,7 @@ def redis_url() -> str:
         client.ping()
         client.flushdb()
     except Exception as exc:  # noqa: BLE001
-        _service_missing("Redis", exc)
+        service_missing("Redis", exc)
     return REDIS_URL
 
 

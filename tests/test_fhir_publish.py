@@ -26,6 +26,8 @@ from fhir import mapping
 from fhir.publish import publish_case, retract_patient, row_json
 from fhir.terms import condition
 from tests.test_fhir_support import make_case, make_clinician, sign
+from fhir.checks import check_resources
+from tests.conftest import service_missing
 
 JS_DIR = Path(__file__).parent / "js"
 
@@ -198,10 +200,12 @@ def test_every_resource_validates_with_fhir_resources_and_offline_node_validator
     assert types >= {"Patient", "DiagnosticReport", "Observation", "Media", "Binary", "Device", "Provenance",
                      "Practitioner", "Organization", "AuditEvent"}
     _validate_all_with_fhir_resources(resources)
+    problems = check_resources(resources)  # the project's own code and reference-target checks
+    assert problems == [], "\n".join(map(str, problems))
 
     node = shutil.which("node")
     if node is None or not (JS_DIR / "node_modules").is_dir():
-        pytest.skip("node or tests/js/node_modules missing (run: npm ci --prefix tests/js)")
+        service_missing("the offline FHIR validators", "node or tests/js/node_modules missing (make installs them)")
     bundle = tmp_path / "bundle.json"
     bundle.write_text(json.dumps({"resourceType": "Bundle", "type": "collection",
                                   "entry": [{"resource": r} for r in resources]}))

@@ -9,29 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from inference.vocabulary import CATEGORIES, DATA_DIR, LANGUAGES, URGENCIES, fold, load_from, load_vocabulary
-
-# Verhoeff tables (dihedral group D5 multiplication, permutation); SNOMED CT ids end in a Verhoeff check digit
-_D = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 0, 6, 7, 8, 9, 5], [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
-      [3, 4, 0, 1, 2, 8, 9, 5, 6, 7], [4, 0, 1, 2, 3, 9, 5, 6, 7, 8], [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
-      [6, 5, 9, 8, 7, 1, 0, 4, 3, 2], [7, 6, 5, 9, 8, 2, 1, 0, 4, 3], [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
-      [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]]
-_P = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 5, 7, 6, 2, 8, 3, 0, 9, 4], [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
-      [8, 9, 1, 6, 0, 4, 3, 5, 2, 7], [9, 4, 5, 3, 1, 2, 6, 8, 7, 0], [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
-      [2, 7, 9, 3, 8, 0, 6, 4, 1, 5], [7, 0, 4, 6, 9, 1, 3, 2, 5, 8]]
-
-
-def verhoeff_ok(number: str) -> bool:
-    check = 0
-    for i, ch in enumerate(reversed(number)):
-        check = _D[check][_P[i % 8][int(ch)]]
-    return check == 0
-
-
-def valid_concept_sctid(sctid: str) -> bool:
-    """6-18 digits, no leading zero, partition identifier 00/10 (a concept), valid Verhoeff check digit."""
-    return (sctid.isdigit() and 6 <= len(sctid) <= 18 and sctid[0] != "0"
-            and sctid[-3:-1] in ("00", "10") and verhoeff_ok(sctid))
+from inference.vocabulary import (
+    CATEGORIES,
+    DATA_DIR,
+    LANGUAGES,
+    URGENCIES,
+    fold,
+    load_from,
+    load_vocabulary,
+    valid_concept_sctid,
+)
 
 
 def test_verhoeff_check_catches_typos():
