@@ -21,6 +21,7 @@ from console import demo
 from console.app import build_router
 from tests.e2e_support import CHROMIUM, CHROMIUM_ARGS
 from tests.support import serve_app
+from tests.conftest import service_missing
 
 pytestmark = pytest.mark.browser
 
@@ -32,7 +33,7 @@ HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</scrip
 @pytest.fixture
 def browser():  # type: ignore[no-untyped-def]
     if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
-        pytest.fail("Debian chromium is missing at /usr/bin/chromium (apt-get install chromium)")
+        service_missing("Debian chromium", "not installed at /usr/bin/chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

@@ -18,6 +18,7 @@ from clinic_db import patients
 from clinic_db.models import Case
 from clinic_db.states import CaseStatus
 from tests.e2e_support import CHROMIUM, CHROMIUM_ARGS, HISTORY, System, dermnet_photos, running_system, tiny_model_env
+from tests.conftest import service_missing
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -29,7 +30,7 @@ MAX_SCREENSHOT_PX = 8000
 @pytest.fixture
 def system(clinic, tmp_path: Path) -> Iterator[System]:  # type: ignore[no-untyped-def]
     if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
+        service_missing("Debian chromium", "not installed at /usr/bin/chromium (apt-get install chromium)")
     with running_system(tmp_path, tiny_model_env(tmp_path / "models"), web=False) as running:
         yield running
 

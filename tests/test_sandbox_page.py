@@ -16,6 +16,7 @@ from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, Update
 from bot.emulator import create_app
 from tests.e2e_support import CHROMIUM, CHROMIUM_ARGS
 from tests.support import serve_app
+from tests.conftest import service_missing
 
 pytestmark = pytest.mark.browser
 
@@ -75,7 +76,7 @@ class EchoBot:
 @pytest.fixture
 def sandbox() -> Iterator[str]:
     if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
+        service_missing("Debian chromium", "not installed at /usr/bin/chromium (apt-get install chromium)")
     with serve_app(create_app()) as url:
         bot = EchoBot(url)
         bot.thread.start()
