@@ -51,8 +51,9 @@ def condition_name(lang: str, code: str | None) -> str:
     return found.name(lang)
 
 
-def result_text(lang: str, differential: list[dict[str, Any]], urgency: str) -> str:
-    """The preliminary assessment in plain words: most likely, alternatives, urgency, advice, disclaimer."""
+def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, in_review: bool = False) -> str:
+    """The preliminary assessment in plain words: most likely, alternatives, urgency, advice, disclaimer;
+    ``in_review`` when triage already sent the case to the dermatologist queue."""
     lines = [t(lang, "result.title").upper(), ""]
     ranked = sorted(differential, key=lambda d: d["probability"], reverse=True)
     if not ranked:
@@ -69,6 +70,8 @@ def result_text(lang: str, differential: list[dict[str, Any]], urgency: str) -> 
         )
         lines.append(t(lang, "result.alternatives", items=items))
     lines.append("")
+    if in_review:
+        lines.append(t(lang, "result.in_review"))
     lines.append(t(lang, f"urgency.{urgency}" if urgency in ("emergency", "urgent", "soon", "routine") else "urgency.soon"))
     found = condition(top["code"])
     if found is not None:

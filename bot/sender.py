@@ -27,6 +27,7 @@ from clinic_db import audit, outbox, patients
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
 from clinic_db.models import AIResult, Case, CaseMessage, KeyValue, OutboxMessage, Patient, ReviewTask, utcnow
+from clinic_db.states import CaseStatus
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,9 @@ class OutboxSender:
             media.append(InputMediaPhoto(data, caption=caption))
         if media:
             await self.bot.send_media_group(chat_id, media[:10])
-        await self.bot.send_message(chat_id, result_text(lang, differential, case.urgency or "routine"),
+        in_review = case.status == CaseStatus.in_review.value
+        await self.bot.send_message(chat_id, result_text(lang, differential, case.urgency or "routine",
+                                                         in_review=in_review),
                                     reply_markup=result_buttons(lang, case.id))
 
     async def _clinician(self, session: Session, chat_id: int, lang: str, kind: str, payload: dict[str, Any],

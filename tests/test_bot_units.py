@@ -98,3 +98,15 @@ def test_user_rate_limit_warns_once_per_window() -> None:
     assert results[21] == (False, False) and results[22] == (False, False)
     assert limit.allow(2, now=102.0) == (True, False)  # other users are not affected
     assert limit.allow(1, now=161.0)[0]  # the window moved on
+
+
+def test_result_says_when_a_dermatologist_already_reviews_the_case() -> None:
+    from bot.render import result_text
+
+    differential = [{"code": "nevus", "probability": 0.6}, {"code": "melanoma", "probability": 0.2}]
+    queued = result_text("en", differential, "urgent", in_review=True)
+    plain = result_text("en", differential, "routine")
+    assert "A dermatologist will also look at your case" in queued
+    assert "A dermatologist will also look at your case" not in plain
+    assert "NOT a diagnosis" in queued and "NOT a diagnosis" in plain
+    assert "zusätzlich an" in result_text("de", differential, "urgent", in_review=True)
