@@ -36,16 +36,12 @@ def bot_command(listen: str, port: int, poll_interval: float) -> None:
     from telegram import Update
 
     from bot.app import build_application, connection
-    from skinbridge.settings import UnsafeConfiguration, get_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # every poll would be logged, token included
-    settings = get_settings()
-    try:
-        settings.check_safe()
-    except UnsafeConfiguration as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(2)
+    from skinbridge.cli import checked_settings
+
+    settings = checked_settings()
     if settings.webhook_url:  # checked before anything is opened or registered
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
         if problem := webhook_secret_problem(secret):

@@ -14,7 +14,8 @@ def main() -> None:
     """SkinBridge: teledermatology bot, AI workers, review console and FHIR API."""
 
 
-def _checked_settings():  # type: ignore[no-untyped-def]
+def checked_settings():  # type: ignore[no-untyped-def]
+    """Settings, or exit 2 with what to set when a production configuration is unsafe."""
     settings = get_settings()
     try:
         settings.check_safe()
@@ -36,7 +37,7 @@ def db_upgrade(revision: str) -> None:
     """Apply migrations to the configured database."""
     from clinic_db.migrate import upgrade
 
-    settings = _checked_settings()
+    settings = checked_settings()
     upgrade(settings.resolved_database_url, revision)
     click.echo(f"database at {revision}")
 
@@ -71,7 +72,7 @@ def keys_rotate(retire: bool) -> None:
     from clinic_db.db import get_clinic
     from clinic_db.rotation import rotate
 
-    _checked_settings()
+    checked_settings()
     report = rotate(get_clinic(), retire_old=retire)
     click.echo(
         f"new master key {report.new_kid}; re-wrapped {report.rewrapped} data keys; "
@@ -90,7 +91,7 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
 
     import os
 
-    settings = _checked_settings()
+    settings = checked_settings()
     os.environ["SKINBRIDGE_WORKER_QUEUES"] = queues  # tells worker_process_init whether to load models
     argv = [
         "worker", "--loglevel=INFO", "--pool=prefork", "-Q", queues,
@@ -109,7 +110,7 @@ def api(host: str | None, port: int | None) -> None:
     """Serve the web app: FHIR API, SMART token endpoint, dermatologist console."""
     import uvicorn
 
-    settings = _checked_settings()
+    settings = checked_settings()
     uvicorn.run("skinbridge.web:create_app", factory=True, host=host or settings.http_host,
                 port=port or settings.http_port, log_level="info", proxy_headers=True)
 
@@ -119,7 +120,7 @@ def check() -> None:
     """Check configuration, keys, database schema and imports; exit 1 on a problem."""
     from skinbridge.selfcheck import run_checks
 
-    _checked_settings()
+    checked_settings()
     problems = run_checks(get_settings())
     for line in problems:
         click.echo(f"PROBLEM: {line}", err=True)
@@ -133,7 +134,7 @@ def up() -> None:
     """Start the whole system on embedded defaults (migrate, worker, web app, bot sandbox)."""
     from skinbridge.supervisor import run_all
 
-    settings = _checked_settings()
+    settings = checked_settings()
     sys.exit(run_all(settings))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,3 +136,22 @@ def read_ai_marker(png: bytes) -> dict[str, str]:
 
 def _xml_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+CONFIG_NAME = "config.json"
+
+
+class JsonConfig:
+    """Dataclass configs saved as ``config.json`` beside the weights; unknown keys are ignored on
+    load so older code reads newer folders."""
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")  # type: ignore[call-overload]
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path):  # type: ignore[no-untyped-def]
+        data = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})  # type: ignore[attr-defined]

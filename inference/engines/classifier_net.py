@@ -8,20 +8,18 @@ because the two acquisition modes look very different for the same condition.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from inference.engines.base import JsonConfig
 
 IMAGE_TYPES: dict[str, int] = {"dermoscopic": 0, "clinical": 1}
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(JsonConfig):
     num_classes: int
     class_codes: list[str]
     image_size: int = 96
@@ -39,18 +37,6 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         if len(self.class_codes) != self.num_classes:
             raise ValueError(f"{len(self.class_codes)} class codes for {self.num_classes} classes")
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "ClassifierConfig":
-        data = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 class _Block(nn.Module):

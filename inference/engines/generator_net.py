@@ -10,18 +10,17 @@ sampled with DDIM. Folder layout (diffusers style, so standard tooling can read 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from inference.engines.base import JsonConfig
 
-CONFIG_NAME = "config.json"
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(JsonConfig):
     class_codes: list[str]
     sample_size: int = 64
     num_train_timesteps: int = 1000
@@ -31,17 +30,6 @@ class GeneratorConfig:
     model_id: str = "skinbridge-generator"
     model_version: str = "0"
     extra: dict = field(default_factory=dict)
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "GeneratorConfig":
-        data = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def make_scheduler(self) -> DDIMScheduler:
         return DDIMScheduler(

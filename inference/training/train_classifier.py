@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.training import data as D
-from inference.training.augment import augment, normalise, to_float
+from inference.training.augment import augment, normalise
 from inference.training.evaluate import (
     evaluate_split,
     fit_temperature,
@@ -98,15 +98,10 @@ class Ema:
             e.copy_(b)
 
 
-def lr_factor(progress: float, warmup: float = 0.05) -> float:
-    if progress < warmup:
-        return progress / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
-
-
-def train_classifier(run: ClassifierRun) -> dict[str, Any]:
+def prepare_run(run: Any, image_size: int) -> tuple[torch.Generator, str, Path, Any, dict[str, np.ndarray]]:
+    """What every training run starts with: threads, seeds, device, a fresh log, the labelled
+    image cache at ``image_size`` and the splits."""
     from inference.engines.base import pick_device
-    from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
 
     torch.set_num_threads(run.threads)
     gen = seed_everything(run.seed)
@@ -114,11 +109,21 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
     run.out.mkdir(parents=True, exist_ok=True)
     log_path = run.out / "train_log.jsonl"
     log_path.write_text("")
-
     items = small_subset(run.data, run.items_per_label) if run.items_per_label else None
-    cache = D.build_cache(run.data, run.image_size, run.cache_dir, items=items)
-    labelled = D.label(cache)
-    masks = D.split_masks(run.data, labelled, seed=run.seed)
+    labelled = D.label(D.build_cache(run.data, image_size, run.cache_dir, items=items))
+    return gen, device, log_path, labelled, D.split_masks(run.data, labelled, seed=run.seed)
+
+
+def lr_factor(progress: float, warmup: float = 0.05) -> float:
+    if progress < warmup:
+        return progress / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def train_classifier(run: ClassifierRun) -> dict[str, Any]:
+    from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
+
+    gen, device, log_path, labelled, masks = prepare_run(run, run.image_size)
 
     train_rows = np.flatnonzero(masks["train"])
     counts: dict[str, int] = {}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.training import data as D
-from inference.training.train_classifier import seed_everything, small_subset
+from inference.training.train_classifier import prepare_run
 
 NULL_CODE = "_unconditional"
 
@@ -79,20 +79,9 @@ def sample(unet: Any, config: Any, class_index: int, n: int, seed: int, *, guida
 
 
 def train_generator(run: GeneratorRun) -> dict[str, Any]:
-    from inference.engines.base import pick_device
     from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 
-    torch.set_num_threads(run.threads)
-    gen = seed_everything(run.seed)
-    device = pick_device(run.device)
-    run.out.mkdir(parents=True, exist_ok=True)
-    log_path = run.out / "train_log.jsonl"
-    log_path.write_text("")
-
-    items = small_subset(run.data, run.items_per_label) if run.items_per_label else None
-    cache = D.build_cache(run.data, run.sample_size, run.cache_dir, items=items)
-    labelled = D.label(cache)
-    masks = D.split_masks(run.data, labelled, seed=run.seed)
+    gen, device, log_path, labelled, masks = prepare_run(run, run.sample_size)
     rows, codes = _training_rows(labelled, masks, run.min_per_class)
     index = {c: k for k, c in enumerate(codes)}
     # the image type a class is mostly photographed with (for the recognition check)
