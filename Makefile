@@ -24,8 +24,10 @@ install: $(DEPS)
 run: install
 	$(BIN)/python -m skinbridge up
 
+# The suite runs on SQLite, then every database test again on PostgreSQL (127.0.0.1:5432).
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	SKINBRIDGE_TEST_BACKEND=postgresql $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m skinbridge bench inference --json var/bench-inference.json

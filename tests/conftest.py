@@ -22,6 +22,8 @@ from skinbridge.settings import Settings, get_settings, reset_settings_cache
 PG_ADMIN_URL = os.environ.get("SKINBRIDGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SKINBRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 REQUIRE_SERVICES = os.environ.get("SKINBRIDGE_TEST_REQUIRE_SERVICES") == "1"
+# The backend of the `clinic` fixture, which most tests use: `make test` runs the suite once per backend.
+BACKEND = os.environ.get("SKINBRIDGE_TEST_BACKEND", "sqlite")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("SKINBRIDGE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -99,9 +101,11 @@ def _open_clinic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: 
 
 
 @pytest.fixture
-def clinic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sqlite_url: str) -> Iterator[Clinic]:
-    """A migrated embedded (SQLite) clinic with its own key directory; also what get_clinic() returns."""
-    yield from _open_clinic(monkeypatch, tmp_path, sqlite_url)
+def clinic(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Clinic]:
+    """A migrated clinic with its own key directory (SQLite, or PostgreSQL when
+    SKINBRIDGE_TEST_BACKEND=postgresql); also what get_clinic() returns."""
+    url = request.getfixturevalue("pg_url" if BACKEND == "postgresql" else "sqlite_url")
+    yield from _open_clinic(monkeypatch, tmp_path, url)
 
 
 @pytest.fixture
@@ -133,3 +137,16 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "ham10000").is_dir():
         pytest.fail(f"the shared data set is missing at {SHARED_DATA} (set SKINBRIDGE_SHARED_DATA)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The PostgreSQL pass (SKINBRIDGE_TEST_BACKEND=postgresql) re-runs every test that stores data
+    through the `clinic` fixture; tests without a database, or already parametrized over both
+    backends (`any_clinic`, `db_url`), ran in the first pass."""
+    if BACKEND != "postgresql":
+        return
+    keep = [i for i in items if "clinic" in getattr(i, "fixturenames", ()) and "db_url" not in i.fixturenames]
+    deselected = [i for i in items if i not in keep]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
