@@ -29,7 +29,7 @@ from tests.e2e_support import (  # noqa: F401 - re-exported for tests/test_bot_r
     bot_environment,
     consent,
 )
-from tests.support import serve_app
+from tests.support import serve_app, wait_for
 
 
 # --- photos -----------------------------------------------------------------------------------------
@@ -123,8 +123,9 @@ def test_consent_album_history_and_submission(clinic, emulator: str, bot: BotPro
     with clinic.session() as session:
         stored = clinic_cases.history(clinic, session, session.get(Case, case.id))
     assert stored == {k: v for k, v in HISTORY.items() if v != "skip"}
-    kv = count(clinic, KeyValue, KeyValue.namespace == "bot_progress", KeyValue.key == str(case.id))
-    assert kv == 1  # its message id is remembered so later stages edit it
+    # its message id is remembered (committed just after Telegram accepted it) so later stages edit it
+    wait_for(lambda: count(clinic, KeyValue, KeyValue.namespace == "bot_progress", KeyValue.key == str(case.id)) == 1,
+             10, message="the progress message id to be stored")
     assert not progress["edited"]
 
 
