@@ -15,7 +15,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 from telegram import Bot, InputMediaPhoto
 from telegram.error import BadRequest, Forbidden, TelegramError
@@ -23,17 +23,16 @@ from telegram.error import BadRequest, Forbidden, TelegramError
 from bot.handlers import NS_PROGRESS, result_buttons
 from bot.i18n import pick_language, t
 from bot.render import condition_name, result_text
-from clinic_db import audit, outbox, patients
+from clinic_db import audit, cases, outbox, patients
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
-from clinic_db.models import AIResult, Case, CaseMessage, KeyValue, OutboxMessage, Patient, ReviewTask, utcnow
+from clinic_db.models import Case, CaseMessage, KeyValue, OutboxMessage, Patient, ReviewTask, utcnow
 from clinic_db.states import CaseStatus
 
 log = logging.getLogger(__name__)
 
 NS_UPDATES = "bot_update"
 UPDATE_ID_RETENTION = timedelta(days=7)
-ENGINE_PREFERENCE = ("vlm", "classifier")  # which AI result the patient sees when both exist
 
 
 class OutboxSender:
@@ -139,8 +138,7 @@ class OutboxSender:
     async def _result(self, session: Session, chat_id: int, lang: str, case: Case | None) -> None:
         if case is None:
             raise LookupError("result for a case that is gone")
-        results = {r.engine: r for r in session.scalars(select(AIResult).where(AIResult.case_id == case.id))}
-        chosen = next((results[e] for e in ENGINE_PREFERENCE if e in results), None)
+        chosen = cases.preferred_result(session, case)
         differential: list[dict[str, Any]] = []
         if chosen is not None:
             differential = self.clinic.vault.get_json(session, chosen, "differential", owner=case.patient_id) or []

@@ -171,6 +171,18 @@ def add_ai_result(
     return row
 
 
+# Which engine's result stands for the case when several ran: the one the patient reads, the
+# explanation images illustrate, follow-up answers and the case's condition code follow.
+ENGINE_PREFERENCE = ("vlm", "classifier")
+
+
+def preferred_result(session: Session, case: Case) -> AIResult | None:
+    """The AI result that stands for the case: the first usable one (a top condition) by preference."""
+    results = {r.engine: r for r in session.scalars(select(AIResult).where(AIResult.case_id == case.id))}
+    usable = [results[e] for e in ENGINE_PREFERENCE if e in results and results[e].top_condition_code]
+    return usable[0] if usable else None
+
+
 def add_explanation_image(
     clinic: Clinic, session: Session, case: Case, *, condition_code: str, png: bytes, model_id: str, seed: int
 ) -> ExplanationImage:

@@ -12,22 +12,19 @@ import io
 from typing import Any
 
 from PIL import Image as PILImage
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clinic_db import cases
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
-from clinic_db.models import AIResult, Case
+from clinic_db.models import Case
 from inference.engines.guardrails import load_guardrails
 from inference.engines.vlm import FLAG_DOSING_REFUSED, FLAG_RED_FLAG, FollowupAnswer
 from inference.vocabulary import load_vocabulary
 
 
 def _differential(clinic: Clinic, session: Session, case: Case) -> list[dict[str, Any]]:
-    result = session.scalars(
-        select(AIResult).where(AIResult.case_id == case.id).order_by(AIResult.engine != "classifier")
-    ).first()
+    result = cases.preferred_result(session, case)
     if result is None:
         return []
     return clinic.vault.get_json(session, result, "differential", owner=case.patient_id) or []

@@ -207,7 +207,8 @@ def _merge_photo_predictions(per_photo: list) -> Any:  # type: ignore[type-arg]
 def explain(self, case_id: str) -> None:
     settings = get_settings()
     with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
-        top = _top_condition(session, case)
+        preferred = cases.preferred_result(session, case)
+        top = preferred.top_condition_code if preferred is not None else None
         if top is None or settings.explanation_images <= 0:
             return
         have = session.scalar(
@@ -221,12 +222,6 @@ def explain(self, case_id: str) -> None:
         for i, png in enumerate(explainer.generate(top, settings.explanation_images, seed)):
             cases.add_explanation_image(clinic, session, case, condition_code=top, png=png,
                                         model_id=explainer.model_id, seed=seed + i)
-
-
-def _top_condition(session: Session, case: Case) -> str | None:
-    results = list(session.scalars(select(AIResult).where(AIResult.case_id == case.id)))
-    ranked = sorted((r for r in results if r.top_condition_code), key=lambda r: (r.engine != "classifier",))
-    return ranked[0].top_condition_code if ranked else None
 
 
 @app.task(name="skinbridge.assemble_report", queue="cpu", **TASK_OPTS)
@@ -244,7 +239,8 @@ def assemble_report(self, case_id: str) -> None:
         )
         usable = [p for p in predictions if p.differential]
         case.urgency = decision.urgency
-        case.condition_code = usable[0].differential[0]["code"] if usable else None
+        preferred = cases.preferred_result(session, case)
+        case.condition_code = preferred.top_condition_code if preferred is not None else None
         if usable:
             cases.transition(session, case, CaseStatus.preliminary, WORKER)
         if decision.review or not usable:

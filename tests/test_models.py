@@ -68,3 +68,19 @@ def test_every_state_is_reachable_and_withdrawn_is_terminal():
     assert TRANSITIONS[CaseStatus.withdrawn] == frozenset()
     with pytest.raises(IllegalTransition):
         check_transition("preliminary", "final")  # only a dermatologist's review makes a report final
+
+
+def test_one_result_stands_for_the_case(any_clinic):
+    """The VLM's result is preferred when usable; an unparseable VLM falls back to the classifier."""
+    with any_clinic.session() as s:
+        p = patients.register(any_clinic, s, 3, consent_version="v1")
+        case = cases.open_case(any_clinic, s, p)
+        common = dict(model_version="1", weights_sha256="0" * 64)
+        cases.add_ai_result(any_clinic, s, case, engine="classifier", model_id="clf",
+                            differential=[{"code": "nevus", "probability": 0.7}], **common)
+        assert cases.preferred_result(s, case).engine == "classifier"
+        vlm = cases.add_ai_result(any_clinic, s, case, engine="vlm", model_id="vlm", differential=[],
+                                  flags=["vlm_unparseable"], **common)
+        assert cases.preferred_result(s, case).engine == "classifier"
+        vlm.top_condition_code, vlm.top_probability = "melanoma", 0.5
+        assert cases.preferred_result(s, case).engine == "vlm"
