@@ -90,11 +90,18 @@ def bench_classifier(device: str, batch_sizes: list[int], scale: str, iterations
     from inference.engines.classifier import ClassifierEngine
     from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
 
-    width, size, classes = (8, 32, 4) if scale == "tiny" else (32, 96, 30)
-    config = ClassifierConfig(num_classes=classes, class_codes=[f"c{i}" for i in range(classes)], image_size=size,
-                              width=width, model_id="bench-classifier")
-    torch.manual_seed(0)
-    engine = ClassifierEngine(SkinClassifierNet(classes, width=width), config, device, "random")
+    if scale == "tiny":
+        width, size, classes = 8, 32, 4
+        config = ClassifierConfig(num_classes=classes, class_codes=[f"c{i}" for i in range(classes)],
+                                  image_size=size, width=width, model_id="bench-classifier")
+        torch.manual_seed(0)
+        engine = ClassifierEngine(SkinClassifierNet(classes, width=width), config, device, "random")
+    else:  # the shipped default model, exactly as it serves patients (incl. its test-time views)
+        from inference.engines.registry import DEFAULT_CLASSIFIER
+
+        engine = ClassifierEngine.load(DEFAULT_CLASSIFIER, device)
+        config = engine.config
+        width, size, classes = config.width, config.image_size, config.num_classes
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(max(batch_sizes))]
     results = []
@@ -108,8 +115,8 @@ def bench_classifier(device: str, batch_sizes: list[int], scale: str, iterations
                    warmup=warmup, items=1, unit="images")
     results.append(cam)
     return {"name": "classifier", "architecture": "SkinClassifierNet", "params": _params(engine.model),
-            "dtype": "float32", "scaled_down": scale == "tiny", "dims": {"width": width, "image_size": size,
-                                                                          "num_classes": classes},
+            "dtype": "float32", "scaled_down": scale == "tiny", "model_id": config.model_id,
+            "dims": {"width": width, "image_size": size, "num_classes": classes, "tta_views": config.tta_views},
             "results": results}
 
 
@@ -258,8 +265,8 @@ def run_benchmarks(device: str, batch_sizes: list[int], scale: str, models: list
         "quick": scale != "full",
         "scaled_down": scale != "full",
         "note": {
-            "full": "real-size architectures with random weights",
-            "quick": "VLM and SD scaled down (dims recorded per model); classifier and generator at real size",
+            "full": "real-size architectures with random weights; the classifier is the shipped model",
+            "quick": "VLM and SD scaled down (dims recorded per model); classifier (shipped) and generator at real size",
             "tiny": "every model tiny: a smoke test of the benchmark, not a measurement",
         }[scale],
         "batch_sizes": batch_sizes,
@@ -293,7 +300,8 @@ def bench_command() -> None:
 @click.option("--warmup", type=int, default=1, show_default=True)
 def bench_inference(json_path: Path | None, device: str, batch_sizes: str, quick: bool, tiny: bool, models: str,
                     iterations: int | None, warmup: int) -> None:
-    """Latency p50/p95, throughput and peak memory of each engine at real size (random weights)."""
+    """Latency p50/p95, throughput and peak memory of each engine at real size (random weights; the
+    classifier is the shipped default model)."""
     from inference.engines.base import pick_device
 
     resolved = pick_device(device)

@@ -121,3 +121,34 @@ def test_validated_threshold_flags_the_condition(classifier_dir: Path) -> None:
     assert f"suspect:{code}" in engine.predict(photo, "clinical", saliency=False)[0].flags
     engine.config.thresholds = {code: p * 1.01}
     assert engine.predict(photo, "clinical", saliency=False)[0].flags == []
+
+
+def test_test_time_augmentation_makes_orientation_irrelevant(classifier_dir: Path, tmp_path: Path) -> None:
+    """A photo taken upside down or mirrored is the same lesion: with 8 dihedral views the engine gives
+    the same probabilities for every orientation; a single view does not (so the views really run)."""
+    photo = _photo(11, (64, 64))
+    turned = [photo.transpose(t) for t in (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90,
+                                           Image.Transpose.ROTATE_180, Image.Transpose.TRANSVERSE)]
+    single = ClassifierEngine.load(classifier_dir, device="cpu")
+    with torch.no_grad():  # the random net is near-uniform: sharpen it so differences show
+        single.model.head.weight.mul_(1000)
+    moved = (single.probabilities([photo] * 4, "clinical") - single.probabilities(turned, "clinical")).abs().max()
+
+    data = json.loads((classifier_dir / "config.json").read_text())
+    data["tta_views"] = 8
+    folder = tmp_path / "tta"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(data))
+    (folder / "model.safetensors").write_bytes((classifier_dir / "model.safetensors").read_bytes())
+    engine = ClassifierEngine.load(folder, device="cpu")
+    with torch.no_grad():
+        engine.model.head.weight.mul_(1000)
+    base = engine.probabilities([photo], "clinical")
+    for other in turned:
+        still = (base - engine.probabilities([other], "clinical")).abs().max()
+        assert still < 1e-5 and moved > 1e-3, (float(still), float(moved))
+
+    data["tta_views"] = 3
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="tta_views"):
+        ClassifierEngine.load(folder, device="cpu")

@@ -21,6 +21,7 @@ from inference.engines.classifier_net import (
     WEIGHTS_NAME,
     ClassifierConfig,
     SkinClassifierNet,
+    dihedral_logits,
 )
 
 TOP_K = 5
@@ -82,7 +83,8 @@ class ClassifierEngine:
     def probabilities(self, images: list[Image.Image], image_type: str) -> torch.Tensor:
         """Calibrated class probabilities, one row per image (B x num_classes, on CPU)."""
         x = self.preprocess(images).to(self.device)
-        logits = self.model(x, self._image_type(image_type, len(images)).to(self.device))
+        types = self._image_type(image_type, len(images)).to(self.device)
+        logits = dihedral_logits(self.model, x, types, self.config.tta_views)
         return torch.softmax(logits.float() / self.config.temperature, dim=-1).cpu()
 
     def predict(self, images: list[Image.Image], image_type: str, *, saliency: bool = True) -> list[Prediction]:

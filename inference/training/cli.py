@@ -45,10 +45,13 @@ def train_command() -> None:
 @click.option("--width", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--class-balance", type=float, default=0.5, show_default=True,
+              help="loss weight ~ n_class^-x: 0 = plain cross-entropy, 1 = inverse frequency")
+@click.option("--tta-views", type=click.Choice(["1", "2", "4", "8"]), default="8", show_default=True,
+              help="flips/rotations averaged at calibration, evaluation and serving")
 def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
                    cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, image_size: int,
-                   width: int, lr: float,
-                   batch_size: int) -> None:
+                   width: int, lr: float, batch_size: int, class_balance: float, tta_views: str) -> None:
     """Train the classifier on HAM10000 + DermNet; writes weights, config, metrics and MODEL_CARD.md."""
     from inference.training.model_card import classifier_card, load_json, write_card
     from inference.training.train_classifier import ClassifierRun, train_classifier
@@ -57,7 +60,7 @@ def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget:
         data=data, out=out, epochs=epochs, seed=seed, device=device, image_size=image_size, width=width, lr=lr,
         batch_size=batch_size, time_budget_s=time_budget * 60 if time_budget else None, threads=threads,
         cache_dir=cache_dir, docs_img=docs / "img", items_per_label=subset_per_label,
-        min_per_class=2 if subset_per_label else 10,
+        min_per_class=2 if subset_per_label else 10, class_balance=class_balance, tta_views=int(tta_views),
     ))
     card = classifier_card(load_json(out / "config.json"), metrics, _rel(out), _command_line())
     write_card(out, card, docs / "models.md", "classifier")

@@ -34,15 +34,19 @@ def logits_for(
     *,
     batch_size: int = 256,
     device: str = "cpu",
+    views: int = 1,
 ) -> torch.Tensor:
-    """Raw logits (N x C, CPU float32) for uint8 N x H x W x 3 images, no augmentation."""
+    """Raw logits (N x C, CPU float32) for uint8 N x H x W x 3 images, averaged over ``views``
+    dihedral views exactly as the engine serves them (no random augmentation)."""
+    from inference.engines.classifier_net import dihedral_logits
+
     model.eval()
     m, s = torch.tensor(mean), torch.tensor(std)
     out = []
     for i in range(0, len(images), batch_size):
         x = normalise(to_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))), m, s)
         t = torch.from_numpy(image_type[i : i + batch_size]).long()
-        out.append(model(x.to(device), t.to(device)).float().cpu())
+        out.append(dihedral_logits(model, x.to(device), t.to(device), views).float().cpu())
     if not out:
         return torch.zeros(0, 0)
     return torch.cat(out)
@@ -141,7 +145,8 @@ def evaluate_split(
     rows = np.flatnonzero(mask)
     class_codes = config["class_codes"]
     true = [labelled.codes[i] for i in rows]
-    logits = logits_for(model, labelled.images[rows], labelled.image_type[rows], config["mean"], config["std"])
+    logits = logits_for(model, labelled.images[rows], labelled.image_type[rows], config["mean"], config["std"],
+                        views=config.get("tta_views", 1))
     probs = torch.softmax(logits / config.get("temperature", 1.0), dim=1).numpy() if len(rows) else np.zeros((0, 0))
     threshold = config.get("thresholds", {}).get("melanoma", 0.5)
     out: dict[str, Any] = {"split": split}

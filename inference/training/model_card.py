@@ -45,19 +45,25 @@ def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: 
     mel = hl.get("melanoma", {})
     dn_mel = dn.get("melanoma", {})
     ev = f"skinbridge train evaluate-classifier --model {model_dir} --split"
+    where = "a GPU" if str(tr.get("device", "cpu")).startswith("cuda") else "a shared 2-core CPU"
+    views = int(config.get("tta_views", 1))
+    tta = (f"Each prediction averages the logits of {views} flips/rotations of the photo (test-time "
+           "augmentation) — in calibration, evaluation and serving alike. ") if views > 1 else ""
+    threshold = config["thresholds"]["melanoma"]
+    low = (" Such a low threshold means the model separates melanoma poorly in some photos (mostly the "
+           "clinical DermNet ones): at ≥ 90 % sensitivity it flags many benign lesions (see specificity) — "
+           "acceptable for \"ask a dermatologist\", not for ruling anything out.") if threshold < 0.05 else ""
     return f"""## Classifier `{config['model_id']}` {config['model_version']}
 
 SkinClassifierNet (compact ResNet, width {config['width']}, image-type embedding), trained **from
-scratch on CPU** at **{config['image_size']}×{config['image_size']} px**, {len(config['class_codes'])} vocabulary
+scratch on {where}** at **{config['image_size']}×{config['image_size']} px**, {len(config['class_codes'])} vocabulary
 classes, on HAM10000 (dermoscopic, DermaMNIST train split) + DermNet (clinical, 80 % per topic)
 jointly. Training: {tr.get('epochs_done')} epochs ({tr.get('steps')} steps, batch {tr.get('batch_size')},
-{tr.get('wall_s')} s wall on a shared 2-core CPU, seed {tr.get('seed')}), AdamW + warm-up/cosine, EMA,
+{tr.get('wall_s')} s wall, seed {tr.get('seed')}), AdamW + warm-up/cosine, EMA,
 class-balanced loss (weights ∝ n^-{tr.get('class_balance')}), flips/rotations/colour jitter/random resized
-crops. Temperature scaling on validation data: T = {config['temperature']:.3f}. Melanoma triage threshold
-(P(melanoma) ≥ {config['thresholds']['melanoma']:.4f}) chosen on lesion-disjoint HAM10000 + DermNet
-validation photos for sensitivity ≥ 90 %. A very low threshold means the model separates melanoma
-poorly in some photos (mostly the clinical DermNet ones): at ≥ 90 % sensitivity it flags many benign
-lesions (see specificity) — acceptable for "ask a dermatologist", not for ruling anything out.
+crops. {tta}Temperature scaling on validation data: T = {config['temperature']:.3f}. Melanoma triage threshold
+(P(melanoma) ≥ {threshold:.4f}) chosen on lesion-disjoint HAM10000 + DermNet
+validation photos for sensitivity ≥ 90 %.{low}
 {_trained_with(command)}
 | Metric | Value | Reproduce |
 |---|---|---|

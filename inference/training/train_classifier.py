@@ -12,9 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,12 @@ from inference.training.evaluate import (
     sensitivity_threshold,
     topk_metrics,
 )
+from inference.training.run import TrainingRun, prepare_run
 
 
 @dataclass
-class ClassifierRun:
-    data: Path
-    out: Path
+class ClassifierRun(TrainingRun):
     epochs: int = 20
-    seed: int = 0
-    device: str = "auto"
     image_size: int = 64
     width: int = 24
     batch_size: int = 64
@@ -51,33 +47,8 @@ class ClassifierRun:
     class_balance: float = 0.5  # 0 = plain CE, 1 = fully inverse-frequency weighted
     ema_decay: float = 0.998
     min_per_class: int = 10  # vocabulary codes with fewer training photos are not learnt
-    time_budget_s: float | None = None
-    threads: int = 2
-    cache_dir: Path = Path("var/cache")
-    items_per_label: int | None = None  # tests: a handful of photos per raw label and split
     melanoma_sensitivity: float = 0.90
-    docs_img: Path | None = None  # where to put the confusion-matrix plot (docs/img)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def small_subset(data: Path, per_label: int) -> list[D.RawItem]:
-    """A few photos per (raw label, DermaMNIST split) for fast tests on real images."""
-    dm = D.dermamnist_split(data)
-    seen: dict[tuple[str, str], int] = {}
-    picked = []
-    for it in D.ham_items(data) + D.dermnet_items(data):
-        key = (it.raw_label, dm.get(it.key, "dermnet"))
-        if seen.get(key, 0) < per_label:
-            seen[key] = seen.get(key, 0) + 1
-            picked.append(it)
-    return picked
+    tta_views: int = 8  # dihedral views averaged at validation, calibration, evaluation and serving
 
 
 class Ema:
@@ -96,22 +67,6 @@ class Ema:
             e.mul_(d).add_(p.detach(), alpha=1 - d)
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
-
-
-def prepare_run(run: Any, image_size: int) -> tuple[torch.Generator, str, Path, Any, dict[str, np.ndarray]]:
-    """What every training run starts with: threads, seeds, device, a fresh log, the labelled
-    image cache at ``image_size`` and the splits."""
-    from inference.engines.base import pick_device
-
-    torch.set_num_threads(run.threads)
-    gen = seed_everything(run.seed)
-    device = pick_device(run.device)
-    run.out.mkdir(parents=True, exist_ok=True)
-    log_path = run.out / "train_log.jsonl"
-    log_path.write_text("")
-    items = small_subset(run.data, run.items_per_label) if run.items_per_label else None
-    labelled = D.label(D.build_cache(run.data, image_size, run.cache_dir, items=items))
-    return gen, device, log_path, labelled, D.split_masks(run.data, labelled, seed=run.seed)
 
 
 def lr_factor(progress: float, warmup: float = 0.05) -> float:
@@ -194,9 +149,11 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
             seen += len(rows)
         epochs_done = epoch + 1 if not out_of_time else epoch + (1 if seen else 0)
         # validation of the EMA weights: DermaMNIST val ACC (7 classes) and DermNet val top-1
-        lv = logits_for(ema.model, labelled.images[val_dm], labelled.image_type[val_dm], mean, std, device=device)
+        lv = logits_for(ema.model, labelled.images[val_dm], labelled.image_type[val_dm], mean, std, device=device,
+                    views=run.tta_views)
         dm_acc = ham7_metrics(lv, class_codes, [labelled.codes[i] for i in val_dm])["acc"] if len(val_dm) else 0.0
-        ln = logits_for(ema.model, labelled.images[val_dn], labelled.image_type[val_dn], mean, std, device=device)
+        ln = logits_for(ema.model, labelled.images[val_dn], labelled.image_type[val_dn], mean, std, device=device,
+                    views=run.tta_views)
         dn = (topk_metrics(torch.softmax(ln, 1).numpy(), class_codes, [labelled.codes[i] for i in val_dn])
               if len(val_dn) else {"top1": 0.0, "top3": 0.0})
         score = (dm_acc + dn["top1"]) / 2
@@ -220,10 +177,12 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
 
     # calibration + triage threshold on validation data only (never the test splits)
     val_rows = np.flatnonzero(masks["val"] & (targets >= 0))
-    lval = logits_for(final, labelled.images[val_rows], labelled.image_type[val_rows], mean, std, device=device)
+    lval = logits_for(final, labelled.images[val_rows], labelled.image_type[val_rows], mean, std, device=device,
+                    views=run.tta_views)
     temperature = fit_temperature(lval, torch.from_numpy(targets[val_rows])) if len(val_rows) else 1.0
     thr_rows = np.flatnonzero((masks["ham-lesion-val"] | masks["dermnet-val"]) & (targets >= 0))
-    lthr = logits_for(final, labelled.images[thr_rows], labelled.image_type[thr_rows], mean, std, device=device)
+    lthr = logits_for(final, labelled.images[thr_rows], labelled.image_type[thr_rows], mean, std, device=device,
+                    views=run.tta_views)
     p_mel = torch.softmax(lthr / temperature, 1)[:, index["melanoma"]].numpy() if len(thr_rows) else np.zeros(0)
     is_mel = np.asarray([labelled.codes[i] == "melanoma" for i in thr_rows], dtype=bool)
     threshold = sensitivity_threshold(p_mel, is_mel, run.melanoma_sensitivity)
@@ -231,6 +190,7 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
     config = ClassifierConfig(
         num_classes=len(class_codes), class_codes=class_codes, image_size=run.image_size, mean=mean, std=std,
         temperature=temperature, width=run.width, model_version=time.strftime("%Y.%m.%d"),
+        tta_views=run.tta_views,
     )
     config_dict: dict[str, Any] = asdict(config)
     config_dict["thresholds"] = {"melanoma": threshold}

@@ -23,18 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from inference.training import data as D
-from inference.training.train_classifier import prepare_run
+from inference.training.run import TrainingRun, prepare_run
 
 NULL_CODE = "_unconditional"
 
 
 @dataclass
-class GeneratorRun:
-    data: Path
-    out: Path
+class GeneratorRun(TrainingRun):
     epochs: int = 30
-    seed: int = 0
-    device: str = "auto"
     sample_size: int = 32
     block_out_channels: tuple[int, ...] = (16, 32, 32)  # what a shared 2-core CPU affords; widen on a GPU
     layers_per_block: int = 1
@@ -45,13 +41,8 @@ class GeneratorRun:
     guidance_scale: float = 3.0
     num_inference_steps: int = 25
     min_per_class: int = 40  # DermNet-grouped codes need this many training photos to be learnt
-    time_budget_s: float | None = None
-    threads: int = 2
-    cache_dir: Path = Path("var/cache")
-    items_per_label: int | None = None
     classifier: Path | None = None  # for the recognition metric
     samples_per_class: int = 16
-    docs_img: Path | None = None
 
 
 def _training_rows(
@@ -192,7 +183,8 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
             imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         u8 = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
         itype = 1 if config.extra.get("image_types", {}).get(code) == "clinical" else 0
-        logits = logits_for(model, u8, np.full(len(u8), itype), cconf["mean"], cconf["std"])
+        logits = logits_for(model, u8, np.full(len(u8), itype), cconf["mean"], cconf["std"],
+                            views=cconf.get("tta_views", 1))
         pred = [cconf["class_codes"][i] for i in logits.argmax(1).tolist()]
         h = sum(p == code for p in pred)
         per_class[code] = h / len(pred)
