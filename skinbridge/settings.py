@@ -12,7 +12,7 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "change-me"  # the value shipped in examples; refused in production
@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # --- models --------------------------------------------------------------------------
     classifier_path: Path | None = None  # default: the weights shipped in inference/weights
     generator_path: Path | None = None
+    # generated classes the classifier recognised less often than this are not shown to patients
+    # (default: inference.engines.explainer.MIN_RECOGNITION, the 0.8)
+    explanation_min_recognition: float | None = Field(None, ge=0.0, le=1.0)
     vlm_path: Path | None = None  # optional transformers image-text-to-text checkpoint
     sd_path: Path | None = None  # optional Stable-Diffusion checkpoint with per-condition LoRAs
     device: str = "auto"

@@ -39,13 +39,22 @@ def _caption_strip_differs(png: bytes, image_height: int) -> None:
     assert strip.min() < 40 and strip.max() > 200
 
 
-@pytest.fixture(scope="module")
-def generator_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=[1, 4], ids=["pixels", "patches"])
+def generator_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     unet = build_generator_unet(len(CODES), sample_size=16, block_out_channels=(8, 16), layers_per_block=1,
-                                norm_num_groups=4)
-    config = GeneratorConfig(class_codes=CODES, sample_size=16, num_inference_steps=4)
+                                norm_num_groups=4, patch_size=request.param)
+    config = GeneratorConfig(class_codes=CODES, sample_size=16, num_inference_steps=4, patch_size=request.param)
     return save_generator(tmp_path_factory.mktemp("gen"), unet, config)
+
+
+def test_generator_patch_size_must_fit(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="divide"):
+        GeneratorConfig(class_codes=CODES, sample_size=16, patch_size=3)
+    unet = build_generator_unet(len(CODES), sample_size=16, block_out_channels=(8, 16), norm_num_groups=4,
+                                patch_size=2)
+    with pytest.raises(ValueError, match="patch size"):
+        save_generator(tmp_path, unet, GeneratorConfig(class_codes=CODES, sample_size=16, patch_size=4))
 
 
 def test_class_conditional_is_seeded_and_class_dependent(generator_dir: Path) -> None:
@@ -56,8 +65,9 @@ def test_class_conditional_is_seeded_and_class_dependent(generator_dir: Path) ->
     assert len(first) == 2
     assert [(_pixels(p) == _pixels(q)).all() for p, q in zip(first, again)] == [True, True]
     # image i depends on seed + i only: asking for one image at seed 12 gives the second one above
+    # (up to float rounding between batch sizes: at most one grey level)
     (single,) = explainer.generate("melanoma", 1, seed=12)
-    assert (_pixels(single) == _pixels(first[1])).all()
+    assert np.abs(_pixels(single) - _pixels(first[1])).max() <= 1
     assert not (_pixels(first[0]) == _pixels(first[1])).all()
     other = explainer.generate("acne", 1, seed=11)[0]
     assert np.abs(_pixels(other)[:64] - _pixels(first[0])[:64]).mean() > 0.5
@@ -65,6 +75,23 @@ def test_class_conditional_is_seeded_and_class_dependent(generator_dir: Path) ->
     _caption_strip_differs(first[0], 64)
     with pytest.raises(KeyError):
         explainer.generate("psoriasis", 1, seed=1)
+
+
+def test_only_recognisably_drawn_classes_reach_patients(generator_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    folder = shutil.copytree(generator_dir, tmp_path / "gen")
+    (folder / "metrics.json").write_text(json.dumps(
+        {"recognition": {"overall": 0.5, "per_class": {"melanoma": 0.9, "nevus": 0.4, "acne": 0.8}}}))
+    explainer = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
+    assert [explainer.knows(c) for c in CODES] == [True, False, True]
+    assert len(explainer.generate("acne", 1, seed=1)) == 1
+    with pytest.raises(KeyError, match="below the bar"):
+        explainer.generate("nevus", 1, seed=1)
+    assert explainer.sample("nevus", 1, seed=1).shape == (1, 3, 16, 16)  # still drawable for evaluation
+    # an operator may lower the bar (SKINBRIDGE_EXPLANATION_MIN_RECOGNITION)
+    assert ClassConditionalExplainer.load(folder, device="cpu", min_recognition=0.3).knows("nevus")
 
 
 @pytest.fixture(scope="module")

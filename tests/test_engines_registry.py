@@ -41,6 +41,18 @@ def test_loads_configured_engines_once(weights: tuple[Path, Path]) -> None:
     assert load_engines(Settings(classifier_path=clf, generator_path=gen, device="auto")) is engines
 
 
+def test_recognition_bar_for_explanation_images_comes_from_settings(weights: tuple[Path, Path]) -> None:
+    import json
+
+    clf, gen = weights
+    (gen / "metrics.json").write_text(json.dumps({"recognition": {"per_class": {"melanoma": 0.85, "nevus": 0.6}}}))
+    default = load_engines(Settings(classifier_path=clf, generator_path=gen, device="cpu")).explainer
+    assert default.knows("melanoma") and not default.knows("nevus")
+    lowered = load_engines(Settings(classifier_path=clf, generator_path=gen, device="cpu",
+                                    explanation_min_recognition=0.5)).explainer
+    assert lowered.knows("nevus")
+
+
 def test_missing_configured_model_is_an_error(weights: tuple[Path, Path], tmp_path: Path) -> None:
     clf, _ = weights
     with pytest.raises(FileNotFoundError, match="VLM checkpoint"):

@@ -14,8 +14,8 @@ from PIL import Image
 from inference.engines.base import model_sha256
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "inference" / "weights"
-# The CPU-trained generator is too weak for patients, so it ships as a draft that the explainer does
-# not load by default (see docs/models.md); a GPU-trained one would go to WEIGHTS / "generator".
+# No generator trained so far draws recognisably enough for patients, so the CPU-trained one ships as a
+# draft that the explainer does not load by default (docs/models.md); a good one goes to WEIGHTS / "generator".
 CLASSIFIER, GENERATOR = WEIGHTS / "classifier", WEIGHTS / "generator-draft"
 MAX_BYTES = 30 * 1024 * 1024
 
@@ -89,3 +89,18 @@ def test_shipped_generator_draws_a_requested_condition() -> None:
     assert a.shape == (1, 3, config.sample_size, config.sample_size)
     assert float(a.std()) > 0.02  # a picture, not a flat colour
     assert a.equal(b)  # seeded: the same request gives the same picture
+
+
+def test_shipped_generator_offers_patients_only_recognisable_classes() -> None:
+    """Loaded explicitly (SKINBRIDGE_GENERATOR_PATH), it still shows patients only the classes the
+    classifier recognised at or above the bar: for the draft, none."""
+    from inference.engines.explainer import MIN_RECOGNITION, ClassConditionalExplainer
+
+    recognition = json.loads((GENERATOR / "metrics.json").read_text())["recognition"]
+    explainer = ClassConditionalExplainer.load(GENERATOR, device="cpu")
+    assert explainer.weights_sha256 == _recorded(GENERATOR)
+    assert set(recognition["per_class"]) == set(explainer.codes)
+    for code, rate in recognition["per_class"].items():
+        assert explainer.knows(code) == (rate >= MIN_RECOGNITION)
+    card = (GENERATOR / "MODEL_CARD.md").read_text()
+    assert f"**{100 * recognition['overall']:.1f} %**" in card  # card and metrics agree

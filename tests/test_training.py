@@ -163,12 +163,14 @@ def test_tiny_generator_run_samples_and_is_measured(trained: dict[str, Path]) ->
     assert config.class_codes[-1] == NULL_CODE and config.extra["null_class_index"] == len(config.class_codes) - 1
     assert "melanoma" in config.class_codes
     imgs = sample(unet.eval(), config, config.class_codes.index("melanoma"), 2, seed=0, steps=2)
-    assert imgs.shape == (2, 3, 32, 32) and float(imgs.min()) >= 0 and float(imgs.max()) <= 1
+    # 64 px pictures from a UNet that works on a 16 x 16 grid of 4 x 4 px patches (the CLI defaults)
+    assert imgs.shape == (2, 3, 64, 64) and float(imgs.min()) >= 0 and float(imgs.max()) <= 1
+    assert unet.config.sample_size == 16 and unet.config.in_channels == 48
     metrics = json.loads((trained["generator"] / "metrics.json").read_text())
     rec = metrics["recognition"]
     assert set(rec["per_class"]) == set(config.class_codes[:-1]) and 0.0 <= rec["overall"] <= 1.0
     with Image.open(trained["docs"] / "img" / "generator_samples.png") as grid:
-        assert grid.height >= 32 * 3 * (len(config.class_codes) - 1)
+        assert grid.height >= 128 * (len(config.class_codes) - 1)
 
 
 def test_evaluate_classifier_cli_decodes_the_split_afresh(trained: dict[str, Path], data_dir: Path) -> None:
@@ -183,3 +185,25 @@ def test_evaluate_classifier_cli_decodes_the_split_afresh(trained: dict[str, Pat
     # same numbers as the in-memory evaluation
     again = evaluate_classifier(trained["classifier"], data_dir, "ham-lesion-val")
     assert again["acc"] == pytest.approx(out["acc"])
+
+
+def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dict[str, Path], data_dir: Path) -> None:
+    from inference.training.cli import train_command
+
+    gen, docs = trained["generator"], trained["docs"]
+    res = CliRunner().invoke(train_command, [
+        "evaluate-generator", "--model", str(gen), "--classifier", str(trained["classifier"]), "--data", str(data_dir),
+        "--samples-per-class", "2", "--steps", "2", "--guidance-scale", "1.5", "--docs", str(docs)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((gen / "config.json").read_text())
+    assert config["extra"]["guidance_scale"] == 1.5 and config["num_inference_steps"] == 2
+    rec = json.loads((gen / "metrics.json").read_text())["recognition"]
+    assert rec["samples_per_class"] == 2 and rec["guidance_scale"] == 1.5
+    # the reference: held-out real photos (DermaMNIST test, DermNet validation) of the generator's classes
+    real = rec["real_photos"]
+    assert set(real["n_per_class"]) == set(rec["per_class"]) and sum(real["n_per_class"].values()) > 500
+    assert real["n_per_class"]["melanoma"] > 10 and 0.0 <= real["overall"] <= 1.0
+    card = (gen / "MODEL_CARD.md").read_text()
+    assert "Measured with: `skinbridge train evaluate-generator" in card and "Real held-out photos" in card
+    measured = card.split("Measured with: ")[1].split("\n")[0]
+    assert f"Measured with: {measured}" in (docs / "models.md").read_text()  # docs/models.md holds the same card

@@ -49,19 +49,32 @@ def caption_for(vocabulary: Any | None, code: str, lang: str = "en") -> str:
     return Template(CAPTIONS.get(lang, CAPTIONS["en"])).substitute(name=_condition_name(vocabulary, code, lang))
 
 
+MIN_RECOGNITION = 0.8  # the issue's bar for showing a generated class to patients
+
+
 class ClassConditionalExplainer:
-    """The project's own small class-conditional DDIM generator (see generator_net)."""
+    """The project's own small class-conditional DDIM generator (see generator_net).
+
+    Patients only see classes the generator draws recognisably: when the folder's ``metrics.json``
+    holds the measured recognition (the classifier naming generated pictures as their class), a class
+    below ``min_recognition`` is not offered (``knows`` is False, ``generate`` refuses it). A folder
+    without measurements (an operator's own model) offers every class it was trained on.
+    """
 
     def __init__(self, path: str | Path, device: str = "auto", vocabulary: Any | None = None,
-                 display_size: int = 256) -> None:
+                 display_size: int = 256, min_recognition: float = MIN_RECOGNITION) -> None:
         self.path = Path(path)
         self.device = pick_device(device)
         unet, self.scheduler, self.config = load_generator_parts(self.path)
-        self.unet = unet.to(self.device).eval()
+        # weights may be stored in fp16; CPUs compute in fp32
+        self.unet = unet.to(self.device, torch.float32 if self.device == "cpu" else unet.dtype).eval()
         self.vocabulary = vocabulary if vocabulary is not None else _default_vocabulary()
         self.display_size = display_size
         self.model_id = f"{self.config.model_id}@{self.config.model_version}"
         self.weights_sha256 = model_sha256(self.path / "unet")
+        self.recognition = _measured_recognition(self.path)
+        self.shown = [c for c in self.codes
+                      if self.recognition is None or self.recognition.get(c, 0.0) >= min_recognition]
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "ClassConditionalExplainer":
@@ -69,17 +82,18 @@ class ClassConditionalExplainer:
 
     @property
     def codes(self) -> list[str]:
-        """Conditions it draws (a trained null class for guidance is not one of them)."""
+        """Conditions it was trained to draw (a trained null class for guidance is not one of them)."""
         null = int(self.config.extra.get("null_class_index", -1))
         return [c for i, c in enumerate(self.config.class_codes) if i != null]
 
     def knows(self, code: str) -> bool:
-        return code in self.codes
+        """Whether pictures of ``code`` may be shown to a patient."""
+        return code in self.shown
 
     @torch.inference_mode()
     def sample(self, code: str, n: int, seed: int, steps: int | None = None) -> torch.Tensor:
         """n images (n x 3 x S x S in [0, 1], on CPU); image i depends only on (code, seed + i)."""
-        if not self.knows(code):
+        if code not in self.codes:
             raise KeyError(f"the generator was not trained on {code!r}")
         size = self.config.sample_size
         # noise drawn on the CPU per image: identical pictures on CPU and GPU workers, whatever n is
@@ -89,6 +103,10 @@ class ClassConditionalExplainer:
         return ddim_sample(self.unet, self.config, self.config.class_codes.index(code), noise, steps=steps)
 
     def generate(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
+        """Captioned, provenance-marked PNGs for a patient; only classes it ``knows``."""
+        if not self.knows(condition_code):
+            raise KeyError(f"no patient-ready pictures of {condition_code!r} "
+                           f"(not trained, or recognised below the bar)")
         images = self.sample(condition_code, n, seed)
         caption = caption_for(self.vocabulary, condition_code, lang)
         out = []
@@ -97,6 +115,16 @@ class ClassConditionalExplainer:
             pil = pil.resize((self.display_size, self.display_size), Image.Resampling.LANCZOS)
             out.append(mark_ai_generated(pil, caption, generator=self.model_id))
         return out
+
+
+def _measured_recognition(folder: Path) -> dict[str, float] | None:
+    """Per-class recognition from ``metrics.json`` (see inference.training.train_generator), if measured."""
+    path = folder / "metrics.json"
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text(encoding="utf-8")).get("recognition") or {}
+    per_class = rec.get("per_class")
+    return {str(k): float(v) for k, v in per_class.items()} if isinstance(per_class, dict) else None
 
 
 class StableDiffusionExplainer:

@@ -32,7 +32,8 @@ _cache: dict[tuple[Any, ...], Engines] = {}
 
 
 def _key(settings: Any) -> tuple[Any, ...]:
-    return (settings.classifier_path, settings.generator_path, settings.vlm_path, settings.sd_path, settings.device)
+    return (settings.classifier_path, settings.generator_path, settings.vlm_path, settings.sd_path, settings.device,
+            settings.explanation_min_recognition)
 
 
 def load_engines(settings: Any, *, vocabulary: Any | None = None) -> Engines:
@@ -66,14 +67,16 @@ def _load(settings: Any, vocabulary: Any | None) -> Engines:
     if settings.vlm_path:
         vlm = VLMEngine.load(_existing(settings.vlm_path, "VLM checkpoint"), device, vocabulary=vocabulary)
     explainer: ClassConditionalExplainer | StableDiffusionExplainer | None = None
+    bar = ({} if settings.explanation_min_recognition is None
+           else {"min_recognition": settings.explanation_min_recognition})
     if settings.sd_path:
         explainer = StableDiffusionExplainer.load(_existing(settings.sd_path, "SD checkpoint"), device,
                                                   vocabulary=vocabulary)
     elif settings.generator_path:
         explainer = ClassConditionalExplainer.load(_existing(settings.generator_path, "generator"), device,
-                                                   vocabulary=vocabulary)
+                                                   vocabulary=vocabulary, **bar)
     elif DEFAULT_GENERATOR.exists():
-        explainer = ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=vocabulary)
+        explainer = ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=vocabulary, **bar)
     log.info("engines on %s: classifier=%s vlm=%s explainer=%s", device, classifier.config.model_id,
              vlm.model_id if vlm else None, explainer.model_id if explainer else None)
     return Engines(classifier=classifier, vlm=vlm, explainer=explainer, device=device)

@@ -72,22 +72,24 @@ def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget:
 @click.option("--out", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True)
 @click.option("--classifier", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True,
               help="classifier folder for the recognition metric")
-@click.option("--sample-size", type=int, default=32, show_default=True)
+@click.option("--sample-size", type=int, default=64, show_default=True, help="image size in px")
+@click.option("--patch-size", type=int, default=4, show_default=True,
+              help="the UNet sees patches of this many px square (1: plain pixels; larger: cheaper)")
 @click.option("--samples-per-class", type=int, default=16, show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True, help="DDIM sampling steps")
-@click.option("--channels", default="16,32,32", show_default=True, help="UNet block widths")
+@click.option("--channels", default="64,128,128", show_default=True, help="UNet block widths")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
 def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
                   cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, classifier: Path,
-                  sample_size: int,
+                  sample_size: int, patch_size: int,
                   samples_per_class: int, steps: int, channels: str, batch_size: int, lr: float) -> None:
     """Train the class-conditional diffusion generator; measures recognition by the classifier."""
     from inference.training.model_card import generator_card, load_json, write_card
     from inference.training.train_generator import GeneratorRun, train_generator
 
     metrics = train_generator(GeneratorRun(
-        data=data, out=out, epochs=epochs, seed=seed, device=device, sample_size=sample_size,
+        data=data, out=out, epochs=epochs, seed=seed, device=device, sample_size=sample_size, patch_size=patch_size,
         time_budget_s=time_budget * 60 if time_budget else None, threads=threads, cache_dir=cache_dir,
         classifier=classifier if (classifier / "config.json").exists() else None,
         samples_per_class=samples_per_class, docs_img=docs / "img", items_per_label=subset_per_label,
@@ -117,18 +119,24 @@ def evaluate_classifier_cmd(model: Path, data: Path, split: str) -> None:
 @train_command.command("evaluate-generator")
 @click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True)
 @click.option("--classifier", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
+              help="for the real-photo reference")
 @click.option("--samples-per-class", type=int, default=16, show_default=True)
+@click.option("--steps", type=int, default=None, help="DDIM steps to sample with (stored in the config)")
+@click.option("--guidance-scale", type=float, default=None, help="guidance to sample with (stored in the config)")
 @click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
-def evaluate_generator_cmd(model: Path, classifier: Path, samples_per_class: int, docs: Path) -> None:
-    """Share of generated pictures the classifier recognises as their class; updates metrics + card."""
+def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_per_class: int, steps: int | None,
+                           guidance_scale: float | None, docs: Path) -> None:
+    """Share of generated pictures the classifier recognises as their class; updates metrics, card and grid."""
     from inference.training.model_card import generator_card, load_json, write_card
     from inference.training.train_generator import evaluate_generator
 
-    result = evaluate_generator(model, classifier, samples_per_class)
+    result = evaluate_generator(model, classifier, samples_per_class, steps=steps, guidance_scale=guidance_scale,
+                                data=data if data.exists() else None, docs_img=docs / "img")
     old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
     trained_with = re.search(r"Trained with: `([^`]*)`", old)
     card = generator_card(load_json(model / "config.json"), load_json(model / "metrics.json"),
-                          trained_with.group(1) if trained_with else None)
+                          trained_with.group(1) if trained_with else None, evaluated_with=_command_line())
     write_card(model, card, docs / "models.md", "generator")
     click.echo(json.dumps(result, indent=2))
 

@@ -180,7 +180,7 @@ def evaluate_classifier(folder: Path, data: Path, split: str, *, cache_dir: Path
     model, config = load_model(folder)
     size = int(config["image_size"])
     all_items = D.ham_items(data) + D.dermnet_items(data)
-    wanted = _split_items(data, all_items, split)
+    wanted = split_items(data, all_items, split)
     if cache_dir is not None:
         cache = D.build_cache(data, size, cache_dir, items=wanted, progress=False)
     else:
@@ -190,7 +190,7 @@ def evaluate_classifier(folder: Path, data: Path, split: str, *, cache_dir: Path
     return evaluate_split(model, config, labelled, masks[split], split)
 
 
-def _split_items(data: Path, items: list[D.RawItem], split: str) -> list[D.RawItem]:
+def split_items(data: Path, items: list[D.RawItem], split: str) -> list[D.RawItem]:
     if split.startswith("dermamnist-"):
         dm = D.dermamnist_split(data)
         return [it for it in items if it.source == "ham10000" and dm.get(it.key) == split.split("-", 1)[1]]

@@ -31,18 +31,28 @@ NULL_CODE = "_unconditional"
 @dataclass
 class GeneratorRun(TrainingRun):
     epochs: int = 30
-    sample_size: int = 32
-    block_out_channels: tuple[int, ...] = (16, 32, 32)  # what a shared 2-core CPU affords; widen on a GPU
+    sample_size: int = 64
+    patch_size: int = 4  # the UNet sees 16 x 16 grids of 4 x 4 pixel patches: what a 2-core CPU affords
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
     batch_size: int = 32
-    lr: float = 1e-3
-    ema_decay: float = 0.995
+    lr: float = 5e-4
+    ema_decay: float = 0.999
     p_uncond: float = 0.1
     guidance_scale: float = 3.0
     num_inference_steps: int = 25
     min_per_class: int = 40  # DermNet-grouped codes need this many training photos to be learnt
     classifier: Path | None = None  # for the recognition metric
     samples_per_class: int = 16
+
+
+def _lr(run: GeneratorRun, step: int, elapsed_s: float, total_steps: int) -> float:
+    """Linear warm-up over 200 steps, then cosine decay to 5 % over the time budget (or all epochs):
+    a constant rate of 1e-3 let a CPU run diverge after 4,000 steps."""
+    import math
+
+    frac = elapsed_s / run.time_budget_s if run.time_budget_s else step / max(1, total_steps)
+    return run.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def _training_rows(
@@ -70,7 +80,13 @@ def sample(unet: Any, config: Any, class_index: int, n: int, seed: int, *, guida
 
 
 def train_generator(run: GeneratorRun) -> dict[str, Any]:
-    from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
+    from inference.engines.generator_net import (
+        GeneratorConfig,
+        build_generator_unet,
+        load_generator_parts,
+        predict_noise,
+        save_generator,
+    )
 
     gen, device, log_path, labelled, masks = prepare_run(run, run.sample_size)
     rows, codes = _training_rows(labelled, masks, run.min_per_class)
@@ -87,11 +103,11 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
     null_index = len(codes)
     config = GeneratorConfig(
         class_codes=[*codes, NULL_CODE], sample_size=run.sample_size, num_inference_steps=run.num_inference_steps,
-        model_version=time.strftime("%Y.%m.%d"),
+        patch_size=run.patch_size, model_version=time.strftime("%Y.%m.%d"),
         extra={"null_class_index": null_index, "guidance_scale": run.guidance_scale, "image_types": image_types},
     )
     unet = build_generator_unet(len(codes) + 1, run.sample_size, tuple(run.block_out_channels),
-                                run.layers_per_block, norm_num_groups=16).to(device)
+                                run.layers_per_block, norm_num_groups=16, patch_size=run.patch_size).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = config.make_scheduler()
     alphas = noise_sched.alphas_cumprod.to(device)
@@ -111,7 +127,7 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
                 stop = True
                 break
             for grp in opt.param_groups:
-                grp["lr"] = run.lr * min(1.0, (step + 1) / 200)  # warm-up, then constant (EMA smooths)
+                grp["lr"] = _lr(run, step, time.monotonic() - start, run.epochs * steps_per_epoch)
             idx = torch.from_numpy(perm[b * run.batch_size : (b + 1) * run.batch_size])
             x = images_t[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
             # flips; dermoscopy also vertically (no "up")
@@ -125,7 +141,9 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
             t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen).to(device)
             a = alphas[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * x + (1 - a).sqrt() * noise
-            loss = F.mse_loss(unet(noisy, t, class_labels=y.to(device)).sample, noise)
+            loss = F.mse_loss(predict_noise(unet, config, noisy, t, y.to(device)), noise)
+            if not torch.isfinite(loss):  # a bad batch must not poison the weights (or the EMA)
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -152,13 +170,16 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         "train_images": int(len(rows)), "wall_s": round(time.monotonic() - start, 1),
         "time_budget_s": run.time_budget_s, "device": device, "subset_per_label": run.items_per_label,
     }
-    save_generator(run.out, ema, config)
+    # shipped in fp16 (half the bytes); measured as shipped: reloaded from disk, computed in fp32
+    save_generator(run.out, copy.deepcopy(ema).half(), config)
+    shipped, _scheduler, config = load_generator_parts(run.out)
+    shipped = shipped.float().to(device).eval()
     metrics: dict[str, Any] = {"steps": step, "epochs_done": epochs_done}
     if run.classifier is not None:
-        metrics["recognition"] = recognition(ema, config, run.classifier, run.samples_per_class, seed=run.seed,
-                                             device=device)
+        metrics["recognition"] = recognition(shipped, config, run.classifier, run.samples_per_class, seed=run.seed,
+                                             device=device, data=run.data)
     if run.docs_img is not None:
-        sample_grid(ema, config, run.docs_img / "generator_samples.png", seed=run.seed, device=device)
+        sample_grid(shipped, config, run.docs_img / "generator_samples.png", seed=run.seed, device=device)
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     from inference.engines.base import model_sha256
 
@@ -168,13 +189,17 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: int = 0,
-                device: str = "cpu") -> dict[str, Any]:
-    """Share of generated images the classifier assigns (top-1) to the class they were generated for."""
+def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: int = 0, device: str = "cpu",
+                data: Path | None = None) -> dict[str, Any]:
+    """Share of generated images the classifier assigns (top-1) to the class they were generated for.
+
+    With ``data``, also the reference the goal should be read against: how often the same classifier
+    names held-out real photos of each class correctly (``real_photos``)."""
     from inference.training.evaluate import load_model, logits_for
 
     model, cconf = load_model(classifier_dir)
     size = int(cconf["image_size"])
+    image_types = config.extra.get("image_types", {})
     per_class: dict[str, float] = {}
     hits = total = 0
     for k, code in enumerate(config.class_codes[:-1]):
@@ -182,7 +207,7 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
         if imgs.shape[-1] != size:
             imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         u8 = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-        itype = 1 if config.extra.get("image_types", {}).get(code) == "clinical" else 0
+        itype = D.CLINICAL if image_types.get(code) == "clinical" else D.DERMOSCOPIC
         logits = logits_for(model, u8, np.full(len(u8), itype), cconf["mean"], cconf["std"],
                             views=cconf.get("tta_views", 1))
         pred = [cconf["class_codes"][i] for i in logits.argmax(1).tolist()]
@@ -190,17 +215,47 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
         per_class[code] = h / len(pred)
         hits += h
         total += len(pred)
-    return {"overall": hits / max(1, total), "per_class": per_class, "samples_per_class": n,
-            "guidance_scale": config.extra.get("guidance_scale"), "steps": config.num_inference_steps}
+    result: dict[str, Any] = {
+        "overall": hits / max(1, total), "per_class": per_class, "samples_per_class": n,
+        "guidance_scale": config.extra.get("guidance_scale"), "steps": config.num_inference_steps,
+    }
+    if data is not None:
+        result["real_photos"] = real_photo_recognition(model, cconf, data, image_types)
+    return result
+
+
+def real_photo_recognition(model: Any, cconf: dict[str, Any], data: Path, image_types: dict[str, str]) -> dict[str, Any]:
+    """The classifier's top-1 recall on held-out real photos (DermaMNIST test, DermNet validation: never
+    trained on) of each generator class, taken with the image type the generator draws it in."""
+    from inference.training.evaluate import logits_for, split_items
+
+    items = D.ham_items(data) + D.dermnet_items(data)
+    wanted = split_items(data, items, "dermamnist-test") + split_items(data, items, "dermnet-val")
+    labelled = D.label(D.Cache(np.stack([D.load_image(D.item_path(data, it), int(cconf["image_size"]))
+                                         for it in wanted]), wanted))
+    rows = [i for i, c in enumerate(labelled.codes)
+            if c in image_types and labelled.image_type[i] == D.IMAGE_TYPES[image_types[c]]]
+    logits = logits_for(model, labelled.images[rows], labelled.image_type[rows], cconf["mean"], cconf["std"],
+                        views=cconf.get("tta_views", 1))
+    pred = [cconf["class_codes"][i] for i in logits.argmax(1).tolist()]
+    true = [labelled.codes[i] for i in rows]
+    per_class, counts = {}, {}
+    for code in image_types:
+        hits = [p == t for p, t in zip(pred, true, strict=True) if t == code]
+        counts[code] = len(hits)
+        if hits:
+            per_class[code] = sum(hits) / len(hits)
+    overall = sum(p == t for p, t in zip(pred, true, strict=True)) / max(1, len(true))
+    return {"overall": overall, "per_class": per_class, "n_per_class": counts}
 
 
 def sample_grid(unet: Any, config: Any, path: Path, *, per_class: int = 8, seed: int = 0, device: str = "cpu",
-                scale: int = 3) -> Path:
-    """A PNG grid: one row per class, labelled, captioned as AI-generated."""
+                tile: int = 128) -> Path:
+    """A PNG grid: one row per class, labelled, captioned as AI-generated; tiles of at least ``tile`` px."""
     from PIL import Image, ImageDraw
 
     codes = config.class_codes[:-1]
-    s = config.sample_size * scale
+    s = config.sample_size * max(1, tile // config.sample_size)
     label_w, caption_h = 190, 24
     grid = Image.new("RGB", (label_w + per_class * s, caption_h + len(codes) * s), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
@@ -218,15 +273,22 @@ def sample_grid(unet: Any, config: Any, path: Path, *, per_class: int = 8, seed:
 
 
 def evaluate_generator(folder: Path, classifier_dir: Path, samples_per_class: int = 16, *, seed: int = 0,
-                       steps: int | None = None) -> dict[str, Any]:
-    """Recognition metric of a saved generator folder, recorded into its metrics.json."""
+                       steps: int | None = None, guidance_scale: float | None = None,
+                       data: Path | None = None, docs_img: Path | None = None) -> dict[str, Any]:
+    """Recognition metric of a saved generator folder, recorded into its metrics.json (and, with a new
+    ``steps`` or ``guidance_scale``, those sampling settings into its config.json)."""
     from inference.engines.generator_net import load_generator_parts
 
     unet, _scheduler, config = load_generator_parts(folder)
     unet = unet.float().eval()
-    if steps:
-        config.num_inference_steps = steps
-    result = recognition(unet, config, classifier_dir, samples_per_class, seed=seed)
+    if steps or guidance_scale is not None:
+        config.num_inference_steps = steps or config.num_inference_steps
+        if guidance_scale is not None:
+            config.extra["guidance_scale"] = guidance_scale
+        config.save(folder)
+    result = recognition(unet, config, classifier_dir, samples_per_class, seed=seed, data=data)
+    if docs_img is not None:
+        sample_grid(unet, config, docs_img / "generator_samples.png", seed=seed)
     path = folder / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
     metrics["recognition"] = result
