@@ -205,5 +205,6 @@ def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dic
     assert real["n_per_class"]["melanoma"] > 10 and 0.0 <= real["overall"] <= 1.0
     card = (gen / "MODEL_CARD.md").read_text()
     assert "Measured with: `skinbridge train evaluate-generator" in card and "Real held-out photos" in card
+    assert "weights stored in float16" in card
     measured = card.split("Measured with: ")[1].split("\n")[0]
     assert f"Measured with: {measured}" in (docs / "models.md").read_text()  # docs/models.md holds the same card

@@ -184,10 +184,15 @@ def evaluate_classifier(folder: Path, data: Path, split: str, *, cache_dir: Path
     if cache_dir is not None:
         cache = D.build_cache(data, size, cache_dir, items=wanted, progress=False)
     else:
-        cache = D.Cache(np.stack([D.load_image(D.item_path(data, it), size) for it in wanted]), wanted)
+        cache = decode_items(data, wanted, size)
     labelled = D.label(cache)
     masks = D.split_masks(data, labelled)
     return evaluate_split(model, config, labelled, masks[split], split)
+
+
+def decode_items(data: Path, items: list[D.RawItem], size: int) -> D.Cache:
+    """The photos of ``items`` decoded afresh from their JPEGs at ``size`` px (no cache)."""
+    return D.Cache(np.stack([D.load_image(D.item_path(data, it), size) for it in items]), items)
 
 
 def split_items(data: Path, items: list[D.RawItem], split: str) -> list[D.RawItem]:

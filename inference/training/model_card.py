@@ -38,6 +38,10 @@ def _trained_with(command: str | None) -> str:
     return f"\nTrained with: `{command}`\n" if command else ""
 
 
+def _trained_on(training: dict[str, Any]) -> str:
+    return "a GPU" if str(training.get("device", "cpu")).startswith("cuda") else "a shared 2-core CPU"
+
+
 def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: str,
                     command: str | None = None) -> str:
     tr = config.get("training", {})
@@ -45,7 +49,7 @@ def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: 
     mel = hl.get("melanoma", {})
     dn_mel = dn.get("melanoma", {})
     ev = f"skinbridge train evaluate-classifier --model {model_dir} --split"
-    where = "a GPU" if str(tr.get("device", "cpu")).startswith("cuda") else "a shared 2-core CPU"
+    where = _trained_on(tr)
     views = int(config.get("tta_views", 1))
     tta = (f"Each prediction averages the logits of {views} flips/rotations of the photo (test-time "
            "augmentation) — in calibration, evaluation and serving alike. ") if views > 1 else ""
@@ -102,7 +106,7 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
     rec = metrics.get("recognition")
     codes = [c for c in config["class_codes"] if not c.startswith("_")]
     size, patch = config["sample_size"], int(config.get("patch_size", 1))
-    where = "a GPU" if str(tr.get("device", "cpu")).startswith("cuda") else "a shared 2-core CPU"
+    where = _trained_on(tr)
     patching = (f" The UNet works on a {size // patch}×{size // patch} grid of {patch}×{patch} px patches (pixel "
                 "unshuffle, as in *simple diffusion*): the diffusion stays in pixel space, the network is "
                 f"{patch * patch}× cheaper.") if patch > 1 else ""
@@ -139,7 +143,7 @@ Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM ε-prediction tr
 classifier-free guidance with scale {extra.get('guidance_scale')}), **{size}×{size} px**,
 {len(codes)} classes (HAM10000 classes + grouped DermNet classes with ≥ 40 training photos).{patching}
 Trained from scratch **on {where}** for {tr.get('steps')} steps ({tr.get('epochs_done')} epochs,
-{tr.get('wall_s')} s, batch {tr.get('batch_size')}, seed {tr.get('seed')}); weights stored in fp16. That is a small
+{tr.get('wall_s')} s, batch {tr.get('batch_size')}, seed {tr.get('seed')}); weights stored in {tr.get('dtype', 'float32')}. That is a small
 budget for a diffusion model: pictures are low-resolution and show colour, shape and texture more than
 fine detail. They are *illustrations*, always marked as AI-generated, never patient photos and never
 evidence for a diagnosis. The null class for guidance is the last entry of `class_codes`

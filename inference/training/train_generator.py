@@ -169,6 +169,7 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         "seed": run.seed, "epochs_done": epochs_done, "steps": step, "batch_size": run.batch_size,
         "train_images": int(len(rows)), "wall_s": round(time.monotonic() - start, 1),
         "time_budget_s": run.time_budget_s, "device": device, "subset_per_label": run.items_per_label,
+        "dtype": "float16",
     }
     # shipped in fp16 (half the bytes); measured as shipped: reloaded from disk, computed in fp32
     save_generator(run.out, copy.deepcopy(ema).half(), config)
@@ -195,7 +196,7 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
 
     With ``data``, also the reference the goal should be read against: how often the same classifier
     names held-out real photos of each class correctly (``real_photos``)."""
-    from inference.training.evaluate import load_model, logits_for
+    from inference.training.evaluate import load_model
 
     model, cconf = load_model(classifier_dir)
     size = int(cconf["image_size"])
@@ -207,10 +208,8 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
         if imgs.shape[-1] != size:
             imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
         u8 = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-        itype = D.CLINICAL if image_types.get(code) == "clinical" else D.DERMOSCOPIC
-        logits = logits_for(model, u8, np.full(len(u8), itype), cconf["mean"], cconf["std"],
-                            views=cconf.get("tta_views", 1))
-        pred = [cconf["class_codes"][i] for i in logits.argmax(1).tolist()]
+        itype = D.IMAGE_TYPES.get(image_types.get(code, ""), D.DERMOSCOPIC)
+        pred = _top1_codes(model, cconf, u8, np.full(len(u8), itype))
         h = sum(p == code for p in pred)
         per_class[code] = h / len(pred)
         hits += h
@@ -227,17 +226,14 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
 def real_photo_recognition(model: Any, cconf: dict[str, Any], data: Path, image_types: dict[str, str]) -> dict[str, Any]:
     """The classifier's top-1 recall on held-out real photos (DermaMNIST test, DermNet validation: never
     trained on) of each generator class, taken with the image type the generator draws it in."""
-    from inference.training.evaluate import logits_for, split_items
+    from inference.training.evaluate import decode_items, split_items
 
     items = D.ham_items(data) + D.dermnet_items(data)
     wanted = split_items(data, items, "dermamnist-test") + split_items(data, items, "dermnet-val")
-    labelled = D.label(D.Cache(np.stack([D.load_image(D.item_path(data, it), int(cconf["image_size"]))
-                                         for it in wanted]), wanted))
+    labelled = D.label(decode_items(data, wanted, int(cconf["image_size"])))
     rows = [i for i, c in enumerate(labelled.codes)
             if c in image_types and labelled.image_type[i] == D.IMAGE_TYPES[image_types[c]]]
-    logits = logits_for(model, labelled.images[rows], labelled.image_type[rows], cconf["mean"], cconf["std"],
-                        views=cconf.get("tta_views", 1))
-    pred = [cconf["class_codes"][i] for i in logits.argmax(1).tolist()]
+    pred = _top1_codes(model, cconf, labelled.images[rows], labelled.image_type[rows])
     true = [labelled.codes[i] for i in rows]
     per_class, counts = {}, {}
     for code in image_types:
@@ -247,6 +243,14 @@ def real_photo_recognition(model: Any, cconf: dict[str, Any], data: Path, image_
             per_class[code] = sum(hits) / len(hits)
     overall = sum(p == t for p, t in zip(pred, true, strict=True)) / max(1, len(true))
     return {"overall": overall, "per_class": per_class, "n_per_class": counts}
+
+
+def _top1_codes(model: Any, cconf: dict[str, Any], images: np.ndarray, image_type: np.ndarray) -> list[str]:
+    """The classifier's top-1 class code per uint8 image, with the views it serves with."""
+    from inference.training.evaluate import logits_for
+
+    logits = logits_for(model, images, image_type, cconf["mean"], cconf["std"], views=cconf.get("tta_views", 1))
+    return [cconf["class_codes"][i] for i in logits.argmax(1).tolist()]
 
 
 def sample_grid(unet: Any, config: Any, path: Path, *, per_class: int = 8, seed: int = 0, device: str = "cpu",
