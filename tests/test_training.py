@@ -173,6 +173,26 @@ def test_tiny_generator_run_samples_and_is_measured(trained: dict[str, Path]) ->
         assert grid.height >= 128 * (len(config.class_codes) - 1)
 
 
+def test_generator_learns_only_the_chosen_classes_and_refuses_unknown_ones(data_dir: Path, tmp_path: Path) -> None:
+    from inference.training.cli import train_command
+
+    common = ["generator", "--data", str(data_dir), "--epochs", "1", "--threads", "1", "--subset-per-label", "3",
+              "--cache-dir", str(tmp_path / "cache"), "--docs", str(tmp_path / "docs"), "--samples-per-class", "1",
+              "--steps", "2", "--channels", "16,16,32", "--classifier", str(tmp_path / "no-classifier")]
+    runner = CliRunner()
+    res = runner.invoke(train_command, [*common, "--out", str(tmp_path / "bad"), "--classes", "nevus,not_a_code"])
+    assert res.exit_code == 2 and "not_a_code" in res.output and "--classes" in res.output
+    assert not (tmp_path / "bad" / "config.json").exists()
+
+    gen = tmp_path / "gen"
+    res = runner.invoke(train_command, [*common, "--out", str(gen), "--classes", "nevus, melanoma"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    config = json.loads((gen / "config.json").read_text())
+    assert config["class_codes"] == ["melanoma", "nevus", "_unconditional"]
+    assert "2 classes chosen for this run (melanoma, nevus)" in (gen / "MODEL_CARD.md").read_text()
+
+
 def test_evaluate_classifier_cli_decodes_the_split_afresh(trained: dict[str, Path], data_dir: Path) -> None:
     from inference.training.cli import train_command
     from inference.training.evaluate import evaluate_classifier

@@ -80,23 +80,31 @@ def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget:
 @click.option("--channels", default="64,128,128", show_default=True, help="UNet block widths")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--classes", default=None,
+              help="comma-separated vocabulary codes to learn (default: every class with enough training photos)")
 def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
                   cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, classifier: Path,
                   sample_size: int, patch_size: int,
-                  samples_per_class: int, steps: int, channels: str, batch_size: int, lr: float) -> None:
+                  samples_per_class: int, steps: int, channels: str, batch_size: int, lr: float,
+                  classes: str | None) -> None:
     """Train the class-conditional diffusion generator; measures recognition by the classifier."""
     from inference.training.model_card import generator_card, load_json, write_card
-    from inference.training.train_generator import GeneratorRun, train_generator
+    from inference.training.train_generator import ClassSelectionError, GeneratorRun, train_generator
 
-    metrics = train_generator(GeneratorRun(
+    chosen = tuple(c.strip() for c in (classes or "").split(",") if c.strip()) or None
+    run = GeneratorRun(
         data=data, out=out, epochs=epochs, seed=seed, device=device, sample_size=sample_size, patch_size=patch_size,
         time_budget_s=time_budget * 60 if time_budget else None, threads=threads, cache_dir=cache_dir,
         classifier=classifier if (classifier / "config.json").exists() else None,
         samples_per_class=samples_per_class, docs_img=docs / "img", items_per_label=subset_per_label,
         min_per_class=2 if subset_per_label else 40,
         num_inference_steps=steps, block_out_channels=tuple(int(c) for c in channels.split(",")),
-        batch_size=batch_size, lr=lr,
-    ))
+        batch_size=batch_size, lr=lr, classes=chosen,
+    )
+    try:
+        metrics = train_generator(run)
+    except ClassSelectionError as exc:
+        raise click.BadParameter(str(exc), param_hint="--classes") from exc
     write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line()), docs / "models.md",
                "generator")
     click.echo(json.dumps(metrics, indent=2))

@@ -141,7 +141,7 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
 
 Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM ε-prediction training, DDIM sampling,
 classifier-free guidance with scale {extra.get('guidance_scale')}), **{size}×{size} px**,
-{len(codes)} classes (HAM10000 classes + grouped DermNet classes with ≥ 40 training photos).{patching}
+{_class_choice(codes, tr)}.{patching}
 Trained from scratch **on {where}** for {tr.get('steps')} steps ({tr.get('epochs_done')} epochs,
 {tr.get('wall_s')} s, batch {tr.get('batch_size')}, seed {tr.get('seed')}); weights stored in {tr.get('dtype', 'float32')}. That is a small
 budget for a diffusion model: pictures are low-resolution and show colour, shape and texture more than
@@ -161,6 +161,13 @@ evidence for a diagnosis. The null class for guidance is the last entry of `clas
 ### Intended use, limits and biases
 {LIMITS}
 """
+
+
+def _class_choice(codes: list[str], training: dict[str, Any]) -> str:
+    if training.get("chosen_classes"):
+        return f"{len(codes)} classes chosen for this run ({', '.join(codes)})"
+    return (f"{len(codes)} classes (HAM10000 classes + grouped DermNet classes with ≥ "
+            f"{training.get('min_per_class', 40)} training photos)")
 
 
 def write_card(model_dir: Path, card: str, docs: Path | None, section: str) -> None:

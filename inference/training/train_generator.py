@@ -28,6 +28,10 @@ from inference.training.run import TrainingRun, prepare_run
 NULL_CODE = "_unconditional"
 
 
+class ClassSelectionError(ValueError):
+    """A requested class that cannot be learnt (unknown code or too few training photos)."""
+
+
 @dataclass
 class GeneratorRun(TrainingRun):
     epochs: int = 30
@@ -42,6 +46,7 @@ class GeneratorRun(TrainingRun):
     guidance_scale: float = 3.0
     num_inference_steps: int = 25
     min_per_class: int = 40  # DermNet-grouped codes need this many training photos to be learnt
+    classes: tuple[str, ...] | None = None  # learn only these codes (compute goes further on fewer classes)
     classifier: Path | None = None  # for the recognition metric
     samples_per_class: int = 16
 
@@ -56,14 +61,21 @@ def _lr(run: GeneratorRun, step: int, elapsed_s: float, total_steps: int) -> flo
 
 
 def _training_rows(
-    labelled: D.Labelled, masks: dict[str, np.ndarray], min_per_class: int
+    labelled: D.Labelled, masks: dict[str, np.ndarray], min_per_class: int, classes: tuple[str, ...] | None = None
 ) -> tuple[np.ndarray, list[str]]:
-    """Training rows of the classes with at least ``min_per_class`` photos, and those class codes."""
+    """Training rows of the classes with at least ``min_per_class`` photos (of ``classes`` when given),
+    and those class codes. Asking for a class that cannot be learnt is an error, not a silent skip."""
     rows = np.flatnonzero(masks["train"])
     counts: dict[str, int] = {}
     for i in rows:
         counts[labelled.codes[i]] = counts.get(labelled.codes[i], 0) + 1
     codes = sorted(c for c, n in counts.items() if n >= min_per_class)
+    if classes:
+        unusable = sorted(set(classes) - set(codes))
+        if unusable:
+            raise ClassSelectionError(f"cannot learn {', '.join(unusable)}: not a vocabulary code with "
+                                      f">= {min_per_class} training photos; usable: {', '.join(codes)}")
+        codes = sorted(set(classes))
     keep = np.asarray([i for i in rows if labelled.codes[i] in set(codes)], dtype=np.int64)
     return keep, codes
 
@@ -89,7 +101,7 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
     )
 
     gen, device, log_path, labelled, masks = prepare_run(run, run.sample_size)
-    rows, codes = _training_rows(labelled, masks, run.min_per_class)
+    rows, codes = _training_rows(labelled, masks, run.min_per_class, run.classes)
     index = {c: k for k, c in enumerate(codes)}
     # the image type a class is mostly photographed with (for the recognition check)
     image_types = {}
@@ -169,7 +181,7 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         "seed": run.seed, "epochs_done": epochs_done, "steps": step, "batch_size": run.batch_size,
         "train_images": int(len(rows)), "wall_s": round(time.monotonic() - start, 1),
         "time_budget_s": run.time_budget_s, "device": device, "subset_per_label": run.items_per_label,
-        "dtype": "float16",
+        "dtype": "float16", "chosen_classes": bool(run.classes), "min_per_class": run.min_per_class,
     }
     # shipped in fp16 (half the bytes); measured as shipped: reloaded from disk, computed in fp32
     save_generator(run.out, copy.deepcopy(ema).half(), config)
