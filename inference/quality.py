@@ -31,7 +31,7 @@ JPEG_QUALITY = 92
 
 # assess() thresholds (tuned on HAM10000 + DermNet, see docs/triage.md)
 ASSESS_SIDE = 512  # grey copy used for the measurements
-MIN_SIDE = 224  # the classifier's input size; smaller photos lack detail
+MIN_SIDE = 224  # smaller photos lack detail for the dermatologist (the shipped classifier itself sees 48 px)
 # Blur: re-blur ratio = Laplacian variance of the photo / that of a Gaussian(sigma 1) copy. A sharp
 # photo loses most of its edge energy when blurred again (ratio >> 1); an already blurred one barely
 # changes (ratio ~1). Unlike the raw variance it does not depend on content or resolution (smooth

@@ -57,7 +57,7 @@ def test_real_clinical_photos_pass(shared_data):
 
 
 def test_real_dermoscopy_photos_are_sharp_and_well_exposed(shared_data):
-    # HAM10000 is stored downsampled to 200x150, below the classifier's 224 px: only "too_small" may fire
+    # HAM10000 is stored downsampled to 200x150, below the 224 px review detail: only "too_small" may fire
     for path in _sample(shared_data / "ham10000" / "images", 8, seed=2):
         report = assess(sanitize(path.read_bytes()))
         assert report.problems == ["too_small"], (path.name, report)
