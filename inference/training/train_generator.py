@@ -76,7 +76,8 @@ def _training_rows(
             raise ClassSelectionError(f"cannot learn {', '.join(unusable)}: not a vocabulary code with "
                                       f">= {min_per_class} training photos; usable: {', '.join(codes)}")
         codes = sorted(set(classes))
-    keep = np.asarray([i for i in rows if labelled.codes[i] in set(codes)], dtype=np.int64)
+    wanted = set(codes)
+    keep = np.asarray([i for i in rows if labelled.codes[i] in wanted], dtype=np.int64)
     return keep, codes
 
 
