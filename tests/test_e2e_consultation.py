@@ -40,7 +40,6 @@ from tests.e2e_support import (
     running_system,
     tiny_model_env,
 )
-from tests.support import wait_for
 from tests.test_fhir_support import Ehr, rsa_key
 
 pytestmark = pytest.mark.slow

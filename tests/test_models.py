@@ -6,7 +6,7 @@ import pytest
 
 from clinic_db import cases, patients
 from clinic_db.audit import Actor
-from clinic_db.models import Case, Patient
+from clinic_db.models import Case
 from clinic_db.states import CaseStatus, IllegalTransition, TRANSITIONS, check_transition
 
 
