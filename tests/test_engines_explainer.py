@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import IPTC_TRAINED_ALGORITHMIC_MEDIA, read_ai_marker
+from inference.engines.clinical_review import REVIEW_FILE, ReviewError, load_review, record_review
 from inference.engines.explainer import ClassConditionalExplainer, StableDiffusionExplainer
 from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 from inference.engines.synthetic import TINY_SD, build_sd_pipeline, save_random_lora
@@ -45,7 +46,9 @@ def generator_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     unet = build_generator_unet(len(CODES), sample_size=16, block_out_channels=(8, 16), layers_per_block=1,
                                 norm_num_groups=4, patch_size=request.param)
     config = GeneratorConfig(class_codes=CODES, sample_size=16, num_inference_steps=4, patch_size=request.param)
-    return save_generator(tmp_path_factory.mktemp("gen"), unet, config)
+    folder = save_generator(tmp_path_factory.mktemp("gen"), unet, config)
+    record_review(folder, reviewer="Dr. Test, dermatologist", approve=CODES, reject={})
+    return folder
 
 
 def test_generator_patch_size_must_fit(tmp_path: Path) -> None:
@@ -92,6 +95,54 @@ def test_only_recognisably_drawn_classes_reach_patients(generator_dir: Path, tmp
     assert explainer.sample("nevus", 1, seed=1).shape == (1, 3, 16, 16)  # still drawable for evaluation
     # an operator may lower the bar (SKINBRIDGE_EXPLANATION_MIN_RECOGNITION)
     assert ClassConditionalExplainer.load(folder, device="cpu", min_recognition=0.3).knows("nevus")
+
+
+def test_patients_see_only_what_a_dermatologist_approved_for_these_weights_and_settings(
+        generator_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = shutil.copytree(generator_dir, tmp_path / "gen")
+    (folder / REVIEW_FILE).unlink()
+    unreviewed = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
+    assert not any(unreviewed.knows(c) for c in CODES)
+    with pytest.raises(KeyError, match="not approved by a dermatologist"):
+        unreviewed.generate("melanoma", 1, seed=1)
+    assert unreviewed.sample("melanoma", 1, seed=1).shape == (1, 3, 16, 16)  # still drawable for the review
+
+    review = record_review(folder, reviewer="Dr. A. Example, dermatologist", approve=["melanoma"],
+                           reject={"acne": "looks like a burn, not acne"})
+    assert load_review(folder) == review and review.guidance_scale == 0.0 and review.num_inference_steps == 4
+    explainer = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
+    assert [explainer.knows(c) for c in CODES] == [True, False, False]
+    assert len(explainer.generate("melanoma", 1, seed=1)) == 1
+
+    # re-tuning the sampling voids the review: the pictures are no longer the approved ones
+    config = GeneratorConfig.load(folder)
+    config.extra["guidance_scale"] = 7.0
+    config.save(folder)
+    assert not ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
+    config.extra["guidance_scale"] = 0.0
+    config.save(folder)
+    assert ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
+    # so does retraining (other weights in the same folder)
+    torch.manual_seed(5)
+    unet = build_generator_unet(len(CODES), sample_size=16, block_out_channels=(8, 16), layers_per_block=1,
+                                norm_num_groups=4, patch_size=config.patch_size)
+    save_generator(folder, unet, config)
+    assert not ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
+
+
+def test_a_sign_off_must_name_the_reviewer_and_known_classes(generator_dir: Path) -> None:
+    before = (generator_dir / REVIEW_FILE).read_bytes()
+    with pytest.raises(ReviewError, match="psoriasis.*it draws: melanoma, nevus, acne"):
+        record_review(generator_dir, reviewer="Dr. X", approve=["psoriasis"], reject={})
+    with pytest.raises(ReviewError, match="both approved and rejected: acne"):
+        record_review(generator_dir, reviewer="Dr. X", approve=["acne"], reject={"acne": "no"})
+    with pytest.raises(ReviewError, match="reviewing dermatologist"):
+        record_review(generator_dir, reviewer="  ", approve=["acne"], reject={})
+    with pytest.raises(ReviewError, match="at least one class"):
+        record_review(generator_dir, reviewer="Dr. X", approve=[], reject={})
+    assert (generator_dir / REVIEW_FILE).read_bytes() == before  # a refused sign-off changes nothing
 
 
 @pytest.fixture(scope="module")

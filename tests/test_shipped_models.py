@@ -91,16 +91,19 @@ def test_shipped_generator_draws_a_requested_condition() -> None:
     assert a.equal(b)  # seeded: the same request gives the same picture
 
 
-def test_shipped_generator_offers_patients_only_recognisable_classes() -> None:
+def test_shipped_generator_offers_patients_only_recognisable_approved_classes() -> None:
     """Loaded explicitly (SKINBRIDGE_GENERATOR_PATH), it still shows patients only the classes the
-    classifier recognised at or above the bar: for the draft, none."""
+    classifier recognised at or above the bar and a dermatologist approved: for the draft, none."""
+    from inference.engines.clinical_review import review_status
     from inference.engines.explainer import MIN_RECOGNITION, ClassConditionalExplainer
 
     recognition = json.loads((GENERATOR / "metrics.json").read_text())["recognition"]
     explainer = ClassConditionalExplainer.load(GENERATOR, device="cpu")
     assert explainer.weights_sha256 == _recorded(GENERATOR)
     assert set(recognition["per_class"]) == set(explainer.codes)
+    review, void = review_status(GENERATOR)
+    approved = set(review.approved) if review and not void else set()
     for code, rate in recognition["per_class"].items():
-        assert explainer.knows(code) == (rate >= MIN_RECOGNITION)
+        assert explainer.knows(code) == (rate >= MIN_RECOGNITION and code in approved)
     card = (GENERATOR / "MODEL_CARD.md").read_text()
     assert f"**{100 * recognition['overall']:.1f} %**" in card  # card and metrics agree

@@ -125,6 +125,20 @@ def test_melanoma_threshold_reaches_the_sensitivity_target() -> None:
     assert (scores[positive] >= thr + 1e-9).mean() < 0.90  # the highest such threshold
 
 
+def test_min_snr_weighting_only_tempers_the_nearly_clean_timesteps() -> None:
+    from inference.engines.generator_net import GeneratorConfig
+    from inference.training.train_generator import _loss_weight
+
+    alpha_bar = GeneratorConfig(class_codes=["a"]).make_scheduler().alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    w = _loss_weight(alpha_bar, 5.0)
+    assert torch.equal(_loss_weight(alpha_bar, 0.0), torch.ones_like(alpha_bar))  # off: the plain DDPM loss
+    noisy = snr <= 5.0
+    assert noisy.any() and (~noisy).any()
+    assert torch.allclose(w[noisy], torch.ones_like(w[noisy]))  # noisy timesteps keep their full weight
+    assert torch.allclose(w[~noisy], 5.0 / snr[~noisy]) and float(w[0]) < 0.01  # clean ones count far less
+
+
 def test_tiny_classifier_run_loads_in_the_engine(trained: dict[str, Path], data_dir: Path) -> None:
     from inference.engines.base import model_sha256
     from inference.engines.classifier import ClassifierEngine
@@ -182,7 +196,8 @@ def test_generator_learns_only_the_chosen_classes_and_refuses_unknown_ones(data_
     runner = CliRunner()
     res = runner.invoke(train_command, [*common, "--out", str(tmp_path / "bad"), "--classes", "nevus,not_a_code"])
     assert res.exit_code == 2 and "not_a_code" in res.output and "--classes" in res.output
-    assert not (tmp_path / "bad" / "config.json").exists()
+    assert not (tmp_path / "bad").exists()
+    assert not (tmp_path / "cache").exists()  # refused from the labels, before any photo is decoded
 
     gen = tmp_path / "gen"
     res = runner.invoke(train_command, [*common, "--out", str(gen), "--classes", "nevus, melanoma"],
@@ -228,3 +243,43 @@ def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dic
     assert "weights stored in float16" in card
     measured = card.split("Measured with: ")[1].split("\n")[0]
     assert f"Measured with: {measured}" in (docs / "models.md").read_text()  # docs/models.md holds the same card
+
+
+def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    import shutil
+
+    from inference.engines.explainer import ClassConditionalExplainer
+    from inference.training.cli import train_command
+
+    gen = shutil.copytree(trained["generator"], tmp_path / "gen")
+    docs = tmp_path / "docs"
+    codes = json.loads((gen / "config.json").read_text())["class_codes"][:-1]
+    # as if the tiny generator had drawn melanoma and nevus recognisably
+    (gen / "metrics.json").write_text(json.dumps({"recognition": {
+        "overall": 0.9, "samples_per_class": 4, "guidance_scale": 3.0, "steps": 2,
+        "per_class": {c: (0.9 if c in ("melanoma", "nevus") else 0.1) for c in codes}}}))
+    assert ClassConditionalExplainer.load(gen, device="cpu").shown == []  # recognised, but nobody looked
+
+    runner = CliRunner()
+    sign_off = ["sign-off-generator", "--model", str(gen), "--docs", str(docs)]
+    res = runner.invoke(train_command, [*sign_off, "--reviewer", "Dr. A. Example, dermatologist",
+                                        "--approve", "melanoma,psoriasis_nonexistent"])
+    assert res.exit_code == 2 and "psoriasis_nonexistent" in res.output and "melanoma" in res.output
+    res = runner.invoke(train_command, [*sign_off, "--reviewer", "Dr. A. Example", "--reject", "nevus"])
+    assert res.exit_code == 2 and "CODE=REASON" in res.output
+    assert not (gen / "clinical_review.json").exists()
+
+    res = runner.invoke(train_command, [*sign_off, "--reviewer", "Dr. A. Example, dermatologist",
+                                        "--approve", "melanoma", "--reject", "nevus=blurred, no pigment network"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["shown_to_patients"] == ["melanoma"]  # approved and recognised; nevus rejected
+    assert out["review"]["weights_sha256"] == (gen / "weights.sha256").read_text().split()[0]
+    assert ClassConditionalExplainer.load(gen, device="cpu").shown == ["melanoma"]
+    card = (gen / "MODEL_CARD.md").read_text()
+    assert "**Clinical review by Dr. A. Example, dermatologist on" in card
+    assert "rejected nevus (blurred, no pigment network)" in card
+    assert "**1 of" in card and "classes: melanoma." in card
+    assert "Clinical review by Dr. A. Example" in (docs / "models.md").read_text()

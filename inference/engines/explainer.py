@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import mark_ai_generated, model_sha256, pick_device
+from inference.engines.clinical_review import approved_classes
 from inference.engines.generator_net import ddim_sample, load_generator_parts
 from inference.engines.guardrails import PROMPTS_DIR
 
@@ -55,10 +56,11 @@ MIN_RECOGNITION = 0.8  # the issue's bar for showing a generated class to patien
 class ClassConditionalExplainer:
     """The project's own small class-conditional DDIM generator (see generator_net).
 
-    Patients only see classes the generator draws recognisably: when the folder's ``metrics.json``
-    holds the measured recognition (the classifier naming generated pictures as their class), a class
-    below ``min_recognition`` is not offered (``knows`` is False, ``generate`` refuses it). A folder
-    without measurements (an operator's own model) offers every class it was trained on.
+    Patients only see classes a dermatologist approved in the folder's clinical review (see
+    clinical_review; void once the weights or sampling settings change) and, when the folder's
+    ``metrics.json`` holds the measured recognition (the classifier naming generated pictures as their
+    class), that reach ``min_recognition``. Other classes are not offered (``knows`` is False,
+    ``generate`` refuses them) but can still be ``sample``d for evaluation and review.
     """
 
     def __init__(self, path: str | Path, device: str = "auto", vocabulary: Any | None = None,
@@ -73,8 +75,9 @@ class ClassConditionalExplainer:
         self.model_id = f"{self.config.model_id}@{self.config.model_version}"
         self.weights_sha256 = model_sha256(self.path / "unet")
         self.recognition = _measured_recognition(self.path)
-        self.shown = [c for c in self.codes
-                      if self.recognition is None or self.recognition.get(c, 0.0) >= min_recognition]
+        approved = approved_classes(self.path, self.weights_sha256, self.config)
+        self.shown = [c for c in self.codes if c in approved
+                      and (self.recognition is None or self.recognition.get(c, 0.0) >= min_recognition)]
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "ClassConditionalExplainer":
@@ -106,7 +109,7 @@ class ClassConditionalExplainer:
         """Captioned, provenance-marked PNGs for a patient; only classes it ``knows``."""
         if not self.knows(condition_code):
             raise KeyError(f"no patient-ready pictures of {condition_code!r} "
-                           f"(not trained, or recognised below the bar)")
+                           f"(not trained, recognised below the bar, or not approved by a dermatologist)")
         images = self.sample(condition_code, n, seed)
         caption = caption_for(self.vocabulary, condition_code, lang)
         out = []

@@ -82,12 +82,15 @@ def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget:
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--classes", default=None,
               help="comma-separated vocabulary codes to learn (default: every class with enough training photos)")
+@click.option("--min-snr-gamma", type=float, default=0.0, show_default=True,
+              help="Min-SNR-gamma loss weighting, e.g. 5 (0: plain DDPM loss, as every measured run so far)")
 def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
                   cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, classifier: Path,
                   sample_size: int, patch_size: int,
                   samples_per_class: int, steps: int, channels: str, batch_size: int, lr: float,
-                  classes: str | None) -> None:
+                  classes: str | None, min_snr_gamma: float) -> None:
     """Train the class-conditional diffusion generator; measures recognition by the classifier."""
+    from inference.engines.clinical_review import review_status
     from inference.training.model_card import generator_card, load_json, write_card
     from inference.training.train_generator import ClassSelectionError, GeneratorRun, train_generator
 
@@ -99,14 +102,14 @@ def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: 
         samples_per_class=samples_per_class, docs_img=docs / "img", items_per_label=subset_per_label,
         min_per_class=2 if subset_per_label else 40,
         num_inference_steps=steps, block_out_channels=tuple(int(c) for c in channels.split(",")),
-        batch_size=batch_size, lr=lr, classes=chosen,
+        batch_size=batch_size, lr=lr, classes=chosen, min_snr_gamma=min_snr_gamma,
     )
     try:
         metrics = train_generator(run)
     except ClassSelectionError as exc:
         raise click.BadParameter(str(exc), param_hint="--classes") from exc
-    write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line()), docs / "models.md",
-               "generator")
+    write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line(),
+                                   review=review_status(out)), docs / "models.md", "generator")
     click.echo(json.dumps(metrics, indent=2))
 
 
@@ -136,6 +139,7 @@ def evaluate_classifier_cmd(model: Path, data: Path, split: str) -> None:
 def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_per_class: int, steps: int | None,
                            guidance_scale: float | None, docs: Path) -> None:
     """Share of generated pictures the classifier recognises as their class; updates metrics, card and grid."""
+    from inference.engines.clinical_review import review_status
     from inference.training.model_card import generator_card, load_json, write_card
     from inference.training.train_generator import evaluate_generator
 
@@ -144,9 +148,50 @@ def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_pe
     old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
     trained_with = re.search(r"Trained with: `([^`]*)`", old)
     card = generator_card(load_json(model / "config.json"), load_json(model / "metrics.json"),
-                          trained_with.group(1) if trained_with else None, evaluated_with=_command_line())
+                          trained_with.group(1) if trained_with else None, evaluated_with=_command_line(),
+                          review=review_status(model))
     write_card(model, card, docs / "models.md", "generator")
     click.echo(json.dumps(result, indent=2))
+
+
+@train_command.command("sign-off-generator")
+@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True)
+@click.option("--reviewer", required=True, help='the reviewing dermatologist, e.g. "Dr. A. Example, dermatologist"')
+@click.option("--approve", default="", help="comma-separated class codes whose pictures may be shown to patients")
+@click.option("--reject", multiple=True, metavar="CODE=REASON", help="a class not fit to show, and why (repeatable)")
+@click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
+def sign_off_generator_cmd(model: Path, reviewer: str, approve: str, reject: tuple[str, ...], docs: Path) -> None:
+    """Record a dermatologist's review of the generator's sample grid (as drawn by evaluate-generator).
+
+    Patients see pictures of a class only when it is approved here AND recognised at the bar; the
+    sign-off is bound to the current weights and sampling settings, so retraining or re-tuning voids it."""
+    from inference.engines.clinical_review import ReviewError, record_review, review_status
+    from inference.engines.explainer import ClassConditionalExplainer
+    from inference.training.model_card import generator_card, load_json, write_card
+
+    rejected: dict[str, str] = {}
+    for item in reject:
+        code, sep, reason = item.partition("=")
+        if not sep or not code.strip() or not reason.strip():
+            raise click.BadParameter(f"{item!r}: write CODE=REASON", param_hint="--reject")
+        rejected[code.strip()] = reason.strip()
+    approved = [c.strip() for c in approve.split(",") if c.strip()]
+    try:
+        review = record_review(model, reviewer=reviewer, approve=approved, reject=rejected)
+    except ReviewError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise click.BadParameter(f"no generator at {model}: {exc}", param_hint="--model") from exc
+    old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
+    trained_with = re.search(r"Trained with: `([^`]*)`", old)
+    evaluated_with = re.search(r"Measured with: `([^`]*)`", old)
+    metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
+    card = generator_card(load_json(model / "config.json"), metrics, trained_with.group(1) if trained_with else None,
+                          evaluated_with=evaluated_with.group(1) if evaluated_with else None,
+                          review=review_status(model))
+    write_card(model, card, docs / "models.md", "generator")
+    shown = ClassConditionalExplainer.load(model, device="cpu").shown
+    click.echo(json.dumps({"review": json.loads(review.to_json()), "shown_to_patients": shown}, indent=2))
 
 
 def _rel(path: Path) -> str:

@@ -176,11 +176,12 @@ class Labelled:
     image_type: np.ndarray  # per-row 0/1
 
 
-def label(cache: Cache, *, min_per_class: int = 1) -> Labelled:
+def item_codes(items: Sequence[RawItem]) -> tuple[list[int], list[str]]:
+    """Indices of the items whose label maps to a vocabulary code, and those codes (no pixels needed)."""
     ham_map = ham_grouping()
     dn_map = dermnet_grouping()
     keep, codes = [], []
-    for i, it in enumerate(cache.items):
+    for i, it in enumerate(items):
         if it.source == "ham10000":
             code = ham_map.get(it.raw_label)
         else:
@@ -188,6 +189,11 @@ def label(cache: Cache, *, min_per_class: int = 1) -> Labelled:
         if code:
             keep.append(i)
             codes.append(code)
+    return keep, codes
+
+
+def label(cache: Cache, *, min_per_class: int = 1) -> Labelled:
+    keep, codes = item_codes(cache.items)
     if min_per_class > 1:
         counts: dict[str, int] = defaultdict(int)
         for c in codes:
@@ -248,17 +254,18 @@ def dermnet_split(items: Sequence[RawItem], *, val_fraction: float = 0.2, seed: 
     return out
 
 
-def split_masks(data: Path, labelled: Labelled, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Boolean row masks over ``labelled`` for every split the trainer and evaluator use."""
+def split_masks(data: Path, labelled: Labelled | Sequence[RawItem], *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Boolean row masks over ``labelled`` (or bare items) for every split the trainer and evaluator use."""
+    items = labelled.items if isinstance(labelled, Labelled) else list(labelled)
     dm = dermamnist_split(data)
     hl = ham_lesion_split(data)
-    dn = dermnet_split(labelled.items, seed=seed)
-    n = len(labelled.items)
+    dn = dermnet_split(items, seed=seed)
+    n = len(items)
     masks = {k: np.zeros(n, dtype=bool) for k in (
         "train", "val", "dermamnist-train", "dermamnist-val", "dermamnist-test",
         "ham-lesion-val", "ham-lesion-test", "dermnet-train", "dermnet-val",
     )}
-    for i, it in enumerate(labelled.items):
+    for i, it in enumerate(items):
         if it.source == "ham10000":
             s = dm.get(it.key)
             if s is None:

@@ -97,10 +97,14 @@ has more naevi and a higher plain ACC; its *balanced* accuracy is the fairer fig
 
 
 def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str | None = None,
-                   evaluated_with: str | None = None, min_recognition: float | None = None) -> str:
+                   evaluated_with: str | None = None, min_recognition: float | None = None,
+                   review: tuple[Any, str | None] = (None, None)) -> str:
+    """``review``: the folder's (ClinicalReview or None, why it is void or None), see clinical_review."""
     from inference.engines.explainer import MIN_RECOGNITION
 
     min_recognition = MIN_RECOGNITION if min_recognition is None else min_recognition
+    signed_off, void = review
+    approved = set(signed_off.approved) if signed_off is not None and not void else set()
     extra = config.get("extra", {})
     tr = extra.get("training", {})
     rec = metrics.get("recognition")
@@ -114,7 +118,7 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
         real = rec.get("real_photos") or {}
         real_pc, real_n = real.get("per_class", {}), real.get("n_per_class", {})
         types = extra.get("image_types", {})
-        shown = sorted(c for c, v in rec["per_class"].items() if v >= min_recognition)
+        shown = sorted(c for c, v in rec["per_class"].items() if v >= min_recognition and c in approved)
         rows = "\n".join(
             f"| {c} | {types.get(c, '')} | {_pct(v)} | "
             f"{_pct(real_pc.get(c)) + f' (n={real_n[c]})' if real_n.get(c) else 'n/a'} | "
@@ -128,15 +132,16 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
                     f"class they were generated for ({rec['samples_per_class']} per class, guidance "
                     f"{rec['guidance_scale']}, {rec['steps']} DDIM steps; goal ≥ 80 %).{reference}\n\n"
                     f"Patients are only shown pictures of classes recognised ≥ {_pct(min_recognition)} "
-                    f"(`SKINBRIDGE_EXPLANATION_MIN_RECOGNITION`): **{len(shown)} of {len(rec['per_class'])}** "
-                    f"classes{': ' + ', '.join(shown) if shown else ''}. For the others SkinBridge shows no "
-                    "picture rather than an unconvincing one.\n\n"
+                    "(`SKINBRIDGE_EXPLANATION_MIN_RECOGNITION`) *and* approved by a dermatologist: "
+                    f"**{len(shown)} of {len(rec['per_class'])}** classes{': ' + ', '.join(shown) if shown else ''}. "
+                    "For the others SkinBridge shows no picture rather than an unconvincing one.\n\n"
                     "| Class | Drawn as | Generated pictures recognised | Real held-out photos recognised | "
                     f"Shown to patients |\n|---|---|---|---|---|\n{rows}\n")
         if evaluated_with:
             rec_text += f"\nMeasured with: `{evaluated_with}`\n"
     else:
         rec_text = "Recognition by the classifier: not measured yet.\n"
+    rec_text += "\n" + _review_text(signed_off, void)
     return f"""## Generator `{config['model_id']}` {config['model_version']}
 
 Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM ε-prediction training, DDIM sampling,
@@ -161,6 +166,18 @@ evidence for a diagnosis. The null class for guidance is the last entry of `clas
 ### Intended use, limits and biases
 {LIMITS}
 """
+
+
+def _review_text(review: Any, void: str | None) -> str:
+    how = "Record one with `skinbridge train sign-off-generator` after looking at the sample grid below."
+    if review is None:
+        return f"**Clinical review: none.** No dermatologist has signed off these pictures, so patients see none. {how}\n"
+    head = f"Clinical review by {review.reviewer} on {review.reviewed_on}"
+    if void:
+        return f"**{head}: void** ({void}), so patients see none of these pictures. {how}\n"
+    rejected = "; ".join(f"{c} ({why})" for c, why in review.rejected.items())
+    return (f"**{head}** (guidance {review.guidance_scale}, {review.num_inference_steps} steps): approved "
+            f"{', '.join(review.approved) or 'none'}; rejected {rejected or 'none'}.\n")
 
 
 def _class_choice(codes: list[str], training: dict[str, Any]) -> str:

@@ -52,6 +52,13 @@ def small_subset(data: Path, per_label: int) -> list[D.RawItem]:
     return picked
 
 
+def run_items(run: TrainingRun) -> list[D.RawItem]:
+    """The photos a run decodes: all of HAM10000 + DermNet, or a few per label for tests."""
+    if run.items_per_label:
+        return small_subset(run.data, run.items_per_label)
+    return D.ham_items(run.data) + D.dermnet_items(run.data)
+
+
 def prepare_run(run: TrainingRun, image_size: int) -> tuple[torch.Generator, str, Path, Any, dict[str, np.ndarray]]:
     """Threads, seeds, device, a fresh log, the labelled image cache at ``image_size`` and the splits."""
     from inference.engines.base import pick_device
@@ -62,6 +69,5 @@ def prepare_run(run: TrainingRun, image_size: int) -> tuple[torch.Generator, str
     run.out.mkdir(parents=True, exist_ok=True)
     log_path = run.out / "train_log.jsonl"
     log_path.write_text("")
-    items = small_subset(run.data, run.items_per_label) if run.items_per_label else None
-    labelled = D.label(D.build_cache(run.data, image_size, run.cache_dir, items=items))
+    labelled = D.label(D.build_cache(run.data, image_size, run.cache_dir, items=run_items(run)))
     return gen, device, log_path, labelled, D.split_masks(run.data, labelled, seed=run.seed)

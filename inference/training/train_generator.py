@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.training import data as D
-from inference.training.run import TrainingRun, prepare_run
+from inference.training.run import TrainingRun, prepare_run, run_items
 
 NULL_CODE = "_unconditional"
 
@@ -43,6 +43,7 @@ class GeneratorRun(TrainingRun):
     lr: float = 5e-4
     ema_decay: float = 0.999
     p_uncond: float = 0.1
+    min_snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al., 2023), e.g. 5; 0 = plain DDPM loss
     guidance_scale: float = 3.0
     num_inference_steps: int = 25
     min_per_class: int = 40  # DermNet-grouped codes need this many training photos to be learnt
@@ -60,24 +61,49 @@ def _lr(run: GeneratorRun, step: int, elapsed_s: float, total_steps: int) -> flo
     return run.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def _loss_weight(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of the epsilon loss, min(SNR, gamma) / SNR: the nearly clean timesteps,
+    easy and many, stop dominating the gradient, so the scarce CPU steps go to the noisy ones where a
+    picture's overall shape and colour are decided. gamma <= 0 gives the plain (unweighted) loss."""
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
+def _learnable_codes(codes: list[str], train: np.ndarray, min_per_class: int,
+                     classes: tuple[str, ...] | None = None) -> list[str]:
+    """The codes (per row, with the train mask) with at least ``min_per_class`` training photos, or the
+    requested ``classes``. Asking for a class that cannot be learnt is an error, not a silent skip."""
+    counts: dict[str, int] = {}
+    for i in np.flatnonzero(train):
+        counts[codes[i]] = counts.get(codes[i], 0) + 1
+    usable = sorted(c for c, n in counts.items() if n >= min_per_class)
+    if not classes:
+        return usable
+    unusable = sorted(set(classes) - set(usable))
+    if unusable:
+        raise ClassSelectionError(f"cannot learn {', '.join(unusable)}: not a vocabulary code with "
+                                  f">= {min_per_class} training photos; usable: {', '.join(usable)}")
+    return sorted(set(classes))
+
+
+def check_classes(run: GeneratorRun) -> list[str]:
+    """The classes the run will learn, from the labels alone: a bad ``--classes`` fails before the
+    photos are decoded."""
+    items = run_items(run)
+    keep, codes = D.item_codes(items)
+    train = D.split_masks(run.data, [items[i] for i in keep], seed=run.seed)["train"]
+    return _learnable_codes(codes, train, run.min_per_class, run.classes)
+
+
 def _training_rows(
     labelled: D.Labelled, masks: dict[str, np.ndarray], min_per_class: int, classes: tuple[str, ...] | None = None
 ) -> tuple[np.ndarray, list[str]]:
-    """Training rows of the classes with at least ``min_per_class`` photos (of ``classes`` when given),
-    and those class codes. Asking for a class that cannot be learnt is an error, not a silent skip."""
-    rows = np.flatnonzero(masks["train"])
-    counts: dict[str, int] = {}
-    for i in rows:
-        counts[labelled.codes[i]] = counts.get(labelled.codes[i], 0) + 1
-    codes = sorted(c for c, n in counts.items() if n >= min_per_class)
-    if classes:
-        unusable = sorted(set(classes) - set(codes))
-        if unusable:
-            raise ClassSelectionError(f"cannot learn {', '.join(unusable)}: not a vocabulary code with "
-                                      f">= {min_per_class} training photos; usable: {', '.join(codes)}")
-        codes = sorted(set(classes))
+    """Training rows of the learnable classes (see _learnable_codes), and those class codes."""
+    codes = _learnable_codes(labelled.codes, masks["train"], min_per_class, classes)
     wanted = set(codes)
-    keep = np.asarray([i for i in rows if labelled.codes[i] in wanted], dtype=np.int64)
+    keep = np.asarray([i for i in np.flatnonzero(masks["train"]) if labelled.codes[i] in wanted], dtype=np.int64)
     return keep, codes
 
 
@@ -101,6 +127,7 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         save_generator,
     )
 
+    check_classes(run)
     gen, device, log_path, labelled, masks = prepare_run(run, run.sample_size)
     rows, codes = _training_rows(labelled, masks, run.min_per_class, run.classes)
     index = {c: k for k, c in enumerate(codes)}
@@ -154,7 +181,8 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
             t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen).to(device)
             a = alphas[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * x + (1 - a).sqrt() * noise
-            loss = F.mse_loss(predict_noise(unet, config, noisy, t, y.to(device)), noise)
+            err = (predict_noise(unet, config, noisy, t, y.to(device)) - noise).pow(2).mean(dim=(1, 2, 3))
+            loss = (err * _loss_weight(alphas[t], run.min_snr_gamma)).mean()
             if not torch.isfinite(loss):  # a bad batch must not poison the weights (or the EMA)
                 continue
             opt.zero_grad(set_to_none=True)
@@ -183,6 +211,7 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         "train_images": int(len(rows)), "wall_s": round(time.monotonic() - start, 1),
         "time_budget_s": run.time_budget_s, "device": device, "subset_per_label": run.items_per_label,
         "dtype": "float16", "chosen_classes": bool(run.classes), "min_per_class": run.min_per_class,
+        "min_snr_gamma": run.min_snr_gamma,
     }
     # shipped in fp16 (half the bytes); measured as shipped: reloaded from disk, computed in fp32
     save_generator(run.out, copy.deepcopy(ema).half(), config)
