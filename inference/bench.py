@@ -134,13 +134,13 @@ def bench_generator(device: str, batch_sizes: list[int], scale: str, iterations:
         results = []
         for b in batch_sizes:
             row = {"batch_size": b, "what": f"DDIM sampling, {steps} steps, + AI-marked PNG"}
-            row |= measure(lambda: explainer.generate(code, b, seed=0), device=device, iterations=iterations,
+            row |= measure(lambda: explainer.render(code, b, seed=0), device=device, iterations=iterations,
                            warmup=warmup, items=b, unit="images")
             results.append(row)
         return results
 
     if scale != "tiny" and DEFAULT_GENERATOR.exists():  # the shipped default model, as it serves patients
-        explainer = ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=False, min_recognition=0.0)
+        explainer = ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=False)
         config = explainer.config
         if scale == "quick":
             config.num_inference_steps = min(config.num_inference_steps, 10)

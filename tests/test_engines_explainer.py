@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from inference.engines.base import IPTC_TRAINED_ALGORITHMIC_MEDIA, read_ai_marker
-from inference.engines.clinical_review import REVIEW_FILE, ReviewError, load_review, record_review
+from inference.engines.clinical_review import (
+    REVIEW_FILE,
+    ReviewError,
+    generator_subject,
+    load_review,
+    record_review,
+    review_sheet,
+)
 from inference.engines.explainer import ClassConditionalExplainer, StableDiffusionExplainer
 from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 from inference.engines.synthetic import TINY_SD, build_sd_pipeline, save_random_lora
@@ -47,7 +54,7 @@ def generator_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
                                 norm_num_groups=4, patch_size=request.param)
     config = GeneratorConfig(class_codes=CODES, sample_size=16, num_inference_steps=4, patch_size=request.param)
     folder = save_generator(tmp_path_factory.mktemp("gen"), unet, config)
-    record_review(folder, reviewer="Dr. Test, dermatologist", approve=CODES, reject={})
+    record_review(folder, generator_subject(folder), reviewer="Dr. Test, dermatologist", approve=CODES, reject={})
     return folder
 
 
@@ -109,9 +116,10 @@ def test_patients_see_only_what_a_dermatologist_approved_for_these_weights_and_s
         unreviewed.generate("melanoma", 1, seed=1)
     assert unreviewed.sample("melanoma", 1, seed=1).shape == (1, 3, 16, 16)  # still drawable for the review
 
-    review = record_review(folder, reviewer="Dr. A. Example, dermatologist", approve=["melanoma"],
-                           reject={"acne": "looks like a burn, not acne"})
-    assert load_review(folder) == review and review.guidance_scale == 0.0 and review.num_inference_steps == 4
+    review = record_review(folder, unreviewed.review_subject, reviewer="Dr. A. Example, dermatologist",
+                           approve=["melanoma"], reject={"acne": "looks like a burn, not acne"})
+    assert load_review(folder) == review
+    assert review.settings == {"guidance_scale": 0.0, "num_inference_steps": 4}
     explainer = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
     assert [explainer.knows(c) for c in CODES] == [True, False, False]
     assert len(explainer.generate("melanoma", 1, seed=1)) == 1
@@ -134,14 +142,15 @@ def test_patients_see_only_what_a_dermatologist_approved_for_these_weights_and_s
 
 def test_a_sign_off_must_name_the_reviewer_and_known_classes(generator_dir: Path) -> None:
     before = (generator_dir / REVIEW_FILE).read_bytes()
+    subject = generator_subject(generator_dir)
     with pytest.raises(ReviewError, match="psoriasis.*it draws: melanoma, nevus, acne"):
-        record_review(generator_dir, reviewer="Dr. X", approve=["psoriasis"], reject={})
+        record_review(generator_dir, subject, reviewer="Dr. X", approve=["psoriasis"], reject={})
     with pytest.raises(ReviewError, match="both approved and rejected: acne"):
-        record_review(generator_dir, reviewer="Dr. X", approve=["acne"], reject={"acne": "no"})
+        record_review(generator_dir, subject, reviewer="Dr. X", approve=["acne"], reject={"acne": "no"})
     with pytest.raises(ReviewError, match="reviewing dermatologist"):
-        record_review(generator_dir, reviewer="  ", approve=["acne"], reject={})
+        record_review(generator_dir, subject, reviewer="  ", approve=["acne"], reject={})
     with pytest.raises(ReviewError, match="at least one class"):
-        record_review(generator_dir, reviewer="Dr. X", approve=[], reject={})
+        record_review(generator_dir, subject, reviewer="Dr. X", approve=[], reject={})
     assert (generator_dir / REVIEW_FILE).read_bytes() == before  # a refused sign-off changes nothing
 
 
@@ -156,7 +165,26 @@ def sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_review_sheet_shows_every_class_as_patients_would_get_it(generator_dir: Path) -> None:
+    explainer = ClassConditionalExplainer.load(generator_dir, device="cpu", display_size=32)
+    sheet = review_sheet(explainer, per_class=2, seed=3)
+    (first,) = explainer.render("melanoma", 1, seed=3)
+    tile = np.asarray(Image.open(io.BytesIO(first)).convert("RGB"))
+    th, tw = tile.shape[:2]
+    assert sheet.height >= 44 + len(CODES) * th and sheet.width >= 220 + 2 * tw
+    # the first melanoma picture sits, unchanged (caption included), in the first row
+    assert (np.asarray(sheet)[44:44 + th, 220:220 + tw] == tile).all()
+
+
 def test_stable_diffusion_lora_per_condition(sd_dir: Path) -> None:
+    unreviewed = StableDiffusionExplainer.load(sd_dir, device="cpu", num_inference_steps=2)
+    assert unreviewed.codes == ["acne", "melanoma"] and not unreviewed.knows("acne")
+    with pytest.raises(KeyError, match="not approved by a dermatologist"):
+        unreviewed.generate("acne", 1, seed=5)
+    record_review(sd_dir, unreviewed.review_subject, reviewer="Dr. Test, dermatologist",
+                  approve=["acne", "melanoma"], reject={})
+    # the review is bound to the steps it was drawn with: the prompts' default (other steps) is not covered
+    assert not StableDiffusionExplainer.load(sd_dir, device="cpu").knows("acne")
     explainer = StableDiffusionExplainer.load(sd_dir, device="cpu", num_inference_steps=2)
     assert explainer.codes == ["acne", "melanoma"]
     assert explainer.knows("acne") and not explainer.knows("nevus")

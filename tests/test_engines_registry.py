@@ -9,7 +9,7 @@ import torch
 
 from inference.engines.classifier import save_classifier
 from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
-from inference.engines.clinical_review import record_review
+from inference.engines.clinical_review import generator_subject, record_review
 from inference.engines.explainer import ClassConditionalExplainer
 from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 from inference.engines.registry import clear_engine_cache, load_engines
@@ -26,7 +26,7 @@ def weights(tmp_path: Path) -> tuple[Path, Path]:
     gen = save_generator(tmp_path / "gen", build_generator_unet(2, sample_size=8, block_out_channels=(8, 16),
                                                                 layers_per_block=1, norm_num_groups=4),
                          GeneratorConfig(class_codes=CODES, sample_size=8, num_inference_steps=2))
-    record_review(gen, reviewer="Dr. Test, dermatologist", approve=CODES, reject={})
+    record_review(gen, generator_subject(gen), reviewer="Dr. Test, dermatologist", approve=CODES, reject={})
     clear_engine_cache()
     yield clf, gen
     clear_engine_cache()

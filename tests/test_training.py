@@ -262,6 +262,15 @@ def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained:
     assert ClassConditionalExplainer.load(gen, device="cpu").shown == []  # recognised, but nobody looked
 
     runner = CliRunner()
+    # what the dermatologist looks at first: every class as a patient would get it
+    res = runner.invoke(train_command, ["review-sheet", "--model", str(gen), "--out", str(tmp_path / "sheet.png"),
+                                        "--per-class", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    sheet = json.loads(res.output)
+    assert sheet["settings"] == {"guidance_scale": config_guidance(gen), "num_inference_steps": config_steps(gen)}
+    with Image.open(tmp_path / "sheet.png") as img:
+        assert img.height > 2 * len(codes) * 64  # one row per class, pictures shown at display size
+
     sign_off = ["sign-off-generator", "--model", str(gen), "--docs", str(docs)]
     res = runner.invoke(train_command, [*sign_off, "--reviewer", "Dr. A. Example, dermatologist",
                                         "--approve", "melanoma,psoriasis_nonexistent"])
@@ -276,10 +285,18 @@ def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained:
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
     assert out["shown_to_patients"] == ["melanoma"]  # approved and recognised; nevus rejected
-    assert out["review"]["weights_sha256"] == (gen / "weights.sha256").read_text().split()[0]
+    assert out["review"]["weights_sha256"] == (gen / "weights.sha256").read_text().split()[0] == sheet["weights_sha256"]
     assert ClassConditionalExplainer.load(gen, device="cpu").shown == ["melanoma"]
     card = (gen / "MODEL_CARD.md").read_text()
     assert "**Clinical review by Dr. A. Example, dermatologist on" in card
     assert "rejected nevus (blurred, no pigment network)" in card
     assert "**1 of" in card and "classes: melanoma." in card
     assert "Clinical review by Dr. A. Example" in (docs / "models.md").read_text()
+
+
+def config_guidance(folder: Path) -> float:
+    return float(json.loads((folder / "config.json").read_text())["extra"]["guidance_scale"])
+
+
+def config_steps(folder: Path) -> int:
+    return int(json.loads((folder / "config.json").read_text())["num_inference_steps"])

@@ -12,7 +12,7 @@ import torch
 
 from inference.engines.classifier import save_classifier
 from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
-from inference.engines.clinical_review import record_review
+from inference.engines.clinical_review import generator_subject, record_review
 from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 
 
@@ -33,5 +33,5 @@ def build_tiny_generator(folder: Path, codes: list[str], seed: int = 0) -> Path:
     save_generator(folder, unet, config)
     # signed off like a shipped generator, so patients get its pictures (tests/test_engines_explainer.py
     # checks that an unreviewed generator shows none)
-    record_review(folder, reviewer="Test Dermatologist", approve=list(codes), reject={})
+    record_review(folder, generator_subject(folder), reviewer="Test Dermatologist", approve=list(codes), reject={})
     return folder

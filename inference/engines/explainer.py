@@ -8,6 +8,7 @@ same pictures on every worker and every retry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from string import Template
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import mark_ai_generated, model_sha256, pick_device
-from inference.engines.clinical_review import approved_classes
+from inference.engines.clinical_review import ReviewSubject, approved_classes, generator_settings
 from inference.engines.generator_net import ddim_sample, load_generator_parts
 from inference.engines.guardrails import PROMPTS_DIR
 
@@ -75,7 +76,8 @@ class ClassConditionalExplainer:
         self.model_id = f"{self.config.model_id}@{self.config.model_version}"
         self.weights_sha256 = model_sha256(self.path / "unet")
         self.recognition = _measured_recognition(self.path)
-        approved = approved_classes(self.path, self.weights_sha256, self.config)
+        self.review_subject = ReviewSubject(tuple(self.codes), self.weights_sha256, generator_settings(self.config))
+        approved = approved_classes(self.path, self.review_subject)
         self.shown = [c for c in self.codes if c in approved
                       and (self.recognition is None or self.recognition.get(c, 0.0) >= min_recognition)]
 
@@ -110,6 +112,10 @@ class ClassConditionalExplainer:
         if not self.knows(condition_code):
             raise KeyError(f"no patient-ready pictures of {condition_code!r} "
                            f"(not trained, recognised below the bar, or not approved by a dermatologist)")
+        return self.render(condition_code, n, seed, lang)
+
+    def render(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
+        """The PNGs ``generate`` would send, without the patient gate: for benchmarks and reviewers."""
         images = self.sample(condition_code, n, seed)
         caption = caption_for(self.vocabulary, condition_code, lang)
         out = []
@@ -158,6 +164,13 @@ class StableDiffusionExplainer:
         self._loaded: set[str] = set()
         self.model_id = f"sd:{self.path.name}"
         self.weights_sha256 = model_sha256(self.path)
+        # the prompts and sizes shape the pictures as much as the weights: a review is bound to them too
+        prompts_sha = hashlib.sha256(json.dumps(self.prompts, sort_keys=True).encode()).hexdigest()
+        self.review_subject = ReviewSubject(tuple(self.codes), self.weights_sha256, {
+            "guidance_scale": float(self.prompts.get("guidance_scale", 7.0)),
+            "num_inference_steps": self.num_inference_steps, "image_size": self.image_size,
+            "prompts_sha256": prompts_sha})
+        self.approved = approved_classes(self.path, self.review_subject)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "StableDiffusionExplainer":
@@ -169,8 +182,9 @@ class StableDiffusionExplainer:
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
     def knows(self, code: str) -> bool:
-        # only conditions with their own adapter: the base model alone is no medical illustration
-        return (self.path / LORA_DIR / code).is_dir()
+        """Only conditions with their own adapter (the base model alone is no medical illustration)
+        that a dermatologist approved for these weights, prompts and settings (clinical_review)."""
+        return (self.path / LORA_DIR / code).is_dir() and code in self.approved
 
     def prompt_for(self, code: str) -> str:
         specific = self.prompts.get("conditions", {}).get(code)
@@ -179,7 +193,7 @@ class StableDiffusionExplainer:
         return Template(self.prompts["template"]).substitute(name=_condition_name(self.vocabulary, code, "en"))
 
     def _activate(self, code: str) -> None:
-        if not self.knows(code):
+        if not (self.path / LORA_DIR / code).is_dir():
             raise KeyError(f"no LoRA adapter for {code!r} under {self.path / LORA_DIR}")
         if code not in self._loaded:
             self.pipe.load_lora_weights(str(self.path / LORA_DIR / code), adapter_name=code)
@@ -187,6 +201,14 @@ class StableDiffusionExplainer:
         self.pipe.set_adapters([code], adapter_weights=[float(self.prompts.get("lora_scale", 1.0))])
 
     def generate(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
+        """Captioned, provenance-marked PNGs for a patient; only classes it ``knows``."""
+        if not self.knows(condition_code):
+            raise KeyError(f"no patient-ready pictures of {condition_code!r} "
+                           f"(no LoRA adapter, or not approved by a dermatologist)")
+        return self.render(condition_code, n, seed, lang)
+
+    def render(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
+        """The PNGs ``generate`` would send, without the patient gate: for benchmarks and reviewers."""
         self._activate(condition_code)
         size = self.image_size or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
@@ -202,3 +224,11 @@ class StableDiffusionExplainer:
         )
         caption = caption_for(self.vocabulary, condition_code, lang)
         return [mark_ai_generated(img, caption, generator=self.model_id) for img in result.images]
+
+
+def load_explainer(path: str | Path, device: str = "auto", **kwargs: Any) -> ClassConditionalExplainer | StableDiffusionExplainer:
+    """The explainer a model folder holds: a diffusers pipeline folder (``model_index.json``) is a
+    Stable-Diffusion checkpoint with LoRAs, anything else the project generator."""
+    if (Path(path) / "model_index.json").exists():
+        return StableDiffusionExplainer.load(path, device, **kwargs)
+    return ClassConditionalExplainer.load(path, device, **kwargs)

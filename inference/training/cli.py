@@ -154,17 +154,37 @@ def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_pe
     click.echo(json.dumps(result, indent=2))
 
 
+@train_command.command("review-sheet")
+@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True,
+              help="the project generator's folder, or a Stable-Diffusion folder with loras/")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="PNG to write")
+@click.option("--per-class", type=int, default=6, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def review_sheet_cmd(model: Path, out: Path, per_class: int, seed: int) -> None:
+    """Draw every class as patients would get it, for the dermatologist's sign-off (sign-off-generator)."""
+    from inference.engines.clinical_review import review_sheet
+
+    explainer = _explainer(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    review_sheet(explainer, per_class=per_class, seed=seed).save(out)
+    click.echo(json.dumps({"sheet": str(out), "model_id": explainer.model_id,
+                           "weights_sha256": explainer.review_subject.weights_sha256,
+                           "settings": explainer.review_subject.settings}, indent=2))
+
+
 @train_command.command("sign-off-generator")
-@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True)
+@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True,
+              help="the project generator's folder, or a Stable-Diffusion folder with loras/")
 @click.option("--reviewer", required=True, help='the reviewing dermatologist, e.g. "Dr. A. Example, dermatologist"')
 @click.option("--approve", default="", help="comma-separated class codes whose pictures may be shown to patients")
 @click.option("--reject", multiple=True, metavar="CODE=REASON", help="a class not fit to show, and why (repeatable)")
 @click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
 def sign_off_generator_cmd(model: Path, reviewer: str, approve: str, reject: tuple[str, ...], docs: Path) -> None:
-    """Record a dermatologist's review of the generator's sample grid (as drawn by evaluate-generator).
+    """Record a dermatologist's review of the pictures on the review sheet (review-sheet).
 
-    Patients see pictures of a class only when it is approved here AND recognised at the bar; the
-    sign-off is bound to the current weights and sampling settings, so retraining or re-tuning voids it."""
+    Patients see pictures of a class only when it is approved here (and, for the project generator,
+    recognised at the bar); the sign-off is bound to the current weights and sampling settings, so
+    retraining or re-tuning voids it."""
     from inference.engines.clinical_review import ReviewError, record_review, review_status
     from inference.engines.explainer import ClassConditionalExplainer
     from inference.training.model_card import generator_card, load_json, write_card
@@ -176,22 +196,33 @@ def sign_off_generator_cmd(model: Path, reviewer: str, approve: str, reject: tup
             raise click.BadParameter(f"{item!r}: write CODE=REASON", param_hint="--reject")
         rejected[code.strip()] = reason.strip()
     approved = [c.strip() for c in approve.split(",") if c.strip()]
+    explainer = _explainer(model)
     try:
-        review = record_review(model, reviewer=reviewer, approve=approved, reject=rejected)
+        review = record_review(model, explainer.review_subject, reviewer=reviewer, approve=approved, reject=rejected)
     except ReviewError as exc:
         raise click.UsageError(str(exc)) from exc
-    except FileNotFoundError as exc:
-        raise click.BadParameter(f"no generator at {model}: {exc}", param_hint="--model") from exc
-    old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
-    trained_with = re.search(r"Trained with: `([^`]*)`", old)
-    evaluated_with = re.search(r"Measured with: `([^`]*)`", old)
-    metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
-    card = generator_card(load_json(model / "config.json"), metrics, trained_with.group(1) if trained_with else None,
-                          evaluated_with=evaluated_with.group(1) if evaluated_with else None,
-                          review=review_status(model))
-    write_card(model, card, docs / "models.md", "generator")
-    shown = ClassConditionalExplainer.load(model, device="cpu").shown
+    if isinstance(explainer, ClassConditionalExplainer):  # the project generator has a model card
+        old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
+        trained_with = re.search(r"Trained with: `([^`]*)`", old)
+        evaluated_with = re.search(r"Measured with: `([^`]*)`", old)
+        metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
+        card = generator_card(load_json(model / "config.json"), metrics,
+                              trained_with.group(1) if trained_with else None,
+                              evaluated_with=evaluated_with.group(1) if evaluated_with else None,
+                              review=review_status(model))
+        write_card(model, card, docs / "models.md", "generator")
+    reloaded = _explainer(model)
+    shown = [c for c in reloaded.review_subject.codes if reloaded.knows(c)]
     click.echo(json.dumps({"review": json.loads(review.to_json()), "shown_to_patients": shown}, indent=2))
+
+
+def _explainer(model: Path):  # type: ignore[no-untyped-def]
+    from inference.engines.explainer import load_explainer
+
+    try:
+        return load_explainer(model, "cpu", vocabulary=None)
+    except (FileNotFoundError, OSError) as exc:
+        raise click.BadParameter(f"no generator at {model}: {exc}", param_hint="--model") from exc
 
 
 def _rel(path: Path) -> str:

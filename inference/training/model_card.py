@@ -176,7 +176,8 @@ def _review_text(review: Any, void: str | None) -> str:
     if void:
         return f"**{head}: void** ({void}), so patients see none of these pictures. {how}\n"
     rejected = "; ".join(f"{c} ({why})" for c, why in review.rejected.items())
-    return (f"**{head}** (guidance {review.guidance_scale}, {review.num_inference_steps} steps): approved "
+    settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(review.settings.items()))
+    return (f"**{head}** ({settings}): approved "
             f"{', '.join(review.approved) or 'none'}; rejected {rejected or 'none'}.\n")
 
 
