@@ -42,20 +42,17 @@ class ReviewSubject:
     settings: dict[str, Any]  # e.g. {"guidance_scale": 3.0, "num_inference_steps": 25}
 
 
-def generator_settings(config: Any) -> dict[str, Any]:
-    """The sampling settings of the project generator (a GeneratorConfig) that its pictures depend on."""
-    return {"guidance_scale": float(config.extra.get("guidance_scale", 0.0) or 0.0),
-            "num_inference_steps": int(config.num_inference_steps)}
-
-
 def generator_subject(folder: str | Path) -> ReviewSubject:
-    """The review subject of a project generator folder, without loading the UNet."""
+    """The review subject of a project generator folder (without loading the UNet): the classes it
+    draws (not the null class of guidance), its weights and the sampling settings its pictures depend on."""
     from inference.engines.generator_net import GeneratorConfig
 
     config = GeneratorConfig.load(folder)
     null = int(config.extra.get("null_class_index", -1))
     codes = tuple(c for i, c in enumerate(config.class_codes) if i != null)
-    return ReviewSubject(codes, model_sha256(Path(folder) / "unet"), generator_settings(config))
+    settings = {"guidance_scale": float(config.extra.get("guidance_scale", 0.0) or 0.0),
+                "num_inference_steps": int(config.num_inference_steps)}
+    return ReviewSubject(codes, model_sha256(Path(folder) / "unet"), settings)
 
 
 @dataclass(frozen=True)

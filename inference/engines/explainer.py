@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import mark_ai_generated, model_sha256, pick_device
-from inference.engines.clinical_review import ReviewSubject, approved_classes, generator_settings
+from inference.engines.clinical_review import ReviewSubject, approved_classes, generator_subject
 from inference.engines.generator_net import ddim_sample, load_generator_parts
 from inference.engines.guardrails import PROMPTS_DIR
 
@@ -74,9 +74,9 @@ class ClassConditionalExplainer:
         self.vocabulary = vocabulary if vocabulary is not None else _default_vocabulary()
         self.display_size = display_size
         self.model_id = f"{self.config.model_id}@{self.config.model_version}"
-        self.weights_sha256 = model_sha256(self.path / "unet")
+        self.review_subject = generator_subject(self.path)
+        self.weights_sha256 = self.review_subject.weights_sha256
         self.recognition = _measured_recognition(self.path)
-        self.review_subject = ReviewSubject(tuple(self.codes), self.weights_sha256, generator_settings(self.config))
         approved = approved_classes(self.path, self.review_subject)
         self.shown = [c for c in self.codes if c in approved
                       and (self.recognition is None or self.recognition.get(c, 0.0) >= min_recognition)]
@@ -88,8 +88,7 @@ class ClassConditionalExplainer:
     @property
     def codes(self) -> list[str]:
         """Conditions it was trained to draw (a trained null class for guidance is not one of them)."""
-        null = int(self.config.extra.get("null_class_index", -1))
-        return [c for i, c in enumerate(self.config.class_codes) if i != null]
+        return list(self.review_subject.codes)
 
     def knows(self, code: str) -> bool:
         """Whether pictures of ``code`` may be shown to a patient."""
