@@ -43,13 +43,17 @@ def test_loads_configured_engines_once(weights: tuple[Path, Path]) -> None:
     assert load_engines(Settings(classifier_path=clf, generator_path=gen, device="auto")) is engines
 
 
-def test_recognition_bar_for_explanation_images_comes_from_settings(weights: tuple[Path, Path]) -> None:
+def test_recognition_bar_for_explanation_images_comes_from_settings(weights: tuple[Path, Path],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
     import json
+    import logging
 
     clf, gen = weights
     (gen / "metrics.json").write_text(json.dumps({"recognition": {"per_class": {"melanoma": 0.85, "nevus": 0.6}}}))
-    default = load_engines(Settings(classifier_path=clf, generator_path=gen, device="cpu")).explainer
+    with caplog.at_level(logging.INFO, logger="inference.engines.registry"):
+        default = load_engines(Settings(classifier_path=clf, generator_path=gen, device="cpu")).explainer
     assert default.knows("melanoma") and not default.knows("nevus")
+    assert "explanation pictures for patients: melanoma" in caplog.text  # what the operator reads
     lowered = load_engines(Settings(classifier_path=clf, generator_path=gen, device="cpu",
                                     explanation_min_recognition=0.5)).explainer
     assert lowered.knows("nevus")

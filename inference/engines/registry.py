@@ -79,4 +79,8 @@ def _load(settings: Any, vocabulary: Any | None) -> Engines:
         explainer = ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=vocabulary, **bar)
     log.info("engines on %s: classifier=%s vlm=%s explainer=%s", device, classifier.config.model_id,
              vlm.model_id if vlm else None, explainer.model_id if explainer else None)
+    if explainer is not None:  # an operator's first question when patients get no pictures
+        shown = [c for c in explainer.review_subject.codes if explainer.knows(c)]
+        log.info("explanation pictures for patients: %s", ", ".join(shown) or
+                 "none (no class both signed off by a dermatologist and, where measured, recognised at the bar)")
     return Engines(classifier=classifier, vlm=vlm, explainer=explainer, device=device)
