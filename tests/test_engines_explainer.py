@@ -132,6 +132,11 @@ def test_patients_see_only_what_a_dermatologist_approved_for_these_weights_and_s
     config.extra["guidance_scale"] = 0.0
     config.save(folder)
     assert ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
+    # a damaged review file approves nothing, and the worker still starts
+    good = (folder / REVIEW_FILE).read_text()
+    (folder / REVIEW_FILE).write_text(good[: len(good) // 2])
+    assert not ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
+    (folder / REVIEW_FILE).write_text(good)
     # so does retraining (other weights in the same folder)
     torch.manual_seed(5)
     unet = build_generator_unet(len(CODES), sample_size=16, block_out_channels=(8, 16), layers_per_block=1,

@@ -85,17 +85,24 @@ def load_review(folder: str | Path) -> ClinicalReview | None:
     path = Path(folder) / REVIEW_FILE
     if not path.exists():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return ClinicalReview(
-        reviewer=str(data["reviewer"]), reviewed_on=str(data["reviewed_on"]),
-        weights_sha256=str(data["weights_sha256"]), settings=dict(data["settings"]),
-        approved=tuple(data.get("approved", ())), rejected=dict(data.get("rejected", {})),
-    )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ClinicalReview(
+            reviewer=str(data["reviewer"]), reviewed_on=str(data["reviewed_on"]),
+            weights_sha256=str(data["weights_sha256"]), settings=dict(data["settings"]),
+            approved=tuple(str(c) for c in data.get("approved", ())), rejected=dict(data.get("rejected", {})),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReviewError(f"{path} is not a readable clinical review: {exc!r}") from exc
 
 
 def approved_classes(folder: str | Path, subject: ReviewSubject) -> set[str]:
     """Classes a valid review of this explainer approved; none without a review or with a void one."""
-    review = load_review(folder)
+    try:
+        review = load_review(folder)
+    except ReviewError as exc:  # a damaged file must not stop the worker's assessments, nor pass as approval
+        log.error("%s: no pictures are shown to patients", exc)
+        return set()
     if review is None:
         log.info("explainer %s has no clinical review: no pictures are shown to patients", folder)
         return set()
