@@ -139,19 +139,29 @@ def evaluate_classifier_cmd(model: Path, data: Path, split: str) -> None:
 def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_per_class: int, steps: int | None,
                            guidance_scale: float | None, docs: Path) -> None:
     """Share of generated pictures the classifier recognises as their class; updates metrics, card and grid."""
-    from inference.engines.clinical_review import review_status
-    from inference.training.model_card import generator_card, load_json, write_card
     from inference.training.train_generator import evaluate_generator
 
     result = evaluate_generator(model, classifier, samples_per_class, steps=steps, guidance_scale=guidance_scale,
                                 data=data if data.exists() else None, docs_img=docs / "img")
+    _refresh_generator_card(model, docs, evaluated_with=_command_line())
+    click.echo(json.dumps(result, indent=2))
+
+
+def _refresh_generator_card(model: Path, docs: Path, evaluated_with: str | None = None) -> None:
+    """Rewrite a generator folder's card (and its docs/models.md section) from its config, metrics and
+    clinical review, keeping the recorded training command (and measuring command, unless a new one)."""
+    from inference.engines.clinical_review import review_status
+    from inference.training.model_card import generator_card, load_json, write_card
+
     old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
     trained_with = re.search(r"Trained with: `([^`]*)`", old)
-    card = generator_card(load_json(model / "config.json"), load_json(model / "metrics.json"),
-                          trained_with.group(1) if trained_with else None, evaluated_with=_command_line(),
-                          review=review_status(model))
+    if evaluated_with is None:
+        measured_with = re.search(r"Measured with: `([^`]*)`", old)
+        evaluated_with = measured_with.group(1) if measured_with else None
+    metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
+    card = generator_card(load_json(model / "config.json"), metrics, trained_with.group(1) if trained_with else None,
+                          evaluated_with=evaluated_with, review=review_status(model))
     write_card(model, card, docs / "models.md", "generator")
-    click.echo(json.dumps(result, indent=2))
 
 
 @train_command.command("review-sheet")
@@ -185,9 +195,8 @@ def sign_off_generator_cmd(model: Path, reviewer: str, approve: str, reject: tup
     Patients see pictures of a class only when it is approved here (and, for the project generator,
     recognised at the bar); the sign-off is bound to the current weights and sampling settings, so
     retraining or re-tuning voids it."""
-    from inference.engines.clinical_review import ReviewError, record_review, review_status
+    from inference.engines.clinical_review import ReviewError, record_review
     from inference.engines.explainer import ClassConditionalExplainer
-    from inference.training.model_card import generator_card, load_json, write_card
 
     rejected: dict[str, str] = {}
     for item in reject:
@@ -202,15 +211,7 @@ def sign_off_generator_cmd(model: Path, reviewer: str, approve: str, reject: tup
     except ReviewError as exc:
         raise click.UsageError(str(exc)) from exc
     if isinstance(explainer, ClassConditionalExplainer):  # the project generator has a model card
-        old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
-        trained_with = re.search(r"Trained with: `([^`]*)`", old)
-        evaluated_with = re.search(r"Measured with: `([^`]*)`", old)
-        metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
-        card = generator_card(load_json(model / "config.json"), metrics,
-                              trained_with.group(1) if trained_with else None,
-                              evaluated_with=evaluated_with.group(1) if evaluated_with else None,
-                              review=review_status(model))
-        write_card(model, card, docs / "models.md", "generator")
+        _refresh_generator_card(model, docs)
     reloaded = _explainer(model)
     shown = [c for c in reloaded.review_subject.codes if reloaded.knows(c)]
     click.echo(json.dumps({"review": json.loads(review.to_json()), "shown_to_patients": shown}, indent=2))

@@ -97,14 +97,10 @@ def check_classes(run: GeneratorRun) -> list[str]:
     return _learnable_codes(codes, train, run.min_per_class, run.classes)
 
 
-def _training_rows(
-    labelled: D.Labelled, masks: dict[str, np.ndarray], min_per_class: int, classes: tuple[str, ...] | None = None
-) -> tuple[np.ndarray, list[str]]:
-    """Training rows of the learnable classes (see _learnable_codes), and those class codes."""
-    codes = _learnable_codes(labelled.codes, masks["train"], min_per_class, classes)
+def _training_rows(labelled: D.Labelled, masks: dict[str, np.ndarray], codes: list[str]) -> np.ndarray:
+    """Training rows of the classes ``codes`` (as check_classes chose them)."""
     wanted = set(codes)
-    keep = np.asarray([i for i in np.flatnonzero(masks["train"]) if labelled.codes[i] in wanted], dtype=np.int64)
-    return keep, codes
+    return np.asarray([i for i in np.flatnonzero(masks["train"]) if labelled.codes[i] in wanted], dtype=np.int64)
 
 
 @torch.no_grad()
@@ -127,9 +123,9 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         save_generator,
     )
 
-    check_classes(run)
+    codes = check_classes(run)  # from the labels: a bad --classes fails before any photo is decoded
     gen, device, log_path, labelled, masks = prepare_run(run, run.sample_size)
-    rows, codes = _training_rows(labelled, masks, run.min_per_class, run.classes)
+    rows = _training_rows(labelled, masks, codes)
     index = {c: k for k, c in enumerate(codes)}
     # the image type a class is mostly photographed with (for the recognition check)
     image_types = {}
@@ -179,10 +175,10 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
             y[torch.rand(len(idx), generator=gen) < run.p_uncond] = null_index
             noise = torch.randn(x.shape, generator=gen).to(device)
             t = torch.randint(0, config.num_train_timesteps, (len(idx),), generator=gen).to(device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * x + (1 - a).sqrt() * noise
+            a = alphas[t]
+            noisy = a.sqrt().view(-1, 1, 1, 1) * x + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
             err = (predict_noise(unet, config, noisy, t, y.to(device)) - noise).pow(2).mean(dim=(1, 2, 3))
-            loss = (err * _loss_weight(alphas[t], run.min_snr_gamma)).mean()
+            loss = (err * _loss_weight(a, run.min_snr_gamma)).mean()
             if not torch.isfinite(loss):  # a bad batch must not poison the weights (or the EMA)
                 continue
             opt.zero_grad(set_to_none=True)
