@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -87,6 +88,23 @@ def test_class_conditional_is_seeded_and_class_dependent(generator_dir: Path) ->
         explainer.generate("psoriasis", 1, seed=1)
 
 
+def test_sampling_settings_are_seeded_and_change_only_what_they_should(generator_dir: Path) -> None:
+    from inference.engines.generator_net import ddim_sample, load_generator_parts, patch_shifts
+
+    unet, _scheduler, config = load_generator_parts(generator_dir)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    plain = ddim_sample(unet, config, 0, noise)
+    for change in ({"shift_patches": True}, {"dynamic_threshold": 0.9}):
+        tuned = dataclasses.replace(config, **change)
+        once, again = ddim_sample(unet, tuned, 0, noise), ddim_sample(unet, tuned, 0, noise)
+        assert torch.equal(once, again), change  # a seed still gives one picture: what the reviewer saw
+        moved = change != {"shift_patches": True} or config.patch_size > 1
+        assert (not torch.allclose(once, plain, atol=1e-4)) is moved, change
+    # the grid visits every offset inside a patch, in a fixed order
+    shifts = patch_shifts(dataclasses.replace(config, shift_patches=True))
+    assert len(set(shifts)) == len(shifts) == config.patch_size ** 2
+
+
 def test_only_recognisably_drawn_classes_reach_patients(generator_dir: Path, tmp_path: Path) -> None:
     import json
     import shutil
@@ -119,7 +137,8 @@ def test_patients_see_only_what_a_dermatologist_approved_for_these_weights_and_s
     review = record_review(folder, unreviewed.review_subject, reviewer="Dr. A. Example, dermatologist",
                            approve=["melanoma"], reject={"acne": "looks like a burn, not acne"})
     assert load_review(folder) == review
-    assert review.settings == {"guidance_scale": 0.0, "num_inference_steps": 4}
+    assert review.settings == {"guidance_scale": 0.0, "num_inference_steps": 4, "shift_patches": False,
+                               "dynamic_threshold": 0.0}
     explainer = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
     assert [explainer.knows(c) for c in CODES] == [True, False, False]
     assert len(explainer.generate("melanoma", 1, seed=1)) == 1
@@ -132,6 +151,12 @@ def test_patients_see_only_what_a_dermatologist_approved_for_these_weights_and_s
     config.extra["guidance_scale"] = 0.0
     config.save(folder)
     assert ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
+    for change in ({"dynamic_threshold": 0.95}, {"shift_patches": True}):
+        dataclasses.replace(config, **change).save(folder)
+        # moving the patch grid changes the pictures only where the UNet works on patches
+        voided = change != {"shift_patches": True} or config.patch_size > 1
+        assert ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma") is not voided, change
+    config.save(folder)
     # a damaged review file approves nothing, and the worker still starts
     good = (folder / REVIEW_FILE).read_text()
     (folder / REVIEW_FILE).write_text(good[: len(good) // 2])

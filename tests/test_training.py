@@ -37,7 +37,8 @@ def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     assert res.exit_code == 0, res.output
     gen = root / "generator"
     res = runner.invoke(train_command, ["generator", *common, "--out", str(gen), "--classifier", str(clf),
-                                        "--samples-per-class", "1", "--steps", "2", "--channels", "16,16,32"],
+                                        "--samples-per-class", "1", "--steps", "2", "--channels", "16,16,32",
+                                        "--prediction-type", "v_prediction"],
                         catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return {"classifier": clf, "generator": gen, "docs": root / "docs"}
@@ -139,6 +140,50 @@ def test_min_snr_weighting_only_tempers_the_nearly_clean_timesteps() -> None:
     assert torch.allclose(w[~noisy], 5.0 / snr[~noisy]) and float(w[0]) < 0.01  # clean ones count far less
 
 
+def test_v_prediction_weighting_keeps_the_epsilon_weights() -> None:
+    from inference.engines.generator_net import GeneratorConfig
+    from inference.training.train_generator import _loss_weight
+
+    alpha_bar = GeneratorConfig(class_codes=["a"]).make_scheduler().alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    # the v loss is (SNR + 1) times the epsilon loss, so the same Min-SNR weighting divides by SNR + 1
+    w_v = _loss_weight(alpha_bar, 5.0, "v_prediction")
+    assert torch.allclose(w_v * (snr + 1), _loss_weight(alpha_bar, 5.0) * snr)
+    assert torch.equal(_loss_weight(alpha_bar, 0.0, "v_prediction"), torch.ones_like(alpha_bar))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_sampler_reads_back_the_picture_from_the_training_target(prediction_type: str) -> None:
+    """What training teaches the UNet to output is what the DDIM sampler expects: given the exact
+    target, the sampler's estimate of the clean picture is the picture, at every noise level."""
+    from inference.engines.generator_net import GeneratorConfig
+    from inference.training.train_generator import _target
+
+    sched = GeneratorConfig(class_codes=["a"], prediction_type=prediction_type).make_scheduler()
+    sched.set_timesteps(20)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=gen) * 1.8 - 0.9
+    for t in sched.timesteps[::4]:
+        noise = torch.randn(x.shape, generator=gen)
+        a = sched.alphas_cumprod[t].expand(2)
+        x_t = a.sqrt().view(-1, 1, 1, 1) * x + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+        out = sched.step(_target(x, noise, a, prediction_type), t, x_t, eta=0.0)
+        assert torch.allclose(out.pred_original_sample, x, atol=1e-3), int(t)
+    with pytest.raises(ValueError, match="prediction_type"):
+        GeneratorConfig(class_codes=["a"], prediction_type="sample")
+
+
+def test_patch_grid_strength_tells_a_patch_grid_from_photos(trained: dict[str, Path]) -> None:
+    from inference.training.train_generator import patch_grid_strength
+
+    cache = next((trained["generator"].parent / "cache").glob("*_64px_*.npy"))
+    photos = torch.from_numpy(np.load(cache)[:64]).permute(0, 3, 1, 2).float() / 255
+    # the same faint pattern (within +-3 % of the range) in every 4 x 4 px patch: a patched UNet's grid
+    pattern = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.06
+    assert patch_grid_strength(photos, 4) < 2.0
+    assert patch_grid_strength((photos + pattern.repeat(1, 16, 16)).clamp(0, 1), 4) > 10
+
+
 def test_tiny_classifier_run_loads_in_the_engine(trained: dict[str, Path], data_dir: Path) -> None:
     from inference.engines.base import model_sha256
     from inference.engines.classifier import ClassifierEngine
@@ -180,9 +225,13 @@ def test_tiny_generator_run_samples_and_is_measured(trained: dict[str, Path]) ->
     # 64 px pictures from a UNet that works on a 16 x 16 grid of 4 x 4 px patches (the CLI defaults)
     assert imgs.shape == (2, 3, 64, 64) and float(imgs.min()) >= 0 and float(imgs.max()) <= 1
     assert unet.config.sample_size == 16 and unet.config.in_channels == 48
+    assert config.prediction_type == "v_prediction"  # trained for v, and sampled as v
+    assert json.loads((trained["generator"] / "scheduler" / "scheduler_config.json").read_text())[
+        "prediction_type"] == "v_prediction"
     metrics = json.loads((trained["generator"] / "metrics.json").read_text())
     rec = metrics["recognition"]
     assert set(rec["per_class"]) == set(config.class_codes[:-1]) and 0.0 <= rec["overall"] <= 1.0
+    assert rec["patch_grid"] > 0
     with Image.open(trained["docs"] / "img" / "generator_samples.png") as grid:
         assert grid.height >= 128 * (len(config.class_codes) - 1)
 
@@ -228,12 +277,15 @@ def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dic
     gen, docs = trained["generator"], trained["docs"]
     res = CliRunner().invoke(train_command, [
         "evaluate-generator", "--model", str(gen), "--classifier", str(trained["classifier"]), "--data", str(data_dir),
-        "--samples-per-class", "2", "--steps", "2", "--guidance-scale", "1.5", "--docs", str(docs)])
+        "--samples-per-class", "2", "--steps", "2", "--guidance-scale", "1.5", "--shift-patches",
+        "--dynamic-threshold", "0.95", "--docs", str(docs)])
     assert res.exit_code == 0, res.output
     config = json.loads((gen / "config.json").read_text())
     assert config["extra"]["guidance_scale"] == 1.5 and config["num_inference_steps"] == 2
+    assert config["shift_patches"] is True and config["dynamic_threshold"] == 0.95  # serving samples the same way
     rec = json.loads((gen / "metrics.json").read_text())["recognition"]
     assert rec["samples_per_class"] == 2 and rec["guidance_scale"] == 1.5
+    assert rec["shift_patches"] is True and rec["dynamic_threshold"] == 0.95
     # the reference: held-out real photos (DermaMNIST test, DermNet validation) of the generator's classes
     real = rec["real_photos"]
     assert set(real["n_per_class"]) == set(rec["per_class"]) and sum(real["n_per_class"].values()) > 500
@@ -243,6 +295,16 @@ def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dic
     assert "weights stored in float16" in card
     measured = card.split("Measured with: ")[1].split("\n")[0]
     assert f"Measured with: {measured}" in (docs / "models.md").read_text()  # docs/models.md holds the same card
+
+
+def test_evaluate_generator_refuses_a_threshold_that_is_not_a_quantile(trained: dict[str, Path]) -> None:
+    from inference.training.cli import train_command
+
+    before = (trained["generator"] / "config.json").read_bytes()
+    res = CliRunner().invoke(train_command, ["evaluate-generator", "--model", str(trained["generator"]),
+                                             "--classifier", str(trained["classifier"]), "--dynamic-threshold", "95"])
+    assert res.exit_code == 2 and "--dynamic-threshold" in res.output
+    assert (trained["generator"] / "config.json").read_bytes() == before  # nothing stored
 
 
 def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained: dict[str, Path],
@@ -267,7 +329,10 @@ def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained:
                                         "--per-class", "2"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     sheet = json.loads(res.output)
-    assert sheet["settings"] == {"guidance_scale": config_guidance(gen), "num_inference_steps": config_steps(gen)}
+    cfg = json.loads((gen / "config.json").read_text())  # the sheet names every setting the pictures depend on
+    assert sheet["settings"] == {"guidance_scale": cfg["extra"]["guidance_scale"],
+                                 "num_inference_steps": cfg["num_inference_steps"],
+                                 "shift_patches": cfg["shift_patches"], "dynamic_threshold": cfg["dynamic_threshold"]}
     with Image.open(tmp_path / "sheet.png") as img:
         assert img.height > 2 * len(codes) * 64  # one row per class, pictures shown at display size
 
@@ -294,9 +359,42 @@ def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained:
     assert "Clinical review by Dr. A. Example" in (docs / "models.md").read_text()
 
 
-def config_guidance(folder: Path) -> float:
-    return float(json.loads((folder / "config.json").read_text())["extra"]["guidance_scale"])
+def test_the_device_kit_carries_the_trainers_pixels_to_a_gpu_run(data_dir: Path, tmp_path: Path) -> None:
+    """The GPU machine gets the repository, not ../shared: the kit holds the photos at training size, and
+    the device script trains from it and packs the result into the few files a device call returns."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
 
+    from inference.training.cli import train_command
+    from inference.training.device_kit import build_device_kit
 
-def config_steps(folder: Path) -> int:
-    return int(json.loads((folder / "config.json").read_text())["num_inference_steps"])
+    kit = tmp_path / "kit"
+    res = CliRunner().invoke(train_command, ["device-kit", "--data", str(data_dir), "--out", str(kit),
+                                             "--sources", "ham10000,isic"])
+    assert res.exit_code == 2 and "isic" in res.output and not kit.exists()
+
+    made = build_device_kit(data_dir, kit, 64, sources=("ham10000",), per_label=2)
+    assert made["photos"] == 2 * 7 * 3  # two per HAM10000 label and DermaMNIST split
+    assert D.ham_items(kit) == D.ham_items(data_dir) and D.dermnet_items(kit) == []
+    assert (kit / "ham10000" / "README.md").read_text() == (data_dir / "ham10000" / "README.md").read_text()
+    item = D.ham_items(data_dir)[0]
+    kit_px = D.load_image(D.item_path(kit, item), 64).astype(int)
+    assert np.abs(kit_px - D.load_image(D.item_path(data_dir, item), 64).astype(int)).mean() < 3  # JPEG rounding
+
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "KIT": str(kit), "PYTHON": sys.executable, "OUT": str(out),
+           "WHEELS": str(tmp_path / "no-wheels")}
+    script = Path(__file__).resolve().parent.parent / "inference" / "training" / "device_train.sh"
+    done = subprocess.run(["bash", str(script), "tiny", "1", "--subset-per-label", "2", "--epochs", "1",
+                           "--classes", "melanoma,nevus", "--steps", "2", "--channels", "16,16,32",
+                           "--classifier", str(tmp_path / "no-classifier")],
+                          cwd=script.parents[2], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (out / "tiny.log").read_text() if (out / "tiny.log").exists() else done.stderr
+    with tarfile.open(out / "tiny.tgz") as tgz:
+        names = set(tgz.getnames())
+        config = json.load(tgz.extractfile("./generator/config.json"))  # type: ignore[arg-type]
+    assert {"./generator/unet/diffusion_pytorch_model.safetensors", "./generator/MODEL_CARD.md",
+            "./docs/img/generator_samples.png"} <= names
+    assert config["class_codes"] == ["melanoma", "nevus", "_unconditional"]

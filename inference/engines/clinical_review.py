@@ -50,9 +50,7 @@ def generator_subject(folder: str | Path) -> ReviewSubject:
     config = GeneratorConfig.load(folder)
     null = int(config.extra.get("null_class_index", -1))
     codes = tuple(c for i, c in enumerate(config.class_codes) if i != null)
-    settings = {"guidance_scale": float(config.extra.get("guidance_scale", 0.0) or 0.0),
-                "num_inference_steps": int(config.num_inference_steps)}
-    return ReviewSubject(codes, model_sha256(Path(folder) / "unet"), settings)
+    return ReviewSubject(codes, model_sha256(Path(folder) / "unet"), config.sampling_settings())
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,31 @@ sampled with DDIM. Folder layout (diffusers style, so standard tooling can read 
 With ``patch_size`` p > 1 the UNet works on p x p pixel patches (pixel unshuffle: a 64 x 64 x 3 image
 is a 16 x 16 x 48 tensor for p=4), the patching of "simple diffusion" (Hoogeboom et al., 2023). The
 diffusion itself stays in pixel space; only the network is p*p times cheaper, which is what lets a
-64 px generator train on a CPU.
+64 px generator train on a CPU. A patched UNet's errors line up with the fixed patch borders and show
+as a p-px grid; ``shift_patches`` moves the grid to another offset at every sampling step (a circular
+shift of the image), so the errors no longer pile up at the same pixels.
+
+Two more sampling settings, both off by default: ``dynamic_threshold`` (Imagen's dynamic thresholding
+of the predicted clean image, which keeps strong guidance from saturating colours) and the
+``prediction_type`` the UNet was trained for ("epsilon": the noise, or "v_prediction").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 from inference.engines.base import JsonConfig
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# the cap on the dynamic threshold s (x0 is clipped to [-s, s] and divided by s), as DeepFloyd IF's
+# pixel-space scheduler uses it: strong guidance is tamed without washing every picture out to grey
+DYNAMIC_THRESHOLD_MAX = 1.5
 
 
 @dataclass
@@ -35,19 +48,35 @@ class GeneratorConfig(JsonConfig):
     model_id: str = "skinbridge-generator"
     model_version: str = "0"
     patch_size: int = 1
+    shift_patches: bool = False  # sample with the patch grid at a new offset every step
+    dynamic_threshold: float = 0.0  # quantile of |x0| to threshold at (e.g. 0.95); 0 = plain clipping
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.sample_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must be >= 1 and divide sample_size {self.sample_size}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        if not 0.0 <= self.dynamic_threshold < 1.0:
+            raise ValueError(f"dynamic_threshold {self.dynamic_threshold} must be a quantile in [0, 1) (0: off)")
 
     def make_scheduler(self) -> DDIMScheduler:
         return DDIMScheduler(
             num_train_timesteps=self.num_train_timesteps,
             beta_schedule=self.beta_schedule,
             prediction_type=self.prediction_type,
-            clip_sample=True,
+            clip_sample=not self.dynamic_threshold,
+            thresholding=bool(self.dynamic_threshold),
+            dynamic_thresholding_ratio=self.dynamic_threshold or 0.995,
+            sample_max_value=DYNAMIC_THRESHOLD_MAX,
         )
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """Every setting a sampled picture depends on besides the weights (what a clinical review binds)."""
+        return {"guidance_scale": float(self.extra.get("guidance_scale", 0.0) or 0.0),
+                "num_inference_steps": int(self.num_inference_steps),
+                "shift_patches": bool(self.shift_patches and self.patch_size > 1),
+                "dynamic_threshold": float(self.dynamic_threshold)}
 
 
 def build_generator_unet(
@@ -100,14 +129,25 @@ def load_generator_parts(folder: str | Path) -> tuple[UNet2DModel, DDIMScheduler
     return unet, scheduler, config
 
 
-def predict_noise(unet: UNet2DModel, config: GeneratorConfig, x: torch.Tensor, t: torch.Tensor | int,
-                  labels: torch.Tensor) -> torch.Tensor:
-    """The UNet's noise prediction for pixel-space ``x`` (B x 3 x S x S), patching around it if configured;
-    training and sampling both call this."""
+def predict(unet: UNet2DModel, config: GeneratorConfig, x: torch.Tensor, t: torch.Tensor | int,
+            labels: torch.Tensor, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The UNet's prediction (noise or v, per ``config.prediction_type``) for pixel-space ``x``
+    (B x 3 x S x S), patching around it if configured, with the patch grid moved by ``shift`` px
+    (rows, columns); training and sampling both call this."""
     p = config.patch_size
     if p == 1:
         return unet(x, t, class_labels=labels).sample
-    return F.pixel_shuffle(unet(F.pixel_unshuffle(x, p), t, class_labels=labels).sample, p)
+    if shift != (0, 0):
+        x = torch.roll(x, shift, dims=(2, 3))
+    out = F.pixel_shuffle(unet(F.pixel_unshuffle(x, p), t, class_labels=labels).sample, p)
+    return torch.roll(out, (-shift[0], -shift[1]), dims=(2, 3)) if shift != (0, 0) else out
+
+
+def patch_shifts(config: GeneratorConfig) -> list[tuple[int, int]]:
+    """The grid offsets sampling cycles through, one per step: every (row, column) offset below the
+    patch size with ``shift_patches``, else none. Fixed, so a seed always gives the same picture."""
+    p = config.patch_size
+    return list(product(range(p), range(p))) if config.shift_patches and p > 1 else [(0, 0)]
 
 
 @torch.inference_mode()
@@ -117,7 +157,7 @@ def ddim_sample(unet: UNet2DModel, config: GeneratorConfig, class_index: int, no
 
     With a null class in the config (``extra.null_class_index``, trained by dropping labels),
     classifier-free guidance mixes conditional and unconditional predictions:
-    eps = eps_u + g * (eps_c - eps_u). Serving and training evaluation both sample here.
+    eps = eps_u + g * (eps_c - eps_u) (the same for v). Serving and training evaluation both sample here.
     """
     scheduler = config.make_scheduler()
     scheduler.set_timesteps(steps or config.num_inference_steps)
@@ -126,12 +166,14 @@ def ddim_sample(unet: UNet2DModel, config: GeneratorConfig, class_index: int, no
     n = noise.shape[0]
     cond = torch.full((n,), class_index, dtype=torch.long, device=noise.device)
     uncond = torch.full((n,), null, dtype=torch.long, device=noise.device)
+    shifts = patch_shifts(config)
     x = noise
-    for t in scheduler.timesteps:
+    for k, t in enumerate(scheduler.timesteps):
+        shift = shifts[k % len(shifts)]
         if g > 0 and null >= 0:
-            e_c, e_u = predict_noise(unet, config, torch.cat([x, x]), t, torch.cat([cond, uncond])).chunk(2)
-            eps = e_u + g * (e_c - e_u)
+            e_c, e_u = predict(unet, config, torch.cat([x, x]), t, torch.cat([cond, uncond]), shift).chunk(2)
+            out = e_u + g * (e_c - e_u)
         else:
-            eps = predict_noise(unet, config, x, t, cond)
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            out = predict(unet, config, x, t, cond, shift)
+        x = scheduler.step(out, t, x, eta=0.0).prev_sample
     return (x.float().clamp(-1, 1) / 2 + 0.5).cpu()

@@ -67,6 +67,15 @@ def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget:
     click.echo(json.dumps(_summary(metrics), indent=2))
 
 
+def _sampling_options(f):
+    """Sampling settings stored in a generator's config (and bound by its clinical review)."""
+    f = click.option("--dynamic-threshold", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+                     help="threshold the predicted picture at this quantile of |x0|, e.g. 0.95 (0: plain clipping)"
+                     )(f)
+    return click.option("--shift-patches/--fixed-patches", default=None,
+                        help="move the UNet's patch grid every sampling step (hides the patch grid)")(f)
+
+
 @train_command.command("generator")
 @_common
 @click.option("--out", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True)
@@ -78,17 +87,23 @@ def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget:
 @click.option("--samples-per-class", type=int, default=16, show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True, help="DDIM sampling steps")
 @click.option("--channels", default="64,128,128", show_default=True, help="UNet block widths")
+@click.option("--layers-per-block", type=click.IntRange(1, 4), default=1, show_default=True,
+              help="ResNet layers per UNet block (more: a deeper, slower UNet)")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--classes", default=None,
               help="comma-separated vocabulary codes to learn (default: every class with enough training photos)")
 @click.option("--min-snr-gamma", type=float, default=0.0, show_default=True,
               help="Min-SNR-gamma loss weighting, e.g. 5 (0: plain DDPM loss, as every measured run so far)")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon",
+              show_default=True, help="what the UNet learns to predict: the noise, or v")
+@_sampling_options
 def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
                   cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, classifier: Path,
                   sample_size: int, patch_size: int,
-                  samples_per_class: int, steps: int, channels: str, batch_size: int, lr: float,
-                  classes: str | None, min_snr_gamma: float) -> None:
+                  samples_per_class: int, steps: int, channels: str, layers_per_block: int, batch_size: int, lr: float,
+                  classes: str | None, min_snr_gamma: float, prediction_type: str, shift_patches: bool | None,
+                  dynamic_threshold: float | None) -> None:
     """Train the class-conditional diffusion generator; measures recognition by the classifier."""
     from inference.engines.clinical_review import review_status
     from inference.training.model_card import generator_card, load_json, write_card
@@ -102,7 +117,9 @@ def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: 
         samples_per_class=samples_per_class, docs_img=docs / "img", items_per_label=subset_per_label,
         min_per_class=2 if subset_per_label else 40,
         num_inference_steps=steps, block_out_channels=tuple(int(c) for c in channels.split(",")),
-        batch_size=batch_size, lr=lr, classes=chosen, min_snr_gamma=min_snr_gamma,
+        layers_per_block=layers_per_block,
+        batch_size=batch_size, lr=lr, classes=chosen, min_snr_gamma=min_snr_gamma, prediction_type=prediction_type,
+        shift_patches=bool(shift_patches), dynamic_threshold=dynamic_threshold or 0.0,
     )
     try:
         metrics = train_generator(run)
@@ -111,6 +128,24 @@ def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: 
     write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line(),
                                    review=review_status(out)), docs / "models.md", "generator")
     click.echo(json.dumps(metrics, indent=2))
+
+
+@train_command.command("device-kit")
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path(".devkit/data"), show_default=True)
+@click.option("--size", type=int, default=64, show_default=True, help="the training size in px")
+@click.option("--quality", type=click.IntRange(50, 100), default=95, show_default=True, help="JPEG quality")
+@click.option("--sources", default="ham10000,dermnet", show_default=True, help="data sets to include")
+def device_kit_cmd(data: Path, out: Path, size: int, quality: int, sources: str) -> None:
+    """The training data cropped and resized for a GPU machine (use the folder as --data there)."""
+    from inference.training.device_kit import build_device_kit
+
+    try:
+        kit = build_device_kit(data, out, size, quality=quality,
+                               sources=tuple(s.strip() for s in sources.split(",") if s.strip()))
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(json.dumps({**kit, "mib": round(kit["bytes"] / 2**20, 1), "out": str(out)}))
 
 
 @train_command.command("evaluate-classifier")
@@ -135,14 +170,20 @@ def evaluate_classifier_cmd(model: Path, data: Path, split: str) -> None:
 @click.option("--samples-per-class", type=int, default=16, show_default=True)
 @click.option("--steps", type=int, default=None, help="DDIM steps to sample with (stored in the config)")
 @click.option("--guidance-scale", type=float, default=None, help="guidance to sample with (stored in the config)")
+@_sampling_options
 @click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
 def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_per_class: int, steps: int | None,
-                           guidance_scale: float | None, docs: Path) -> None:
+                           guidance_scale: float | None, shift_patches: bool | None, dynamic_threshold: float | None,
+                           docs: Path) -> None:
     """Share of generated pictures the classifier recognises as their class; updates metrics, card and grid."""
     from inference.training.train_generator import evaluate_generator
 
-    result = evaluate_generator(model, classifier, samples_per_class, steps=steps, guidance_scale=guidance_scale,
-                                data=data if data.exists() else None, docs_img=docs / "img")
+    try:
+        result = evaluate_generator(model, classifier, samples_per_class, steps=steps, guidance_scale=guidance_scale,
+                                    shift_patches=shift_patches, dynamic_threshold=dynamic_threshold,
+                                    data=data if data.exists() else None, docs_img=docs / "img")
+    except ValueError as exc:  # e.g. a threshold outside [0, 1)
+        raise click.UsageError(str(exc)) from exc
     _refresh_generator_card(model, docs, evaluated_with=_command_line())
     click.echo(json.dumps(result, indent=2))
 
@@ -247,3 +288,7 @@ def _command_line() -> str:
 def _summary(metrics: dict) -> dict:  # type: ignore[type-arg]
     return {k: ({kk: vv for kk, vv in v.items() if kk != "confusion"} if isinstance(v, dict) else v)
             for k, v in metrics.items()}
+
+
+if __name__ == "__main__":  # `python -m inference.training.cli ...`: training without the server's dependencies
+    train_command()

@@ -114,6 +114,12 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
     patching = (f" The UNet works on a {size // patch}×{size // patch} grid of {patch}×{patch} px patches (pixel "
                 "unshuffle, as in *simple diffusion*): the diffusion stays in pixel space, the network is "
                 f"{patch * patch}× cheaper.") if patch > 1 else ""
+    predicts = "v-prediction" if config.get("prediction_type") == "v_prediction" else "ε-prediction"
+    tuning = [t for t in (
+        "the patch grid moved every sampling step" if patch > 1 and config.get("shift_patches") else "",
+        f"dynamic thresholding at the {config.get('dynamic_threshold', 0):g} quantile"
+        if config.get("dynamic_threshold") else "",
+    ) if t]
     if rec:
         real = rec.get("real_photos") or {}
         real_pc, real_n = real.get("per_class", {}), real.get("n_per_class", {})
@@ -128,9 +134,11 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
                      "of these classes correctly (DermaMNIST test + DermNet validation, never trained on, each class "
                      "in the image type it is drawn in): the classifier, not only the generator, limits this "
                      "measure.") if real else ""
+        grid = (f" Patch-grid strength of the pictures: {rec['patch_grid']} (spectral power at the patch period "
+                "over its neighbours; photos ≈ 1.4).") if rec.get("patch_grid") is not None else ""
         rec_text = (f"The shipped classifier recognises **{_pct(rec['overall'])}** of generated pictures as the "
                     f"class they were generated for ({rec['samples_per_class']} per class, guidance "
-                    f"{rec['guidance_scale']}, {rec['steps']} DDIM steps; goal ≥ 80 %).{reference}\n\n"
+                    f"{rec['guidance_scale']}, {rec['steps']} DDIM steps; goal ≥ 80 %).{reference}{grid}\n\n"
                     f"Patients are only shown pictures of classes recognised ≥ {_pct(min_recognition)} "
                     "(`SKINBRIDGE_EXPLANATION_MIN_RECOGNITION`) *and* approved by a dermatologist: "
                     f"**{len(shown)} of {len(rec['per_class'])}** classes{': ' + ', '.join(shown) if shown else ''}. "
@@ -144,8 +152,8 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
     rec_text += "\n" + _review_text(signed_off, void)
     return f"""## Generator `{config['model_id']}` {config['model_version']}
 
-Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM ε-prediction training, DDIM sampling,
-classifier-free guidance with scale {extra.get('guidance_scale')}), **{size}×{size} px**,
+Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM {predicts} training, DDIM sampling,
+classifier-free guidance with scale {extra.get('guidance_scale')}{''.join(', ' + t for t in tuning)}), **{size}×{size} px**,
 {_class_choice(codes, tr)}.{patching}
 Trained from scratch **on {where}** for {tr.get('steps')} steps ({tr.get('epochs_done')} epochs,
 {tr.get('wall_s')} s, batch {tr.get('batch_size')}, seed {tr.get('seed')}); weights stored in {tr.get('dtype', 'float32')}. That is a small
