@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-REPO_DOCS = Path(__file__).resolve().parent.parent.parent / "docs"
+# Defaults relative to the current folder, the repository root (as for the data): relative to this file
+# they would point into site-packages for the installed CLI, and results would land there.
+WEIGHTS = Path("inference/weights")
+REPO_DOCS = Path("docs")
 DEFAULT_DATA = Path("../shared/data")
 
 
