@@ -377,6 +377,10 @@ def test_the_device_kit_carries_the_trainers_pixels_to_a_gpu_run(data_dir: Path,
 
     made = build_device_kit(data_dir, kit, 64, sources=("ham10000",), per_label=2)
     assert made["photos"] == 2 * 7 * 3  # two per HAM10000 label and DermaMNIST split
+    with pytest.raises(FileNotFoundError):  # a failed rebuild keeps the kit that was there
+        build_device_kit(tmp_path / "no-data", kit, 64, sources=("ham10000",), per_label=2)
+    assert len(list((kit / "ham10000" / "images").glob("*.jpg"))) == made["photos"]
+    assert not (tmp_path / "kit.partial").exists()
     assert D.ham_items(kit) == D.ham_items(data_dir) and D.dermnet_items(kit) == []
     assert (kit / "ham10000" / "README.md").read_text() == (data_dir / "ham10000" / "README.md").read_text()
     item = D.ham_items(data_dir)[0]

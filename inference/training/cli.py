@@ -180,12 +180,9 @@ def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_pe
     """Share of generated pictures the classifier recognises as their class; updates metrics, card and grid."""
     from inference.training.train_generator import evaluate_generator
 
-    try:
-        result = evaluate_generator(model, classifier, samples_per_class, steps=steps, guidance_scale=guidance_scale,
-                                    shift_patches=shift_patches, dynamic_threshold=dynamic_threshold,
-                                    data=data if data.exists() else None, docs_img=docs / "img")
-    except ValueError as exc:  # e.g. a threshold outside [0, 1)
-        raise click.UsageError(str(exc)) from exc
+    result = evaluate_generator(model, classifier, samples_per_class, steps=steps, guidance_scale=guidance_scale,
+                                shift_patches=shift_patches, dynamic_threshold=dynamic_threshold,
+                                data=data if data.exists() else None, docs_img=docs / "img")
     _refresh_generator_card(model, docs, evaluated_with=_command_line())
     click.echo(json.dumps(result, indent=2))
 

@@ -37,19 +37,28 @@ def build_device_kit(data: Path, out: Path, size: int, *, quality: int = 95, sou
     unknown = sorted(set(sources) - set(_METADATA))
     if unknown:
         raise ValueError(f"unknown data sets {', '.join(unknown)}; known: {', '.join(_METADATA)}")
+    # written beside ``out`` and swapped in at the end: a failure (a photo missing, say) keeps the old kit
+    building = out.with_name(out.name + ".partial")
+    if building.exists():
+        shutil.rmtree(building)
+    try:
+        for source, names in _METADATA.items():
+            (building / source).mkdir(parents=True)
+            for name in names:
+                if source in sources:
+                    shutil.copy2(data / source / name, building / source / name)
+        if "dermnet" not in sources:
+            (building / "dermnet" / "labels.csv").write_text("path,condition\n")
+        items = small_subset(data, per_label) if per_label else D.ham_items(data) + D.dermnet_items(data)
+        items = [it for it in items if it.source in sources]
+        for item in items:
+            target = D.item_path(building, item)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(D.load_image(D.item_path(data, item), size)).save(target, "JPEG", quality=quality)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
-    for source, names in _METADATA.items():
-        (out / source).mkdir(parents=True)
-        for name in names:
-            if source in sources:
-                shutil.copy2(data / source / name, out / source / name)
-    if "dermnet" not in sources:
-        (out / "dermnet" / "labels.csv").write_text("path,condition\n")
-    items = small_subset(data, per_label) if per_label else D.ham_items(data) + D.dermnet_items(data)
-    items = [it for it in items if it.source in sources]
-    for item in items:
-        target = D.item_path(out, item)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(D.load_image(D.item_path(data, item), size)).save(target, "JPEG", quality=quality)
+    building.rename(out)
     return {"photos": len(items), "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}

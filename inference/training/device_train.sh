@@ -6,7 +6,7 @@
 #   pip download diffusers==<version in .venv> -d .whl --no-deps ...     # the GPU machine has no diffusers
 # Then, with the device tool: carry [".devkit", ".whl"] and run
 #   bash inference/training/device_train.sh NAME MINUTES [train-generator options...]
-# Several runs share the GPU well (a small UNet leaves it mostly idle):
+# Several runs can share the GPU in one call (how well is not measured yet):
 #   bash inference/training/device_train.sh eps 8 ... & bash inference/training/device_train.sh v 8 ... & wait
 #
 # DEVICE, KIT, PYTHON and WHEELS override cuda, .devkit/data, python3 and .whl (tests run it on a CPU).
