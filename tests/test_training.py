@@ -257,6 +257,69 @@ def test_generator_learns_only_the_chosen_classes_and_refuses_unknown_ones(data_
     assert "2 classes chosen for this run (melanoma, nevus)" in (gen / "MODEL_CARD.md").read_text()
 
 
+def test_class_balance_evens_out_how_often_each_class_is_drawn() -> None:
+    from inference.training.train_generator import class_balanced_weights
+
+    codes = ["nevus"] * 60 + ["melanoma"] * 10 + ["dermatofibroma"] * 2
+    share = lambda w: {c: float(w[[k for k, x in enumerate(codes) if x == c]].sum() / w.sum()) for c in set(codes)}
+    assert share(class_balanced_weights(codes, 0.0)) == pytest.approx({"nevus": 60 / 72, "melanoma": 10 / 72,
+                                                                        "dermatofibroma": 2 / 72})
+    assert share(class_balanced_weights(codes, 1.0)) == pytest.approx({c: 1 / 3 for c in set(codes)})
+    half = share(class_balanced_weights(codes, 0.5))  # in proportion to the square root of the counts
+    assert half["dermatofibroma"] / half["nevus"] == pytest.approx((2 / 60) ** 0.5)
+
+
+def test_memorisation_check_tells_copies_of_training_photos_from_new_pictures(data_dir: Path) -> None:
+    from inference.training.evaluate import decode_items, split_items
+    from inference.training.train_generator import memorisation
+
+    train = [it for it in split_items(data_dir, D.ham_items(data_dir), "dermamnist-train") if it.raw_label == "df"]
+    photos = decode_items(data_dir, train[:12], 64).images
+    copies = np.ascontiguousarray(photos[:, :, ::-1])  # mirrored, as training showed them
+    brighter = np.clip(photos.astype(int) + 6, 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, photos.shape, dtype=np.uint8)
+    result = memorisation({"dermatofibroma": np.concatenate([copies, brighter, noise])}, data_dir)
+    assert result["near_copies"] == pytest.approx(2 / 3)  # the copies and the brightened copies, not the noise
+    assert result["unseen_photos"] > 10 and 0 < result["threshold"] < result["median_distance"]["unseen_photos"]
+    assert memorisation({"dermatofibroma": noise}, data_dir)["near_copies"] == 0.0
+
+
+def test_generator_training_continues_a_trained_generator(trained: dict[str, Path], data_dir: Path,
+                                                         tmp_path: Path) -> None:
+    from inference.engines.generator_net import load_generator_parts
+    from inference.training.cli import train_command
+
+    prev = trained["generator"]
+    common = ["generator", "--data", str(data_dir), "--epochs", "1", "--threads", "1", "--subset-per-label", "3",
+              "--cache-dir", str(tmp_path / "cache"), "--docs", str(tmp_path / "docs"), "--samples-per-class", "1",
+              "--steps", "2", "--classifier", str(tmp_path / "no-classifier"), "--init-from", str(prev)]
+    runner = CliRunner()
+    # a generator of other classes (or size, patches, target) cannot be continued: refused before decoding
+    res = runner.invoke(train_command, [*common, "--out", str(tmp_path / "bad"), "--classes", "nevus,melanoma",
+                                        "--prediction-type", "v_prediction"])
+    assert res.exit_code == 2 and "--init-from" in res.output and "class_codes" in res.output
+    res = runner.invoke(train_command, [*common, "--out", str(tmp_path / "bad")])  # epsilon, it learnt v
+    assert res.exit_code == 2 and "prediction_type" in res.output
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "cache").exists()
+
+    # with a learning rate of 0 the continued generator is the one it started from: its weights were loaded,
+    # its architecture kept (--channels is ignored), and the run records where it came from
+    out = tmp_path / "continued"
+    res = runner.invoke(train_command, [*common, "--out", str(out), "--prediction-type", "v_prediction",
+                                        "--lr", "0", "--class-balance", "1", "--channels", "8,8,8"],
+                        catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    before, after = load_generator_parts(prev)[0], load_generator_parts(out)[0]
+    assert after.config.block_out_channels == before.config.block_out_channels
+    for (name, a), b in zip(after.state_dict().items(), before.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3), name
+    training = json.loads((out / "config.json").read_text())["extra"]["training"]
+    origin = training["continued_from"]
+    assert origin["weights_sha256"] == (prev / "weights.sha256").read_text().split()[0]
+    assert origin["training"]["steps"] >= 1 and training["class_balance"] == 1.0
+    assert "continued from" in (out / "MODEL_CARD.md").read_text()
+
+
 def test_evaluate_classifier_cli_decodes_the_split_afresh(trained: dict[str, Path], data_dir: Path) -> None:
     from inference.training.cli import train_command
     from inference.training.evaluate import evaluate_classifier
@@ -290,8 +353,12 @@ def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dic
     real = rec["real_photos"]
     assert set(real["n_per_class"]) == set(rec["per_class"]) and sum(real["n_per_class"].values()) > 500
     assert real["n_per_class"]["melanoma"] > 10 and 0.0 <= real["overall"] <= 1.0
+    # and whether the pictures copy training photos
+    mem = rec["memorisation"]
+    assert set(mem["per_class"]) == set(rec["per_class"]) and 0.0 <= mem["near_copies"] <= 1.0
     card = (gen / "MODEL_CARD.md").read_text()
     assert "Measured with: `skinbridge train evaluate-generator" in card and "Real held-out photos" in card
+    assert "Near-copies of training photos" in card
     assert "weights stored in float16" in card
     measured = card.split("Measured with: ")[1].split("\n")[0]
     assert f"Measured with: {measured}" in (docs / "models.md").read_text()  # docs/models.md holds the same card

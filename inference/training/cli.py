@@ -99,17 +99,22 @@ def _sampling_options(f):
               help="Min-SNR-gamma loss weighting, e.g. 5 (0: plain DDPM loss, as every measured run so far)")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon",
               show_default=True, help="what the UNet learns to predict: the noise, or v")
+@click.option("--class-balance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="draw photos as (photos of their class) ** -X: 0 = as the data come, 1 = every class equally often")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="continue training this generator folder (same classes, size, patches and prediction type; "
+                   "its architecture wins over --channels/--layers-per-block)")
 @_sampling_options
 def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
                   cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, classifier: Path,
                   sample_size: int, patch_size: int,
                   samples_per_class: int, steps: int, channels: str, layers_per_block: int, batch_size: int, lr: float,
-                  classes: str | None, min_snr_gamma: float, prediction_type: str, shift_patches: bool | None,
-                  dynamic_threshold: float | None) -> None:
+                  classes: str | None, min_snr_gamma: float, prediction_type: str, class_balance: float,
+                  init_from: Path | None, shift_patches: bool | None, dynamic_threshold: float | None) -> None:
     """Train the class-conditional diffusion generator; measures recognition by the classifier."""
     from inference.engines.clinical_review import review_status
     from inference.training.model_card import generator_card, load_json, write_card
-    from inference.training.train_generator import ClassSelectionError, GeneratorRun, train_generator
+    from inference.training.train_generator import ClassSelectionError, GeneratorRun, InitFromError, train_generator
 
     chosen = tuple(c.strip() for c in (classes or "").split(",") if c.strip()) or None
     run = GeneratorRun(
@@ -122,11 +127,14 @@ def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: 
         layers_per_block=layers_per_block,
         batch_size=batch_size, lr=lr, classes=chosen, min_snr_gamma=min_snr_gamma, prediction_type=prediction_type,
         shift_patches=bool(shift_patches), dynamic_threshold=dynamic_threshold or 0.0,
+        class_balance=class_balance, init_from=init_from,
     )
     try:
         metrics = train_generator(run)
     except ClassSelectionError as exc:
         raise click.BadParameter(str(exc), param_hint="--classes") from exc
+    except InitFromError as exc:
+        raise click.BadParameter(str(exc), param_hint="--init-from") from exc
     write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line(),
                                    review=review_status(out)), docs / "models.md", "generator")
     click.echo(json.dumps(metrics, indent=2))

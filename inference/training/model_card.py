@@ -110,7 +110,6 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
     rec = metrics.get("recognition")
     codes = [c for c in config["class_codes"] if not c.startswith("_")]
     size, patch = config["sample_size"], int(config.get("patch_size", 1))
-    where = _trained_on(tr)
     patching = (f" The UNet works on a {size // patch}×{size // patch} grid of {patch}×{patch} px patches (pixel "
                 "unshuffle, as in *simple diffusion*): the diffusion stays in pixel space, the network is "
                 f"{patch * patch}× cheaper.") if patch > 1 else ""
@@ -136,6 +135,7 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
                      "measure.") if real else ""
         grid = (f" Patch-grid strength of the pictures: {rec['patch_grid']} (spectral power at the patch period "
                 "over its neighbours; photos ≈ 1.4).") if rec.get("patch_grid") is not None else ""
+        grid += _memorisation_text(rec.get("memorisation"))
         rec_text = (f"The shipped classifier recognises **{_pct(rec['overall'])}** of generated pictures as the "
                     f"class they were generated for ({rec['samples_per_class']} per class, guidance "
                     f"{rec['guidance_scale']}, {rec['steps']} DDIM steps; goal ≥ 80 %).{reference}{grid}\n\n"
@@ -155,8 +155,7 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
 Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM {predicts} training, DDIM sampling,
 classifier-free guidance with scale {extra.get('guidance_scale')}{''.join(', ' + t for t in tuning)}), **{size}×{size} px**,
 {_class_choice(codes, tr)}.{patching}
-Trained from scratch **on {where}** for {tr.get('steps')} steps ({tr.get('epochs_done')} epochs,
-{tr.get('wall_s')} s, batch {tr.get('batch_size')}, seed {tr.get('seed')}); weights stored in {tr.get('dtype', 'float32')}. That is a small
+Trained from scratch {_training_story(tr)}; weights stored in {tr.get('dtype', 'float32')}. That is a small
 budget for a diffusion model: pictures are low-resolution and show colour, shape and texture more than
 fine detail. They are *illustrations*, always marked as AI-generated, never patient photos and never
 evidence for a diagnosis. The null class for guidance is the last entry of `class_codes`
@@ -174,6 +173,31 @@ evidence for a diagnosis. The null class for guidance is the last entry of `clas
 ### Intended use, limits and biases
 {LIMITS}
 """
+
+
+def _memorisation_text(mem: dict[str, Any] | None) -> str:
+    if not mem:
+        return ""
+    q = _pct(mem["quantile"])
+    worst = max(mem["per_class"].items(), key=lambda kv: kv[1])
+    return (f" Near-copies of training photos: **{_pct(mem['near_copies'])}** of the pictures lie closer to a "
+            f"training photo of their class than {q} of {mem['unseen_photos']} unseen real photos do (pixel RMS at "
+            f"{mem['compared_at']} px, flips included; {q} or less means no copying; most: {worst[0]} "
+            f"{_pct(worst[1])}).")
+
+
+def _training_story(tr: dict[str, Any]) -> str:
+    """How the weights came about, oldest run first: a continued run names the one it continued."""
+    balance = tr.get("class_balance") or 0
+    drawn = ("" if not balance else ", every class drawn equally often" if balance == 1 else
+             f", photos drawn as (photos of their class)^-{balance:g}")
+    this = (f"**on {_trained_on(tr)}** for {tr.get('steps')} steps ({tr.get('epochs_done')} epochs, "
+            f"{tr.get('wall_s')} s, batch {tr.get('batch_size')}, seed {tr.get('seed')}{drawn})")
+    origin = tr.get("continued_from")
+    if not origin:
+        return this
+    return (f"{_training_story(origin.get('training', {}))}, then continued from `{origin.get('path')}` "
+            f"(weights {str(origin.get('weights_sha256'))[:12]}) {this}")
 
 
 def _review_text(review: Any, void: str | None) -> str:

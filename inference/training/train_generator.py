@@ -32,6 +32,10 @@ class ClassSelectionError(ValueError):
     """A requested class that cannot be learnt (unknown code or too few training photos)."""
 
 
+class InitFromError(ValueError):
+    """A generator to continue from that does not fit the run (other classes, size, patches or target)."""
+
+
 @dataclass
 class GeneratorRun(TrainingRun):
     epochs: int = 30
@@ -50,6 +54,10 @@ class GeneratorRun(TrainingRun):
     guidance_scale: float = 3.0
     num_inference_steps: int = 25
     min_per_class: int = 40  # DermNet-grouped codes need this many training photos to be learnt
+    # how often a photo is drawn, as (photos of its class) ** -class_balance: 0 = as the data come
+    # (two-thirds of HAM10000 are naevi, 1 % dermatofibromas), 1 = every class equally often
+    class_balance: float = 0.0
+    init_from: Path | None = None  # continue training this generator (same classes, size, patches, target)
     classes: tuple[str, ...] | None = None  # learn only these codes (compute goes further on fewer classes)
     classifier: Path | None = None  # for the recognition metric
     samples_per_class: int = 16
@@ -129,6 +137,40 @@ def check_classes(run: GeneratorRun) -> list[str]:
     return _learnable_codes(codes, train, run.min_per_class, run.classes)
 
 
+def class_balanced_weights(row_codes: list[str], power: float) -> torch.Tensor:
+    """Sampling weight per training row: (rows of its class) ** -power, so each class is drawn in
+    proportion to (its rows) ** (1 - power)."""
+    counts: dict[str, int] = {}
+    for c in row_codes:
+        counts[c] = counts.get(c, 0) + 1
+    return torch.tensor([counts[c] ** -power for c in row_codes], dtype=torch.float64)
+
+
+def check_init_from(run: GeneratorRun, codes: list[str]) -> dict[str, Any] | None:
+    """The config of the generator ``run.init_from`` if the run can continue it (checked before any
+    photo is decoded), else InitFromError saying what differs."""
+    if run.init_from is None:
+        return None
+    from inference.engines.generator_net import GeneratorConfig
+
+    try:
+        prev = GeneratorConfig.load(run.init_from)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InitFromError(f"no generator to continue at {run.init_from}: {exc}") from exc
+    wanted = {"class_codes": [*codes, NULL_CODE], "sample_size": run.sample_size, "patch_size": run.patch_size,
+              "prediction_type": run.prediction_type}
+    differ = [f"{k} {getattr(prev, k)!r} (this run: {v!r})" for k, v in wanted.items() if getattr(prev, k) != v]
+    if differ:
+        raise InitFromError(f"cannot continue {run.init_from}: it has " + "; ".join(differ))
+    return {"path": str(run.init_from), "model_version": prev.model_version,
+            "weights_sha256": _weights_digest(run.init_from), "training": prev.extra.get("training", {})}
+
+
+def _weights_digest(folder: Path) -> str | None:
+    line = (folder / "weights.sha256").read_text().split() if (folder / "weights.sha256").exists() else []
+    return line[0] if line else None
+
+
 def _training_rows(labelled: D.Labelled, masks: dict[str, np.ndarray], codes: list[str]) -> np.ndarray:
     """Training rows of the classes ``codes`` (as check_classes chose them)."""
     wanted = set(codes)
@@ -156,6 +198,7 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
     )
 
     codes = check_classes(run)  # from the labels: a bad --classes fails before any photo is decoded
+    continued_from = check_init_from(run, codes)  # likewise a generator that cannot be continued
     gen, device, log_path, labelled, masks = prepare_run(run, run.sample_size)
     rows = _training_rows(labelled, masks, codes)
     index = {c: k for k, c in enumerate(codes)}
@@ -182,13 +225,17 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         shift_patches=run.shift_patches, dynamic_threshold=run.dynamic_threshold,
         extra={"null_class_index": null_index, "guidance_scale": run.guidance_scale, "image_types": image_types},
     )
-    unet = build_generator_unet(len(codes) + 1, run.sample_size, tuple(run.block_out_channels),
-                                run.layers_per_block, norm_num_groups=16, patch_size=run.patch_size).to(device)
+    if continued_from:  # its architecture, its weights (fp16 on disk, trained on in fp32)
+        unet = load_generator_parts(run.init_from)[0].float().to(device)
+    else:
+        unet = build_generator_unet(len(codes) + 1, run.sample_size, tuple(run.block_out_channels),
+                                    run.layers_per_block, norm_num_groups=16, patch_size=run.patch_size).to(device)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     noise_sched = config.make_scheduler()
     alphas = noise_sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=run.lr, weight_decay=0.0)
     steps_per_epoch = max(1, len(rows) // run.batch_size)
+    row_weights = class_balanced_weights([labelled.codes[i] for i in rows], run.class_balance)
 
     from tqdm import tqdm
 
@@ -196,7 +243,11 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
     step, epochs_done, stop = 0, 0, False
     for epoch in range(run.epochs):
         unet.train()
-        perm = rows[torch.randperm(len(rows), generator=gen).numpy()]
+        if run.class_balance > 0:  # drawn with replacement, rare classes more often
+            draw = torch.multinomial(row_weights, len(rows), replacement=True, generator=gen)
+        else:
+            draw = torch.randperm(len(rows), generator=gen)
+        perm = rows[draw.numpy()]
         running, seen = 0.0, 0
         for b in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{run.epochs}", mininterval=30):
             if run.time_budget_s and time.monotonic() - start >= run.time_budget_s:
@@ -249,7 +300,10 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         "time_budget_s": run.time_budget_s, "device": device, "subset_per_label": run.items_per_label,
         "dtype": "float16", "chosen_classes": bool(run.classes), "min_per_class": run.min_per_class,
         "min_snr_gamma": run.min_snr_gamma, "prediction_type": run.prediction_type,
+        "class_balance": run.class_balance, "lr": run.lr,
     }
+    if continued_from:
+        config.extra["training"]["continued_from"] = continued_from
     # shipped in fp16 (half the bytes); measured as shipped: reloaded from disk, computed in fp32
     save_generator(run.out, copy.deepcopy(ema).half(), config)
     shipped, _scheduler, config = load_generator_parts(run.out)
@@ -274,7 +328,8 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
     """Share of generated images the classifier assigns (top-1) to the class they were generated for.
 
     With ``data``, also the reference the goal should be read against: how often the same classifier
-    names held-out real photos of each class correctly (``real_photos``)."""
+    names held-out real photos of each class correctly (``real_photos``), and whether the pictures are
+    near-copies of training photos (``memorisation``)."""
     from inference.training.evaluate import load_model
 
     model, cconf = load_model(classifier_dir)
@@ -283,8 +338,10 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
     per_class: dict[str, float] = {}
     hits = total = 0
     grid: list[float] = []
+    drawn: dict[str, np.ndarray] = {}
     for k, code in enumerate(config.class_codes[:-1]):
         imgs = sample(unet, config, k, n, seed + k, device=device)
+        drawn[code] = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
         if config.patch_size > 1:
             grid.append(patch_grid_strength(imgs, config.patch_size))
         if imgs.shape[-1] != size:
@@ -305,6 +362,7 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
         result["patch_grid"] = round(float(np.mean(grid)), 2)
     if data is not None:
         result["real_photos"] = real_photo_recognition(model, cconf, data, image_types)
+        result["memorisation"] = memorisation(drawn, data)
     return result
 
 
@@ -328,6 +386,54 @@ def real_photo_recognition(model: Any, cconf: dict[str, Any], data: Path, image_
             per_class[code] = sum(hits) / len(hits)
     overall = sum(p == t for p, t in zip(pred, true, strict=True)) / max(1, len(true))
     return {"overall": overall, "per_class": per_class, "n_per_class": counts}
+
+
+@torch.no_grad()
+def memorisation(generated: dict[str, np.ndarray], data: Path, *, quantile: float = 0.05) -> dict[str, Any]:
+    """Whether the generator copies its training photos: each generated picture's distance to the nearest
+    training photo of its class (RMS over pixels in [0, 1], at half the sample size, flipped copies
+    included as training showed them), against the same distance for unseen real photos of the class
+    (HAM10000 lesions never trained on, DermNet validation). A picture closer than the ``quantile`` of
+    the unseen photos' distances counts as a near-copy: a generator that draws new pictures has about
+    ``quantile`` of them, one that memorises far more. ``generated``: code -> N x S x S x 3 uint8."""
+    from inference.training.evaluate import decode_items, split_items
+
+    size = next(iter(generated.values())).shape[1]
+    items = D.ham_items(data) + D.dermnet_items(data)
+    keep, codes = D.item_codes(items)
+    code_of = {items[i]: c for i, c in zip(keep, codes, strict=True)}
+
+    def photos(*splits: str) -> dict[str, torch.Tensor]:
+        chosen = [it for sp in splits for it in split_items(data, items, sp) if code_of.get(it) in generated]
+        cache = decode_items(data, chosen, size)
+        return {c: _small(cache.images[[k for k, it in enumerate(chosen) if code_of[it] == c]]) for c in generated}
+
+    train, unseen = photos("dermamnist-train", "dermnet-train"), photos("ham-lesion-test", "dermnet-val")
+
+    def nearest(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if not len(x) or not len(ref):
+            return torch.empty(0)
+        n = ref.shape[-1]
+        flips = torch.cat([ref, ref.flip(-1), ref.flip(-2), ref.flip(-1, -2)]).flatten(1)
+        d = torch.cat([torch.cdist(chunk.flatten(1), flips).min(1).values for chunk in x.split(256)])
+        return d / (3 * n * n) ** 0.5
+
+    gen_d = {c: nearest(_small(g), train[c]) for c, g in generated.items()}
+    real_d = torch.cat([nearest(unseen[c], train[c]) for c in generated])
+    if not len(real_d):
+        return {}
+    threshold = float(torch.quantile(real_d, quantile))
+    near = {c: float((d < threshold).float().mean()) for c, d in gen_d.items() if len(d)}
+    all_gen = torch.cat(list(gen_d.values()))
+    return {"near_copies": float((all_gen < threshold).float().mean()), "per_class": near, "quantile": quantile,
+            "threshold": round(threshold, 4), "compared_at": size // 2, "unseen_photos": len(real_d),
+            "median_distance": {"generated": round(float(all_gen.median()), 4),
+                                "unseen_photos": round(float(real_d.median()), 4)}}
+
+
+def _small(u8: np.ndarray) -> torch.Tensor:
+    """N x S x S x 3 uint8 -> N x 3 x S/2 x S/2 in [0, 1]: small differences in texture do not make a copy."""
+    return F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float() / 255, 2)
 
 
 def _top1_codes(model: Any, cconf: dict[str, Any], images: np.ndarray, image_type: np.ndarray) -> list[str]:
