@@ -14,8 +14,8 @@ from PIL import Image
 from inference.engines.base import model_sha256
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "inference" / "weights"
-# No generator trained so far draws recognisably enough for patients, so the CPU-trained one ships as a
-# draft that the explainer does not load by default (docs/models.md); a good one goes to WEIGHTS / "generator".
+# No dermatologist has signed off a generator yet, so the CPU-trained one ships as a draft that the
+# explainer does not load by default (docs/models.md); a signed-off one goes to WEIGHTS / "generator".
 CLASSIFIER, GENERATOR = WEIGHTS / "classifier", WEIGHTS / "generator-draft"
 MAX_BYTES = 30 * 1024 * 1024
 

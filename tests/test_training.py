@@ -341,13 +341,13 @@ def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dic
     res = CliRunner().invoke(train_command, [
         "evaluate-generator", "--model", str(gen), "--classifier", str(trained["classifier"]), "--data", str(data_dir),
         "--samples-per-class", "2", "--steps", "2", "--guidance-scale", "1.5", "--shift-patches",
-        "--dynamic-threshold", "0.95", "--docs", str(docs)])
+        "--dynamic-threshold", "0.95", "--seed", "5", "--docs", str(docs)])
     assert res.exit_code == 0, res.output
     config = json.loads((gen / "config.json").read_text())
     assert config["extra"]["guidance_scale"] == 1.5 and config["num_inference_steps"] == 2
     assert config["shift_patches"] is True and config["dynamic_threshold"] == 0.95  # serving samples the same way
     rec = json.loads((gen / "metrics.json").read_text())["recognition"]
-    assert rec["samples_per_class"] == 2 and rec["guidance_scale"] == 1.5
+    assert rec["samples_per_class"] == 2 and rec["guidance_scale"] == 1.5 and rec["seed"] == 5
     assert rec["shift_patches"] is True and rec["dynamic_threshold"] == 0.95
     # the reference: held-out real photos (DermaMNIST test, DermNet validation) of the generator's classes
     real = rec["real_photos"]
@@ -361,6 +361,7 @@ def test_evaluate_generator_cli_records_settings_reference_and_card(trained: dic
     assert "Near-copies of training photos" in card
     assert "weights stored in float16" in card
     measured = card.split("Measured with: ")[1].split("\n")[0]
+    assert " --shift-patches " in measured and "True" not in measured  # a command that can be run again
     assert f"Measured with: {measured}" in (docs / "models.md").read_text()  # docs/models.md holds the same card
 
 

@@ -181,14 +181,17 @@ def evaluate_classifier_cmd(model: Path, data: Path, split: str) -> None:
 @click.option("--steps", type=int, default=None, help="DDIM steps to sample with (stored in the config)")
 @click.option("--guidance-scale", type=float, default=None, help="guidance to sample with (stored in the config)")
 @_sampling_options
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="noise seed of the first class (class k: seed + k); another seed checks a result on fresh pictures")
 @click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
 def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_per_class: int, steps: int | None,
                            guidance_scale: float | None, shift_patches: bool | None, dynamic_threshold: float | None,
-                           docs: Path) -> None:
+                           seed: int, docs: Path) -> None:
     """Share of generated pictures the classifier recognises as their class; updates metrics, card and grid."""
     from inference.training.train_generator import evaluate_generator
 
-    result = evaluate_generator(model, classifier, samples_per_class, steps=steps, guidance_scale=guidance_scale,
+    result = evaluate_generator(model, classifier, samples_per_class, seed=seed, steps=steps,
+                                guidance_scale=guidance_scale,
                                 shift_patches=shift_patches, dynamic_threshold=dynamic_threshold,
                                 data=data if data.exists() else None, docs_img=docs / "img")
     _refresh_generator_card(model, docs, evaluated_with=_command_line())
@@ -285,8 +288,14 @@ def _command_line() -> str:
     """The invoking command with every option spelled out (defaults included), for the model card."""
     ctx = click.get_current_context()
     parts = ["skinbridge", "train", ctx.info_name or ""]
+    options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
     for name, value in ctx.params.items():
         if value is None or name in ("docs", "cache_dir"):
+            continue
+        opt = options.get(name)
+        if opt is not None and opt.is_flag:  # --shift-patches / --fixed-patches: the flag itself, no value
+            flags = opt.opts if value else opt.secondary_opts
+            parts += flags[:1]
             continue
         parts += [f"--{name.replace('_', '-')}", _rel(value) if isinstance(value, Path) else str(value)]
     return " ".join(parts)

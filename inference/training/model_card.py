@@ -180,10 +180,10 @@ def _memorisation_text(mem: dict[str, Any] | None) -> str:
         return ""
     q = _pct(mem["quantile"])
     worst = max(mem["per_class"].items(), key=lambda kv: kv[1])
+    most = f"; most: {worst[0]} {_pct(worst[1])}" if worst[1] > 0 else ""
     return (f" Near-copies of training photos: **{_pct(mem['near_copies'])}** of the pictures lie closer to a "
             f"training photo of their class than {q} of {mem['unseen_photos']} unseen real photos do (pixel RMS at "
-            f"{mem['compared_at']} px, flips included; {q} or less means no copying; most: {worst[0]} "
-            f"{_pct(worst[1])}).")
+            f"{mem['compared_at']} px, flips included; {q} or less means no copying{most}).")
 
 
 def _training_story(tr: dict[str, Any]) -> str:

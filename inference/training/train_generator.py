@@ -354,7 +354,7 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
         hits += h
         total += len(pred)
     result: dict[str, Any] = {
-        "overall": hits / max(1, total), "per_class": per_class, "samples_per_class": n,
+        "overall": hits / max(1, total), "per_class": per_class, "samples_per_class": n, "seed": seed,
         "guidance_scale": config.extra.get("guidance_scale"), "steps": config.num_inference_steps,
         "shift_patches": config.shift_patches, "dynamic_threshold": config.dynamic_threshold,
     }
