@@ -151,6 +151,7 @@ def check_init_from(run: GeneratorRun, codes: list[str]) -> dict[str, Any] | Non
     photo is decoded), else InitFromError saying what differs."""
     if run.init_from is None:
         return None
+    from inference.engines.base import model_sha256
     from inference.engines.generator_net import GeneratorConfig
 
     try:
@@ -163,12 +164,7 @@ def check_init_from(run: GeneratorRun, codes: list[str]) -> dict[str, Any] | Non
     if differ:
         raise InitFromError(f"cannot continue {run.init_from}: it has " + "; ".join(differ))
     return {"path": str(run.init_from), "model_version": prev.model_version,
-            "weights_sha256": _weights_digest(run.init_from), "training": prev.extra.get("training", {})}
-
-
-def _weights_digest(folder: Path) -> str | None:
-    line = (folder / "weights.sha256").read_text().split() if (folder / "weights.sha256").exists() else []
-    return line[0] if line else None
+            "weights_sha256": model_sha256(run.init_from / "unet"), "training": prev.extra.get("training", {})}
 
 
 def _training_rows(labelled: D.Labelled, masks: dict[str, np.ndarray], codes: list[str]) -> np.ndarray:
@@ -341,12 +337,11 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
     drawn: dict[str, np.ndarray] = {}
     for k, code in enumerate(config.class_codes[:-1]):
         imgs = sample(unet, config, k, n, seed + k, device=device)
-        drawn[code] = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        u8 = drawn[code] = _to_uint8(imgs)
         if config.patch_size > 1:
             grid.append(patch_grid_strength(imgs, config.patch_size))
         if imgs.shape[-1] != size:
-            imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-        u8 = (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+            u8 = _to_uint8(F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1))
         itype = D.IMAGE_TYPES.get(image_types.get(code, ""), D.DERMOSCOPIC)
         pred = _top1_codes(model, cconf, u8, np.full(len(u8), itype))
         h = sum(p == code for p in pred)
@@ -431,6 +426,11 @@ def memorisation(generated: dict[str, np.ndarray], data: Path, *, quantile: floa
                                 "unseen_photos": round(float(real_d.median()), 4)}}
 
 
+def _to_uint8(imgs: torch.Tensor) -> np.ndarray:
+    """B x 3 x S x S in [0, 1] -> B x S x S x 3 uint8, as photos are stored."""
+    return (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+
+
 def _small(u8: np.ndarray) -> torch.Tensor:
     """N x S x S x 3 uint8 -> N x 3 x S/2 x S/2 in [0, 1]: small differences in texture do not make a copy."""
     return F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float() / 255, 2)
@@ -459,8 +459,8 @@ def sample_grid(unet: Any, config: Any, path: Path, *, per_class: int = 8, seed:
     for k, code in enumerate(codes):
         imgs = sample(unet, config, k, per_class, seed + 1000 + k, device=device)
         draw.text((4, caption_h + k * s + s // 2 - 6), code, fill=(0, 0, 0))
-        for j, img in enumerate(imgs):
-            tile = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        for j, img in enumerate(_to_uint8(imgs)):
+            tile = Image.fromarray(img)
             grid.paste(tile.resize((s, s), Image.Resampling.NEAREST), (label_w + j * s, caption_h + k * s))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
