@@ -221,6 +221,27 @@ class Clinician(UUIDPk, Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ExplainerReview(UUIDPk, Base):
+    """A dermatologist's decision on which conditions an explainer may draw for patients.
+
+    Bound to what was looked at: the explainer's weights digest and sampling settings. Append-only;
+    the newest review of the same weights and settings is the one in force (clinic_db.explainer_review).
+    """
+
+    __tablename__ = "explainer_reviews"
+    __table_args__ = (Index("ix_explainer_reviews_weights", "weights_sha256", "created_at"),)
+
+    explainer_id: Mapped[str] = mapped_column(String(200))  # model_id@version, for people reading it
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    settings: Mapped[dict[str, Any]]  # guidance, steps, ... the pictures depend on
+    approved: Mapped[list[str]] = mapped_column(default=list)  # condition codes
+    rejected: Mapped[dict[str, Any]] = mapped_column(default=dict)  # code -> the reviewer's reason
+    reviewer_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("clinicians.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    reviewer: Mapped[Clinician] = relationship()
+
+
 class ReviewTask(UUIDPk, Base):
     __tablename__ = "review_tasks"
     __table_args__ = (Index("ix_review_tasks_queue", "status", "priority", "due_at"),)
@@ -421,5 +442,7 @@ class SubscriptionNotification(UUIDPk, Base):
 
 @event.listens_for(AuditEvent, "before_update")
 @event.listens_for(AuditEvent, "before_delete")
-def _audit_is_append_only(mapper: Any, connection: Any, target: AuditEvent) -> None:
-    raise PermissionError("audit events are append-only")
+@event.listens_for(ExplainerReview, "before_update")
+@event.listens_for(ExplainerReview, "before_delete")
+def _append_only(mapper: Any, connection: Any, target: Any) -> None:
+    raise PermissionError(f"{type(target).__tablename__} rows are append-only")

@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from clinic_db import audit, cases, clinicians, review
+from clinic_db import audit, cases, clinicians, explainer_review, review
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import AIResult, Case, CaseMessage, Clinician, ExplanationImage, Image, ReviewTask, utcnow
-from console import conditions, stats
+from console import conditions, explainer_pictures, stats
 from console.labels import HISTORY_LABELS, REASON_LABELS
 from console.security import (
     LOGIN_COOKIE,
@@ -402,6 +403,86 @@ def build_router() -> APIRouter:
             session.commit()
             assert data is not None
             return _image_response(data, row.mime)
+
+    # --- explanation pictures: the dermatologist's sign-off ---------------------------------
+    def _explainer_page(request: Request, session: Session, current: ConsoleSession, *,
+                        message: str | None = None, notice: str | None = None, form: dict[str, str] | None = None,
+                        http_status: int = 200) -> HTMLResponse:
+        explainer = explainer_pictures.current_explainer()
+        rows, in_force, digest = [], None, ""
+        if explainer is not None:
+            subject = explainer.review_subject
+            digest = explainer_pictures.subject_digest(explainer)
+            in_force = explainer_review.in_force(session, subject)
+            recognition = getattr(explainer, "recognition", None) or {}
+            for code in subject.codes:
+                state = ("approved" if in_force and code in in_force.approved else
+                         "rejected" if in_force and code in in_force.rejected else "not reviewed")
+                rows.append({
+                    "code": code, "offered": explainer.knows(code), "recognition": recognition.get(code),
+                    "state": state, "reason": (in_force.rejected.get(code) if in_force else None),
+                    "pictures": range(explainer_pictures.PICTURES_PER_CONDITION),
+                })
+        audit.record(session, Actor("clinician", str(current.clinician.id)), "explainer.view", "Console",
+                     None, purpose="operations")
+        session.commit()
+        return _render(
+            request, "explainer.html", http_status, me=current.clinician, csrf=current.csrf, explainer=explainer,
+            rows=rows, in_force=in_force, digest=digest, history=explainer_review.history(session),
+            min_recognition=getattr(explainer, "min_recognition", None), form=form or {},
+            message=message, notice=notice,
+        )
+
+    @router.get("/explainer", name="explainer_page")
+    def explainer_page(request: Request, done: str = "") -> Response:
+        with _db() as (_, session):
+            current = _require(request, session)
+            notice = "Sign-off recorded; it applies to the next results." if done == "signed" else None
+            return _explainer_page(request, session, current, notice=notice)
+
+    @router.get("/explainer/pictures/{code}/{index}", name="explainer_picture")
+    def explainer_picture(request: Request, code: str, index: int) -> Response:
+        with _db() as (_, session):
+            _require(request, session)
+        explainer = explainer_pictures.current_explainer()
+        if explainer is None or code not in explainer.review_subject.codes \
+                or not 0 <= index < explainer_pictures.PICTURES_PER_CONDITION:
+            raise HTTPException(404)
+        png = explainer_pictures.pictures(explainer, code)[index]
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @router.post("/explainer/review", name="explainer_review")
+    async def explainer_review_post(request: Request) -> Response:
+        data = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        return await run_in_threadpool(_sign_off, request, data)
+
+    def _sign_off(request: Request, data: dict[str, str]) -> Response:
+        with _db() as (_, session):
+            current = _require(request, session)
+            check_csrf(current, data.get("csrf_token"))
+            explainer = explainer_pictures.current_explainer()
+            if explainer is None:
+                raise HTTPException(404, "no explanation generator is configured")
+            if data.get("subject") != explainer_pictures.subject_digest(explainer):
+                return _explainer_page(request, session, current, http_status=409, message=(
+                    "The explanation generator changed since this page was loaded (new weights or settings). "
+                    "Look at its pictures again before signing off."))
+            codes = explainer.review_subject.codes
+            decisions = {c: data.get(f"decision-{c}", "") for c in codes}
+            approve = [c for c, d in decisions.items() if d == "approve"]
+            reject = {c: data.get(f"reason-{c}", "").strip() for c, d in decisions.items() if d == "reject"}
+            missing = [conditions.label(c, LANG) for c, why in reject.items() if not why]
+            try:
+                if missing:
+                    raise explainer_review.ReviewError("say why the pictures are not fit to show: "
+                                                       + ", ".join(missing))
+                explainer_review.record(session, current.clinician, explainer.review_subject,
+                                        explainer_id=explainer.model_id, approve=approve, reject=reject)
+            except explainer_review.ReviewError as exc:
+                session.rollback()
+                return _explainer_page(request, session, current, http_status=400, message=str(exc), form=data)
+            session.commit()
+        return RedirectResponse(_url(request, "explainer_page") + "?done=signed", 303)
 
     # --- service figures (admin) ----------------------------------------------------------
     @router.get("/admin", name="admin_page")

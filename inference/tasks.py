@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from clinic_db import cases, outbox, review
+from clinic_db import cases, explainer_review, outbox, review
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import AIResult, Case, CaseMessage, ExplanationImage, OutboxMessage, utcnow
@@ -218,8 +218,12 @@ def explain(self, case_id: str) -> None:
         explainer = engines().explainer
         if have is not None or explainer is None or not explainer.knows(top):
             return
+        # patients get pictures only of conditions a dermatologist approved for these weights and settings
+        approved = explainer_review.approved_codes(session, explainer.review_subject)
+        if top not in approved:
+            return
         seed = _seed(case.id)
-        for i, png in enumerate(explainer.generate(top, settings.explanation_images, seed)):
+        for i, png in enumerate(explainer.generate(top, settings.explanation_images, seed, approved=approved)):
             cases.add_explanation_image(clinic, session, case, condition_code=top, png=png,
                                         model_id=explainer.model_id, seed=seed + i)
 

@@ -50,6 +50,7 @@ def banner(settings: Settings) -> str:
         f"  data, keys and broker: {settings.resolved_var_dir}",
         "  patient sandbox chat:  http://127.0.0.1:8081/" if settings.telegram_token is None else "  Telegram bot: on",
         f"  dermatologist console: {base}/console/  (create an account: skinbridge clinician add)",
+        f"  example pictures:      patients get them once a dermatologist approves them at {base}/console/explainer",
         f"  FHIR API for EHRs:     {base}/fhir/metadata",
         "  Ctrl-C stops everything.",
     ]

@@ -88,15 +88,19 @@ def bot_environment(emulator: str, extra: Mapping[str, str] | None = None) -> di
     return env
 
 
-def tiny_model_env(root: Path) -> dict[str, str]:
-    """Build a tiny classifier and generator under ``root``; the settings that make workers load them."""
+def tiny_model_env(root: Path, clinic: Any = None) -> dict[str, str]:
+    """Build a tiny classifier and generator under ``root``; the settings that make workers load them.
+    With ``clinic``, a test dermatologist signs the generator off there, so patients get its pictures."""
     from inference.vocabulary import load_vocabulary
-    from tests.tiny_models import build_tiny_classifier, build_tiny_generator
+    from tests.tiny_models import build_tiny_classifier, build_tiny_generator, sign_off_generator
 
     codes = load_vocabulary().classifier_classes()
+    generator = build_tiny_generator(root / "generator", codes)
+    if clinic is not None:
+        sign_off_generator(clinic, generator)
     return {
         "SKINBRIDGE_CLASSIFIER_PATH": str(build_tiny_classifier(root / "classifier", codes)),
-        "SKINBRIDGE_GENERATOR_PATH": str(build_tiny_generator(root / "generator", codes)),
+        "SKINBRIDGE_GENERATOR_PATH": str(generator),
     }
 
 

@@ -168,3 +168,37 @@ def test_review_workflow_in_the_browser(browser, site, clinic) -> None:  # type:
     assert ops.locator("svg.agreement rect").count() >= 2 + 2
     assert ops.console_errors == []
     ops.screenshot(path=str(DOCS_IMG / "console-admin.png"), full_page=True)
+
+
+def test_dermatologist_signs_off_the_shipped_generators_pictures(browser, site, clinic) -> None:  # type: ignore[no-untyped-def]
+    """The default explainer (inference/weights/generator), drawn in the console, approved per condition."""
+    from clinic_db import explainer_review
+    from inference.engines.clinical_review import generator_subject
+    from inference.engines.registry import DEFAULT_GENERATOR
+
+    base, _ = site
+    ada = _login(browser, base, "ada")
+    ada.click("nav >> text=Explanation pictures")
+    ada.wait_for_url(re.compile(r"/console/explainer$"))
+    assert "patients get no pictures" in ada.locator("#in-force").inner_text()
+    rows = ada.locator("tr[data-code]")
+    codes = rows.evaluate_all("rows => rows.map(r => r.dataset.code)")
+    assert "nevus" in codes and "seborrheic_keratosis" in codes
+    # every sample is drawn and shown (the web process draws them on first view)
+    ada.wait_for_function("() => [...document.querySelectorAll('td.samples img')]"
+                          ".every(i => i.complete && i.naturalWidth === 256)", timeout=180_000)
+    assert ada.locator("td.samples img").count() == 4 * len(codes)
+
+    ada.check("input[name=decision-nevus][value=approve]")
+    ada.check("input[name=decision-seborrheic_keratosis][value=reject]")
+    ada.fill("input[name=reason-seborrheic_keratosis]", "grey texture, not a keratosis")
+    ada.screenshot(path=str(DOCS_IMG / "console-explainer.png"), full_page=True)
+    ada.click("button:has-text('Sign off')")
+    ada.wait_for_url(re.compile(r"/console/explainer\?done=signed$"))
+    assert "Sign-off recorded" in ada.locator("p.notice").inner_text()
+    assert ada.locator("tr[data-code=nevus] td.state").inner_text() == "approved"
+    assert "grey texture" in ada.locator("tr[data-code=seborrheic_keratosis] td.state").inner_text()
+    assert "Dr. Ada Weber" in ada.locator("#in-force").inner_text()
+    assert ada.console_errors == []
+    with clinic.session() as s:
+        assert explainer_review.approved_codes(s, generator_subject(DEFAULT_GENERATOR)) == {"nevus"}

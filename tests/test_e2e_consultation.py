@@ -54,7 +54,7 @@ PIPELINE_S = 180.0  # worker start (torch import, tiny models) plus the chain, o
 
 @pytest.fixture
 def system(clinic, tmp_path: Path) -> Iterator[System]:  # type: ignore[no-untyped-def]
-    with running_system(tmp_path, tiny_model_env(tmp_path / "models"), web=True) as running:
+    with running_system(tmp_path, tiny_model_env(tmp_path / "models", clinic), web=True) as running:
         yield running
 
 

@@ -31,7 +31,7 @@ MAX_SCREENSHOT_PX = 8000
 def system(clinic, tmp_path: Path) -> Iterator[System]:  # type: ignore[no-untyped-def]
     if not CHROMIUM.exists():
         service_missing("Debian chromium", "not installed at /usr/bin/chromium (apt-get install chromium)")
-    with running_system(tmp_path, tiny_model_env(tmp_path / "models"), web=False) as running:
+    with running_system(tmp_path, tiny_model_env(tmp_path / "models", clinic), web=False) as running:
         yield running
 
 

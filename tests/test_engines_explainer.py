@@ -12,14 +12,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import IPTC_TRAINED_ALGORITHMIC_MEDIA, read_ai_marker
-from inference.engines.clinical_review import (
-    REVIEW_FILE,
-    ReviewError,
-    generator_subject,
-    load_review,
-    record_review,
-    review_sheet,
-)
+from inference.engines.clinical_review import generator_subject, review_sheet
 from inference.engines.explainer import ClassConditionalExplainer, StableDiffusionExplainer
 from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 from inference.engines.synthetic import TINY_SD, build_sd_pipeline, save_random_lora
@@ -54,9 +47,7 @@ def generator_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     unet = build_generator_unet(len(CODES), sample_size=16, block_out_channels=(8, 16), layers_per_block=1,
                                 norm_num_groups=4, patch_size=request.param)
     config = GeneratorConfig(class_codes=CODES, sample_size=16, num_inference_steps=4, patch_size=request.param)
-    folder = save_generator(tmp_path_factory.mktemp("gen"), unet, config)
-    record_review(folder, generator_subject(folder), reviewer="Dr. Test, dermatologist", approve=CODES, reject={})
-    return folder
+    return save_generator(tmp_path_factory.mktemp("gen"), unet, config)
 
 
 def test_generator_patch_size_must_fit(tmp_path: Path) -> None:
@@ -71,21 +62,21 @@ def test_generator_patch_size_must_fit(tmp_path: Path) -> None:
 def test_class_conditional_is_seeded_and_class_dependent(generator_dir: Path) -> None:
     explainer = ClassConditionalExplainer.load(generator_dir, device="cpu", display_size=64)
     assert explainer.knows("melanoma") and not explainer.knows("psoriasis")
-    first = explainer.generate("melanoma", 2, seed=11)
-    again = explainer.generate("melanoma", 2, seed=11)
+    first = explainer.generate("melanoma", 2, seed=11, approved=CODES)
+    again = explainer.generate("melanoma", 2, seed=11, approved=CODES)
     assert len(first) == 2
     assert [(_pixels(p) == _pixels(q)).all() for p, q in zip(first, again)] == [True, True]
     # image i depends on seed + i only: asking for one image at seed 12 gives the second one above
     # (up to float rounding between batch sizes: at most one grey level)
-    (single,) = explainer.generate("melanoma", 1, seed=12)
+    (single,) = explainer.generate("melanoma", 1, seed=12, approved=CODES)
     assert np.abs(_pixels(single) - _pixels(first[1])).max() <= 1
     assert not (_pixels(first[0]) == _pixels(first[1])).all()
-    other = explainer.generate("acne", 1, seed=11)[0]
+    other = explainer.generate("acne", 1, seed=11, approved=CODES)[0]
     assert np.abs(_pixels(other)[:64] - _pixels(first[0])[:64]).mean() > 0.5
     _assert_marked(first[0], "Melanoma")
     _caption_strip_differs(first[0], 64)
     with pytest.raises(KeyError):
-        explainer.generate("psoriasis", 1, seed=1)
+        explainer.generate("psoriasis", 1, seed=1, approved=["psoriasis"])
 
 
 def test_sampling_settings_are_seeded_and_change_only_what_they_should(generator_dir: Path) -> None:
@@ -114,74 +105,52 @@ def test_only_recognisably_drawn_classes_reach_patients(generator_dir: Path, tmp
         {"recognition": {"overall": 0.5, "per_class": {"melanoma": 0.9, "nevus": 0.4, "acne": 0.8}}}))
     explainer = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
     assert [explainer.knows(c) for c in CODES] == [True, False, True]
-    assert len(explainer.generate("acne", 1, seed=1)) == 1
+    assert len(explainer.generate("acne", 1, seed=1, approved=CODES)) == 1
     with pytest.raises(KeyError, match="below the bar"):
-        explainer.generate("nevus", 1, seed=1)
+        explainer.generate("nevus", 1, seed=1, approved=CODES)  # approval does not lift the bar
     assert explainer.sample("nevus", 1, seed=1).shape == (1, 3, 16, 16)  # still drawable for evaluation
     # an operator may lower the bar (SKINBRIDGE_EXPLANATION_MIN_RECOGNITION)
     assert ClassConditionalExplainer.load(folder, device="cpu", min_recognition=0.3).knows("nevus")
 
 
-def test_patients_see_only_what_a_dermatologist_approved_for_these_weights_and_settings(
+def test_patients_get_only_approved_classes_and_a_review_is_bound_to_weights_and_settings(
         generator_dir: Path, tmp_path: Path) -> None:
     import shutil
 
     folder = shutil.copytree(generator_dir, tmp_path / "gen")
-    (folder / REVIEW_FILE).unlink()
-    unreviewed = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
-    assert not any(unreviewed.knows(c) for c in CODES)
-    with pytest.raises(KeyError, match="not approved by a dermatologist"):
-        unreviewed.generate("melanoma", 1, seed=1)
-    assert unreviewed.sample("melanoma", 1, seed=1).shape == (1, 3, 16, 16)  # still drawable for the review
-
-    review = record_review(folder, unreviewed.review_subject, reviewer="Dr. A. Example, dermatologist",
-                           approve=["melanoma"], reject={"acne": "looks like a burn, not acne"})
-    assert load_review(folder) == review
-    assert review.settings == {"guidance_scale": 0.0, "num_inference_steps": 4, "shift_patches": False,
-                               "dynamic_threshold": 0.0}
     explainer = ClassConditionalExplainer.load(folder, device="cpu", display_size=32)
-    assert [explainer.knows(c) for c in CODES] == [True, False, False]
-    assert len(explainer.generate("melanoma", 1, seed=1)) == 1
+    assert all(explainer.knows(c) for c in CODES)  # offered, but a patient needs a dermatologist's approval
+    with pytest.raises(KeyError, match="not approved by a dermatologist"):
+        explainer.generate("melanoma", 1, seed=1, approved=["acne"])
+    assert len(explainer.generate("melanoma", 1, seed=1, approved=["melanoma"])) == 1
+    assert len(explainer.render("melanoma", 1, seed=1)) == 1  # the reviewer's view needs no approval
 
-    # re-tuning the sampling voids the review: the pictures are no longer the approved ones
+    # what a review is bound to (clinic_db.explainer_review): the classes, the weights and the settings
+    subject = explainer.review_subject
+    assert subject == generator_subject(folder)
+    assert subject.codes == tuple(CODES)
+    assert subject.settings == {"guidance_scale": 0.0, "num_inference_steps": 4, "shift_patches": False,
+                                "dynamic_threshold": 0.0}
     config = GeneratorConfig.load(folder)
     config.extra["guidance_scale"] = 7.0
     config.save(folder)
-    assert not ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
+    assert generator_subject(folder).settings["guidance_scale"] == 7.0
     config.extra["guidance_scale"] = 0.0
     config.save(folder)
-    assert ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
-    for change in ({"dynamic_threshold": 0.95}, {"shift_patches": True}):
+    assert generator_subject(folder) == subject
+    for change in ({"dynamic_threshold": 0.95}, {"shift_patches": True}, {"num_inference_steps": 8}):
         dataclasses.replace(config, **change).save(folder)
         # moving the patch grid changes the pictures only where the UNet works on patches
-        voided = change != {"shift_patches": True} or config.patch_size > 1
-        assert ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma") is not voided, change
+        changes_pictures = change != {"shift_patches": True} or config.patch_size > 1
+        assert (generator_subject(folder) != subject) is changes_pictures, change
     config.save(folder)
-    # a damaged review file approves nothing, and the worker still starts
-    good = (folder / REVIEW_FILE).read_text()
-    (folder / REVIEW_FILE).write_text(good[: len(good) // 2])
-    assert not ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
-    (folder / REVIEW_FILE).write_text(good)
-    # so does retraining (other weights in the same folder)
+    # retraining (other weights in the same folder) changes the digest
     torch.manual_seed(5)
     unet = build_generator_unet(len(CODES), sample_size=16, block_out_channels=(8, 16), layers_per_block=1,
                                 norm_num_groups=4, patch_size=config.patch_size)
     save_generator(folder, unet, config)
-    assert not ClassConditionalExplainer.load(folder, device="cpu").knows("melanoma")
-
-
-def test_a_sign_off_must_name_the_reviewer_and_known_classes(generator_dir: Path) -> None:
-    before = (generator_dir / REVIEW_FILE).read_bytes()
-    subject = generator_subject(generator_dir)
-    with pytest.raises(ReviewError, match="psoriasis.*it draws: melanoma, nevus, acne"):
-        record_review(generator_dir, subject, reviewer="Dr. X", approve=["psoriasis"], reject={})
-    with pytest.raises(ReviewError, match="both approved and rejected: acne"):
-        record_review(generator_dir, subject, reviewer="Dr. X", approve=["acne"], reject={"acne": "no"})
-    with pytest.raises(ReviewError, match="reviewing dermatologist"):
-        record_review(generator_dir, subject, reviewer="  ", approve=["acne"], reject={})
-    with pytest.raises(ReviewError, match="at least one class"):
-        record_review(generator_dir, subject, reviewer="Dr. X", approve=[], reject={})
-    assert (generator_dir / REVIEW_FILE).read_bytes() == before  # a refused sign-off changes nothing
+    retrained = generator_subject(folder)
+    assert retrained.weights_sha256 != subject.weights_sha256 and retrained.settings == subject.settings
 
 
 @pytest.fixture(scope="module")
@@ -207,21 +176,20 @@ def test_review_sheet_shows_every_class_as_patients_would_get_it(generator_dir: 
 
 
 def test_stable_diffusion_lora_per_condition(sd_dir: Path) -> None:
-    unreviewed = StableDiffusionExplainer.load(sd_dir, device="cpu", num_inference_steps=2)
-    assert unreviewed.codes == ["acne", "melanoma"] and not unreviewed.knows("acne")
-    with pytest.raises(KeyError, match="not approved by a dermatologist"):
-        unreviewed.generate("acne", 1, seed=5)
-    record_review(sd_dir, unreviewed.review_subject, reviewer="Dr. Test, dermatologist",
-                  approve=["acne", "melanoma"], reject={})
-    # the review is bound to the steps it was drawn with: the prompts' default (other steps) is not covered
-    assert not StableDiffusionExplainer.load(sd_dir, device="cpu").knows("acne")
     explainer = StableDiffusionExplainer.load(sd_dir, device="cpu", num_inference_steps=2)
     assert explainer.codes == ["acne", "melanoma"]
-    assert explainer.knows("acne") and not explainer.knows("nevus")
+    assert explainer.knows("acne") and not explainer.knows("nevus")  # only conditions with an adapter
+    with pytest.raises(KeyError, match="not approved by a dermatologist"):
+        explainer.generate("acne", 1, seed=5, approved=["melanoma"])
+    # a review is bound to the steps the pictures were drawn with, and to the prompts
+    assert StableDiffusionExplainer.load(sd_dir, device="cpu").review_subject != explainer.review_subject
+    assert explainer.review_subject.settings["num_inference_steps"] == 2
+    assert len(explainer.review_subject.settings["prompts_sha256"]) == 64
     assert "melanoma" in explainer.prompt_for("melanoma") and "acne" in explainer.prompt_for("acne")
-    (mel,) = explainer.generate("melanoma", 1, seed=5)
-    (acne,) = explainer.generate("acne", 1, seed=5)
-    (mel_again,) = explainer.generate("melanoma", 1, seed=5)  # switch back: adapter reloaded from cache
+    approved = ["acne", "melanoma"]
+    (mel,) = explainer.generate("melanoma", 1, seed=5, approved=approved)
+    (acne,) = explainer.generate("acne", 1, seed=5, approved=approved)
+    (mel_again,) = explainer.generate("melanoma", 1, seed=5, approved=approved)  # switch back: adapter reloaded from cache
     size = TINY_SD.image_size
     assert (_pixels(mel) == _pixels(mel_again)).all()
     assert np.abs(_pixels(mel)[:size] - _pixels(acne)[:size]).mean() > 0.5
@@ -229,4 +197,4 @@ def test_stable_diffusion_lora_per_condition(sd_dir: Path) -> None:
     _assert_marked(acne, "Acne")
     _caption_strip_differs(mel, size)
     with pytest.raises(KeyError):
-        explainer.generate("nevus", 1, seed=5)
+        explainer.generate("nevus", 1, seed=5, approved=["nevus"])

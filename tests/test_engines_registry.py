@@ -9,7 +9,6 @@ import torch
 
 from inference.engines.classifier import save_classifier
 from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
-from inference.engines.clinical_review import generator_subject, record_review
 from inference.engines.explainer import ClassConditionalExplainer
 from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 from inference.engines.registry import clear_engine_cache, load_engines
@@ -26,7 +25,6 @@ def weights(tmp_path: Path) -> tuple[Path, Path]:
     gen = save_generator(tmp_path / "gen", build_generator_unet(2, sample_size=8, block_out_channels=(8, 16),
                                                                 layers_per_block=1, norm_num_groups=4),
                          GeneratorConfig(class_codes=CODES, sample_size=8, num_inference_steps=2))
-    record_review(gen, generator_subject(gen), reviewer="Dr. Test, dermatologist", approve=CODES, reject={})
     clear_engine_cache()
     yield clf, gen
     clear_engine_cache()
@@ -53,7 +51,7 @@ def test_recognition_bar_for_explanation_images_comes_from_settings(weights: tup
     with caplog.at_level(logging.INFO, logger="inference.engines.registry"):
         default = load_engines(Settings(classifier_path=clf, generator_path=gen, device="cpu")).explainer
     assert default.knows("melanoma") and not default.knows("nevus")
-    assert "explanation pictures for patients: melanoma" in caplog.text  # what the operator reads
+    assert "explanation pictures offered: melanoma;" in caplog.text  # what the operator reads
     lowered = load_engines(Settings(classifier_path=clf, generator_path=gen, device="cpu",
                                     explanation_min_recognition=0.5)).explainer
     assert lowered.knows("nevus")

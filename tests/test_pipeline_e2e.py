@@ -28,8 +28,8 @@ DONE = {CaseStatus.preliminary.value, CaseStatus.in_review.value}
 
 
 @pytest.fixture
-def models(tmp_path_factory) -> dict[str, str]:
-    return tiny_model_env(tmp_path_factory.mktemp("models"))
+def models(clinic, tmp_path_factory) -> dict[str, str]:
+    return tiny_model_env(tmp_path_factory.mktemp("models"), clinic)
 
 
 @pytest.fixture

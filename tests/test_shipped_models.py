@@ -14,9 +14,9 @@ from PIL import Image
 from inference.engines.base import model_sha256
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "inference" / "weights"
-# No dermatologist has signed off a generator yet, so the CPU-trained one ships as a draft that the
-# explainer does not load by default (docs/models.md); a signed-off one goes to WEIGHTS / "generator".
-CLASSIFIER, GENERATOR = WEIGHTS / "classifier", WEIGHTS / "generator-draft"
+# The generator is the default explainer; patients get its pictures of a condition once a dermatologist
+# of the clinic approved them in the console (clinic_db.explainer_review).
+CLASSIFIER, GENERATOR = WEIGHTS / "classifier", WEIGHTS / "generator"
 MAX_BYTES = 30 * 1024 * 1024
 
 pytestmark = pytest.mark.timeout(180)
@@ -91,19 +91,17 @@ def test_shipped_generator_draws_a_requested_condition() -> None:
     assert a.equal(b)  # seeded: the same request gives the same picture
 
 
-def test_shipped_generator_offers_patients_only_recognisable_approved_classes() -> None:
-    """Loaded explicitly (SKINBRIDGE_GENERATOR_PATH), it still shows patients only the classes the
-    classifier recognised at or above the bar and a dermatologist approved: for the draft, none."""
-    from inference.engines.clinical_review import review_status
+def test_shipped_generator_offers_only_recognisable_classes() -> None:
+    """The default explainer offers the classes the classifier recognised at or above the bar (patients
+    get them once a dermatologist approved them in the console: tests/test_e2e_default_models.py)."""
     from inference.engines.explainer import MIN_RECOGNITION, ClassConditionalExplainer
 
     recognition = json.loads((GENERATOR / "metrics.json").read_text())["recognition"]
     explainer = ClassConditionalExplainer.load(GENERATOR, device="cpu")
     assert explainer.weights_sha256 == _recorded(GENERATOR)
     assert set(recognition["per_class"]) == set(explainer.codes)
-    review, void = review_status(GENERATOR)
-    approved = set(review.approved) if review and not void else set()
     for code, rate in recognition["per_class"].items():
-        assert explainer.knows(code) == (rate >= MIN_RECOGNITION and code in approved)
+        assert explainer.knows(code) == (rate >= MIN_RECOGNITION)
+    assert recognition["overall"] >= MIN_RECOGNITION  # the issue's goal, measured on the shipped weights
     card = (GENERATOR / "MODEL_CARD.md").read_text()
     assert f"**{100 * recognition['overall']:.1f} %**" in card  # card and metrics agree

@@ -375,12 +375,11 @@ def test_evaluate_generator_refuses_a_threshold_that_is_not_a_quantile(trained: 
     assert (trained["generator"] / "config.json").read_bytes() == before  # nothing stored
 
 
-def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained: dict[str, Path],
-                                                                       tmp_path: Path) -> None:
+def test_review_sheet_and_card_show_which_classes_are_offered(trained: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
     from inference.engines.explainer import ClassConditionalExplainer
-    from inference.training.cli import train_command
+    from inference.training.cli import _refresh_generator_card, train_command
 
     gen = shutil.copytree(trained["generator"], tmp_path / "gen")
     docs = tmp_path / "docs"
@@ -389,10 +388,10 @@ def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained:
     (gen / "metrics.json").write_text(json.dumps({"recognition": {
         "overall": 0.9, "samples_per_class": 4, "guidance_scale": 3.0, "steps": 2,
         "per_class": {c: (0.9 if c in ("melanoma", "nevus") else 0.1) for c in codes}}}))
-    assert ClassConditionalExplainer.load(gen, device="cpu").shown == []  # recognised, but nobody looked
+    assert ClassConditionalExplainer.load(gen, device="cpu").offered == ["melanoma", "nevus"]
 
     runner = CliRunner()
-    # what the dermatologist looks at first: every class as a patient would get it
+    # what a dermatologist can look at offline: every class as a patient would get it
     res = runner.invoke(train_command, ["review-sheet", "--model", str(gen), "--out", str(tmp_path / "sheet.png"),
                                         "--per-class", "2"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -401,30 +400,15 @@ def test_dermatologist_sign_off_cli_decides_which_pictures_patients_see(trained:
     assert sheet["settings"] == {"guidance_scale": cfg["extra"]["guidance_scale"],
                                  "num_inference_steps": cfg["num_inference_steps"],
                                  "shift_patches": cfg["shift_patches"], "dynamic_threshold": cfg["dynamic_threshold"]}
+    assert sheet["weights_sha256"] == (gen / "weights.sha256").read_text().split()[0]
     with Image.open(tmp_path / "sheet.png") as img:
         assert img.height > 2 * len(codes) * 64  # one row per class, pictures shown at display size
 
-    sign_off = ["sign-off-generator", "--model", str(gen), "--docs", str(docs)]
-    res = runner.invoke(train_command, [*sign_off, "--reviewer", "Dr. A. Example, dermatologist",
-                                        "--approve", "melanoma,psoriasis_nonexistent"])
-    assert res.exit_code == 2 and "psoriasis_nonexistent" in res.output and "melanoma" in res.output
-    res = runner.invoke(train_command, [*sign_off, "--reviewer", "Dr. A. Example", "--reject", "nevus"])
-    assert res.exit_code == 2 and "CODE=REASON" in res.output
-    assert not (gen / "clinical_review.json").exists()
-
-    res = runner.invoke(train_command, [*sign_off, "--reviewer", "Dr. A. Example, dermatologist",
-                                        "--approve", "melanoma", "--reject", "nevus=blurred, no pigment network"],
-                        catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
-    assert out["shown_to_patients"] == ["melanoma"]  # approved and recognised; nevus rejected
-    assert out["review"]["weights_sha256"] == (gen / "weights.sha256").read_text().split()[0] == sheet["weights_sha256"]
-    assert ClassConditionalExplainer.load(gen, device="cpu").shown == ["melanoma"]
+    _refresh_generator_card(gen, docs)
     card = (gen / "MODEL_CARD.md").read_text()
-    assert "**Clinical review by Dr. A. Example, dermatologist on" in card
-    assert "rejected nevus (blurred, no pigment network)" in card
-    assert "**1 of" in card and "classes: melanoma." in card
-    assert "Clinical review by Dr. A. Example" in (docs / "models.md").read_text()
+    assert f"**2 of {len(codes)}**: melanoma, nevus." in card
+    assert "approved its pictures in the console" in card
+    assert "| melanoma |" in card and card.count("| yes |") == 2
 
 
 def test_the_device_kit_carries_the_trainers_pixels_to_a_gpu_run(data_dir: Path, tmp_path: Path) -> None:

@@ -7,12 +7,13 @@ a fraction of the size, so a CPU worker answers in well under a second.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from inference.engines.classifier import save_classifier
 from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
-from inference.engines.clinical_review import generator_subject, record_review
+from inference.engines.clinical_review import generator_subject
 from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 
 
@@ -31,7 +32,24 @@ def build_tiny_generator(folder: Path, codes: list[str], seed: int = 0) -> Path:
     config = GeneratorConfig(class_codes=list(codes), sample_size=16, num_inference_steps=3,
                              model_id="tiny-generator", model_version="test")
     save_generator(folder, unet, config)
-    # signed off like a shipped generator, so patients get its pictures (tests/test_engines_explainer.py
-    # checks that an unreviewed generator shows none)
-    record_review(folder, generator_subject(folder), reviewer="Test Dermatologist", approve=list(codes), reject={})
     return folder
+
+
+def sign_off_generator(clinic: Any, folder: Path) -> None:
+    """A test dermatologist approves every class of a generator in the clinic's database, as the console
+    does, so patients get its pictures (tests/test_explainer_review.py checks that without it they get none)."""
+    from sqlalchemy import select
+
+    from clinic_db import clinicians, explainer_review
+    from clinic_db.models import Clinician
+
+    config = GeneratorConfig.load(folder)
+    subject = generator_subject(folder)
+    with clinic.session() as session:
+        reviewer = session.scalar(select(Clinician).where(Clinician.username == "signoff-test"))
+        if reviewer is None:
+            reviewer, _ = clinicians.create(clinic, session, "signoff-test", display_name="Test Dermatologist",
+                                         role="dermatologist", password="sign-off test password")
+        explainer_review.record(session, reviewer, subject, explainer_id=f"{config.model_id}@{config.model_version}",
+                                approve=list(subject.codes), reject={})
+        session.commit()

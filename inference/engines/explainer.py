@@ -3,7 +3,9 @@
 They help a patient understand a preliminary result; they never show the patient's own skin, and
 each PNG carries a visible "AI-generated" caption plus machine-readable provenance
 (:func:`~inference.engines.base.mark_ai_generated`). Generation is seeded: the same case gets the
-same pictures on every worker and every retry.
+same pictures on every worker and every retry. ``generate`` (for patients) draws only conditions a
+dermatologist approved for these weights and settings, passed in from the clinic database
+(clinic_db.explainer_review); ``render`` draws without that gate, for reviewers and benchmarks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Collection
 from string import Template
 from typing import Any
 
@@ -19,7 +22,7 @@ import torch
 from PIL import Image
 
 from inference.engines.base import mark_ai_generated, model_sha256, pick_device
-from inference.engines.clinical_review import ReviewSubject, approved_classes, generator_subject
+from inference.engines.clinical_review import ReviewSubject, generator_subject
 from inference.engines.generator_net import ddim_sample, load_generator_parts
 from inference.engines.guardrails import PROMPTS_DIR
 
@@ -57,11 +60,10 @@ MIN_RECOGNITION = 0.8  # the issue's bar for showing a generated class to patien
 class ClassConditionalExplainer:
     """The project's own small class-conditional DDIM generator (see generator_net).
 
-    Patients only see classes a dermatologist approved in the folder's clinical review (see
-    clinical_review; void once the weights or sampling settings change) and, when the folder's
-    ``metrics.json`` holds the measured recognition (the classifier naming generated pictures as their
-    class), that reach ``min_recognition``. Other classes are not offered (``knows`` is False,
-    ``generate`` refuses them) but can still be ``sample``d for evaluation and review.
+    It offers (``knows``) the classes it was trained on that, when the folder's ``metrics.json``
+    holds the measured recognition (the classifier naming generated pictures as their class), reach
+    ``min_recognition``; patients get them only once a dermatologist approved them (``generate``'s
+    ``approved``). Other classes can still be ``sample``d and ``render``ed for evaluation and review.
     """
 
     def __init__(self, path: str | Path, device: str = "auto", vocabulary: Any | None = None,
@@ -77,9 +79,9 @@ class ClassConditionalExplainer:
         self.review_subject = generator_subject(self.path)
         self.weights_sha256 = self.review_subject.weights_sha256
         self.recognition = _measured_recognition(self.path)
-        approved = approved_classes(self.path, self.review_subject)
-        self.shown = [c for c in self.codes if c in approved
-                      and (self.recognition is None or self.recognition.get(c, 0.0) >= min_recognition)]
+        self.min_recognition = min_recognition
+        self.offered = [c for c in self.codes
+                        if self.recognition is None or self.recognition.get(c, 0.0) >= min_recognition]
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "ClassConditionalExplainer":
@@ -91,8 +93,8 @@ class ClassConditionalExplainer:
         return list(self.review_subject.codes)
 
     def knows(self, code: str) -> bool:
-        """Whether pictures of ``code`` may be shown to a patient."""
-        return code in self.shown
+        """Whether it offers pictures of ``code`` (trained, and recognised at the bar)."""
+        return code in self.offered
 
     @torch.inference_mode()
     def sample(self, code: str, n: int, seed: int, steps: int | None = None) -> torch.Tensor:
@@ -106,11 +108,10 @@ class ClassConditionalExplainer:
         ]).to(self.device, self.unet.dtype)
         return ddim_sample(self.unet, self.config, self.config.class_codes.index(code), noise, steps=steps)
 
-    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
-        """Captioned, provenance-marked PNGs for a patient; only classes it ``knows``."""
-        if not self.knows(condition_code):
-            raise KeyError(f"no patient-ready pictures of {condition_code!r} "
-                           f"(not trained, recognised below the bar, or not approved by a dermatologist)")
+    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en", *,
+                 approved: Collection[str]) -> list[bytes]:
+        """Captioned, provenance-marked PNGs for a patient: only classes it ``knows`` that are ``approved``."""
+        _check_patient_ready(self, condition_code, approved, "not trained, or recognised below the bar")
         return self.render(condition_code, n, seed, lang)
 
     def render(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
@@ -123,6 +124,13 @@ class ClassConditionalExplainer:
             pil = pil.resize((self.display_size, self.display_size), Image.Resampling.LANCZOS)
             out.append(mark_ai_generated(pil, caption, generator=self.model_id))
         return out
+
+
+def _check_patient_ready(explainer: Any, code: str, approved: Collection[str], why_unknown: str) -> None:
+    if not explainer.knows(code):
+        raise KeyError(f"no pictures of {code!r} ({why_unknown})")
+    if code not in approved:
+        raise KeyError(f"pictures of {code!r} are not approved by a dermatologist for these weights and settings")
 
 
 def _measured_recognition(folder: Path) -> dict[str, float] | None:
@@ -169,7 +177,6 @@ class StableDiffusionExplainer:
             "guidance_scale": float(self.prompts.get("guidance_scale", 7.0)),
             "num_inference_steps": self.num_inference_steps, "image_size": self.image_size,
             "prompts_sha256": prompts_sha})
-        self.approved = approved_classes(self.path, self.review_subject)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "StableDiffusionExplainer":
@@ -181,9 +188,8 @@ class StableDiffusionExplainer:
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
     def knows(self, code: str) -> bool:
-        """Only conditions with their own adapter (the base model alone is no medical illustration)
-        that a dermatologist approved for these weights, prompts and settings (clinical_review)."""
-        return (self.path / LORA_DIR / code).is_dir() and code in self.approved
+        """Only conditions with their own adapter (the base model alone is no medical illustration)."""
+        return (self.path / LORA_DIR / code).is_dir()
 
     def prompt_for(self, code: str) -> str:
         specific = self.prompts.get("conditions", {}).get(code)
@@ -199,11 +205,10 @@ class StableDiffusionExplainer:
             self._loaded.add(code)
         self.pipe.set_adapters([code], adapter_weights=[float(self.prompts.get("lora_scale", 1.0))])
 
-    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
-        """Captioned, provenance-marked PNGs for a patient; only classes it ``knows``."""
-        if not self.knows(condition_code):
-            raise KeyError(f"no patient-ready pictures of {condition_code!r} "
-                           f"(no LoRA adapter, or not approved by a dermatologist)")
+    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en", *,
+                 approved: Collection[str]) -> list[bytes]:
+        """Captioned, provenance-marked PNGs for a patient: only classes it ``knows`` that are ``approved``."""
+        _check_patient_ready(self, condition_code, approved, "no LoRA adapter")
         return self.render(condition_code, n, seed, lang)
 
     def render(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:

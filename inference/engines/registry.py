@@ -31,7 +31,7 @@ _lock = threading.Lock()
 _cache: dict[tuple[Any, ...], Engines] = {}
 
 
-def _key(settings: Any) -> tuple[Any, ...]:
+def engine_key(settings: Any) -> tuple[Any, ...]:
     return (settings.classifier_path, settings.generator_path, settings.vlm_path, settings.sd_path, settings.device,
             settings.explanation_min_recognition)
 
@@ -42,7 +42,7 @@ def load_engines(settings: Any, *, vocabulary: Any | None = None) -> Engines:
     The explainer is the Stable-Diffusion one when ``sd_path`` is set, else the project's own
     generator when its folder exists, else None (no explanation images). A configured path that is
     missing is an error: a worker must not silently run without the model it was deployed with."""
-    key = _key(settings)
+    key = engine_key(settings)
     with _lock:
         if key not in _cache:
             _cache[key] = _load(settings, vocabulary)
@@ -60,27 +60,34 @@ def _existing(path: Path | None, what: str) -> Path:
     return Path(path)
 
 
+def load_explainer_for(settings: Any, device: str, *, vocabulary: Any | None = None,
+                       ) -> ClassConditionalExplainer | StableDiffusionExplainer | None:
+    """The explainer the settings name: the Stable-Diffusion one when ``sd_path`` is set, else the
+    project generator (``generator_path``, or the shipped one), else None."""
+    bar = ({} if settings.explanation_min_recognition is None
+           else {"min_recognition": settings.explanation_min_recognition})
+    if settings.sd_path:
+        return StableDiffusionExplainer.load(_existing(settings.sd_path, "SD checkpoint"), device,
+                                             vocabulary=vocabulary)
+    if settings.generator_path:
+        return ClassConditionalExplainer.load(_existing(settings.generator_path, "generator"), device,
+                                              vocabulary=vocabulary, **bar)
+    if DEFAULT_GENERATOR.exists():
+        return ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=vocabulary, **bar)
+    return None
+
+
 def _load(settings: Any, vocabulary: Any | None) -> Engines:
     device = pick_device(settings.device)
     classifier = ClassifierEngine.load(_existing(settings.classifier_path or DEFAULT_CLASSIFIER, "classifier"), device)
     vlm = None
     if settings.vlm_path:
         vlm = VLMEngine.load(_existing(settings.vlm_path, "VLM checkpoint"), device, vocabulary=vocabulary)
-    explainer: ClassConditionalExplainer | StableDiffusionExplainer | None = None
-    bar = ({} if settings.explanation_min_recognition is None
-           else {"min_recognition": settings.explanation_min_recognition})
-    if settings.sd_path:
-        explainer = StableDiffusionExplainer.load(_existing(settings.sd_path, "SD checkpoint"), device,
-                                                  vocabulary=vocabulary)
-    elif settings.generator_path:
-        explainer = ClassConditionalExplainer.load(_existing(settings.generator_path, "generator"), device,
-                                                   vocabulary=vocabulary, **bar)
-    elif DEFAULT_GENERATOR.exists():
-        explainer = ClassConditionalExplainer.load(DEFAULT_GENERATOR, device, vocabulary=vocabulary, **bar)
+    explainer = load_explainer_for(settings, device, vocabulary=vocabulary)
     log.info("engines on %s: classifier=%s vlm=%s explainer=%s", device, classifier.config.model_id,
              vlm.model_id if vlm else None, explainer.model_id if explainer else None)
     if explainer is not None:  # an operator's first question when patients get no pictures
-        shown = [c for c in explainer.review_subject.codes if explainer.knows(c)]
-        log.info("explanation pictures for patients: %s", ", ".join(shown) or
-                 "none (no class both signed off by a dermatologist and, where measured, recognised at the bar)")
+        offered = [c for c in explainer.review_subject.codes if explainer.knows(c)]
+        log.info("explanation pictures offered: %s; patients get those a dermatologist approved in the "
+                 "console (Explanation pictures)", ", ".join(offered) or "none (none recognised at the bar)")
     return Engines(classifier=classifier, vlm=vlm, explainer=explainer, device=device)

@@ -112,7 +112,6 @@ def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: 
                   classes: str | None, min_snr_gamma: float, prediction_type: str, class_balance: float,
                   init_from: Path | None, shift_patches: bool | None, dynamic_threshold: float | None) -> None:
     """Train the class-conditional diffusion generator; measures recognition by the classifier."""
-    from inference.engines.clinical_review import review_status
     from inference.training.model_card import generator_card, load_json, write_card
     from inference.training.train_generator import ClassSelectionError, GeneratorRun, InitFromError, train_generator
 
@@ -135,8 +134,8 @@ def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: 
         raise click.BadParameter(str(exc), param_hint="--classes") from exc
     except InitFromError as exc:
         raise click.BadParameter(str(exc), param_hint="--init-from") from exc
-    write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line(),
-                                   review=review_status(out)), docs / "models.md", "generator")
+    write_card(out, generator_card(load_json(out / "config.json"), metrics, _command_line()),
+               docs / "models.md", "generator")
     click.echo(json.dumps(metrics, indent=2))
 
 
@@ -199,9 +198,8 @@ def evaluate_generator_cmd(model: Path, classifier: Path, data: Path, samples_pe
 
 
 def _refresh_generator_card(model: Path, docs: Path, evaluated_with: str | None = None) -> None:
-    """Rewrite a generator folder's card (and its docs/models.md section) from its config, metrics and
-    clinical review, keeping the recorded training command (and measuring command, unless a new one)."""
-    from inference.engines.clinical_review import review_status
+    """Rewrite a generator folder's card (and its docs/models.md section) from its config and metrics,
+    keeping the recorded training command (and measuring command, unless a new one)."""
     from inference.training.model_card import generator_card, load_json, write_card
 
     old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
@@ -211,7 +209,7 @@ def _refresh_generator_card(model: Path, docs: Path, evaluated_with: str | None 
         evaluated_with = measured_with.group(1) if measured_with else None
     metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
     card = generator_card(load_json(model / "config.json"), metrics, trained_with.group(1) if trained_with else None,
-                          evaluated_with=evaluated_with, review=review_status(model))
+                          evaluated_with=evaluated_with)
     write_card(model, card, docs / "models.md", "generator")
 
 
@@ -222,7 +220,8 @@ def _refresh_generator_card(model: Path, docs: Path, evaluated_with: str | None 
 @click.option("--per-class", type=int, default=6, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def review_sheet_cmd(model: Path, out: Path, per_class: int, seed: int) -> None:
-    """Draw every class as patients would get it, for the dermatologist's sign-off (sign-off-generator)."""
+    """Draw every class as patients would get it, on one sheet (the console's *Explanation pictures*
+    page shows the same pictures to the dermatologist who signs them off)."""
     from inference.engines.clinical_review import review_sheet
 
     explainer = _explainer(model)
@@ -231,41 +230,6 @@ def review_sheet_cmd(model: Path, out: Path, per_class: int, seed: int) -> None:
     click.echo(json.dumps({"sheet": str(out), "model_id": explainer.model_id,
                            "weights_sha256": explainer.review_subject.weights_sha256,
                            "settings": explainer.review_subject.settings}, indent=2))
-
-
-@train_command.command("sign-off-generator")
-@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "generator", show_default=True,
-              help="the project generator's folder, or a Stable-Diffusion folder with loras/")
-@click.option("--reviewer", required=True, help='the reviewing dermatologist, e.g. "Dr. A. Example, dermatologist"')
-@click.option("--approve", default="", help="comma-separated class codes whose pictures may be shown to patients")
-@click.option("--reject", multiple=True, metavar="CODE=REASON", help="a class not fit to show, and why (repeatable)")
-@click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
-def sign_off_generator_cmd(model: Path, reviewer: str, approve: str, reject: tuple[str, ...], docs: Path) -> None:
-    """Record a dermatologist's review of the pictures on the review sheet (review-sheet).
-
-    Patients see pictures of a class only when it is approved here (and, for the project generator,
-    recognised at the bar); the sign-off is bound to the current weights and sampling settings, so
-    retraining or re-tuning voids it."""
-    from inference.engines.clinical_review import ReviewError, record_review
-    from inference.engines.explainer import ClassConditionalExplainer
-
-    rejected: dict[str, str] = {}
-    for item in reject:
-        code, sep, reason = item.partition("=")
-        if not sep or not code.strip() or not reason.strip():
-            raise click.BadParameter(f"{item!r}: write CODE=REASON", param_hint="--reject")
-        rejected[code.strip()] = reason.strip()
-    approved = [c.strip() for c in approve.split(",") if c.strip()]
-    explainer = _explainer(model)
-    try:
-        review = record_review(model, explainer.review_subject, reviewer=reviewer, approve=approved, reject=rejected)
-    except ReviewError as exc:
-        raise click.UsageError(str(exc)) from exc
-    if isinstance(explainer, ClassConditionalExplainer):  # the project generator has a model card
-        _refresh_generator_card(model, docs)
-    reloaded = _explainer(model)
-    shown = [c for c in reloaded.review_subject.codes if reloaded.knows(c)]
-    click.echo(json.dumps({"review": json.loads(review.to_json()), "shown_to_patients": shown}, indent=2))
 
 
 def _explainer(model: Path):  # type: ignore[no-untyped-def]

@@ -97,14 +97,10 @@ has more naevi and a higher plain ACC; its *balanced* accuracy is the fairer fig
 
 
 def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str | None = None,
-                   evaluated_with: str | None = None, min_recognition: float | None = None,
-                   review: tuple[Any, str | None] = (None, None)) -> str:
-    """``review``: the folder's (ClinicalReview or None, why it is void or None), see clinical_review."""
+                   evaluated_with: str | None = None, min_recognition: float | None = None) -> str:
     from inference.engines.explainer import MIN_RECOGNITION
 
     min_recognition = MIN_RECOGNITION if min_recognition is None else min_recognition
-    signed_off, void = review
-    approved = set(signed_off.approved) if signed_off is not None and not void else set()
     extra = config.get("extra", {})
     tr = extra.get("training", {})
     rec = metrics.get("recognition")
@@ -123,11 +119,11 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
         real = rec.get("real_photos") or {}
         real_pc, real_n = real.get("per_class", {}), real.get("n_per_class", {})
         types = extra.get("image_types", {})
-        shown = sorted(c for c, v in rec["per_class"].items() if v >= min_recognition and c in approved)
+        offered = sorted(c for c, v in rec["per_class"].items() if v >= min_recognition)
         rows = "\n".join(
             f"| {c} | {types.get(c, '')} | {_pct(v)} | "
             f"{_pct(real_pc.get(c)) + f' (n={real_n[c]})' if real_n.get(c) else 'n/a'} | "
-            f"{'yes' if c in shown else 'no'} |"
+            f"{'yes' if c in offered else 'no'} |"
             for c, v in sorted(rec["per_class"].items()))
         reference = (f" For reference, the same classifier names **{_pct(real['overall'])}** of held-out *real* photos "
                      "of these classes correctly (DermaMNIST test + DermNet validation, never trained on, each class "
@@ -139,17 +135,18 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
         rec_text = (f"The shipped classifier recognises **{_pct(rec['overall'])}** of generated pictures as the "
                     f"class they were generated for ({rec['samples_per_class']} per class, guidance "
                     f"{rec['guidance_scale']}, {rec['steps']} DDIM steps; goal ≥ 80 %).{reference}{grid}\n\n"
-                    f"Patients are only shown pictures of classes recognised ≥ {_pct(min_recognition)} "
-                    "(`SKINBRIDGE_EXPLANATION_MIN_RECOGNITION`) *and* approved by a dermatologist: "
-                    f"**{len(shown)} of {len(rec['per_class'])}** classes{': ' + ', '.join(shown) if shown else ''}. "
-                    "For the others SkinBridge shows no picture rather than an unconvincing one.\n\n"
+                    f"SkinBridge offers pictures of the classes recognised ≥ {_pct(min_recognition)} "
+                    f"(`SKINBRIDGE_EXPLANATION_MIN_RECOGNITION`): **{len(offered)} of {len(rec['per_class'])}**"
+                    f"{': ' + ', '.join(offered) if offered else ''}. For the others it shows no picture rather "
+                    "than an unconvincing one. Patients get an offered class only after a dermatologist of the "
+                    "clinic approved its pictures in the console (*Explanation pictures*), for exactly these "
+                    "weights and sampling settings; until then, none.\n\n"
                     "| Class | Drawn as | Generated pictures recognised | Real held-out photos recognised | "
-                    f"Shown to patients |\n|---|---|---|---|---|\n{rows}\n")
+                    f"Offered |\n|---|---|---|---|---|\n{rows}\n")
         if evaluated_with:
             rec_text += f"\nMeasured with: `{evaluated_with}`\n"
     else:
         rec_text = "Recognition by the classifier: not measured yet.\n"
-    rec_text += "\n" + _review_text(signed_off, void)
     return f"""## Generator `{config['model_id']}` {config['model_version']}
 
 Class-conditional diffusion UNet (diffusers `UNet2DModel`, DDPM {predicts} training, DDIM sampling,
@@ -198,19 +195,6 @@ def _training_story(tr: dict[str, Any]) -> str:
         return this
     return (f"{_training_story(origin.get('training', {}))}, then continued from `{origin.get('path')}` "
             f"(weights {str(origin.get('weights_sha256'))[:12]}) {this}")
-
-
-def _review_text(review: Any, void: str | None) -> str:
-    how = "Record one with `skinbridge train sign-off-generator` after looking at the sample grid below."
-    if review is None:
-        return f"**Clinical review: none.** No dermatologist has signed off these pictures, so patients see none. {how}\n"
-    head = f"Clinical review by {review.reviewer} on {review.reviewed_on}"
-    if void:
-        return f"**{head}: void** ({void}), so patients see none of these pictures. {how}\n"
-    rejected = "; ".join(f"{c} ({why})" for c, why in review.rejected.items())
-    settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(review.settings.items()))
-    return (f"**{head}** ({settings}): approved "
-            f"{', '.join(review.approved) or 'none'}; rejected {rejected or 'none'}.\n")
 
 
 def _class_choice(codes: list[str], training: dict[str, Any]) -> str:
