@@ -4,8 +4,8 @@ A generator's recognition bar (the classifier naming its pictures as their class
 not enough: a 48 px classifier read noisy skin texture as seborrheic keratosis. So patients get
 pictures of a condition only after a dermatologist of this clinic looked at that condition's
 pictures, drawn exactly as patients would get them, and approved it in the console
-(console/explainer_review.py). A review is bound to what was looked at, the explainer's weights
-digest and sampling settings: new weights or other settings need a new review. Reviews are
+(``/console/explainer``, console/app.py). A review is bound to what was looked at, the explainer's
+weights digest and sampling settings: new weights or other settings need a new review. Reviews are
 append-only and audited; the newest one for the same weights and settings is in force.
 """
 

@@ -1,8 +1,8 @@
 """What a dermatologist signs off before patients see an explainer's pictures, and the sheet to look at.
 
 The sign-off itself is a clinic decision, stored and audited in the clinic database
-(clinic_db.explainer_review) and given in the console (console/explainer_review.py). This module
-says what such a review is bound to, for both explainers (the project generator and a
+(clinic_db.explainer_review) and given in the console (``/console/explainer``, console/app.py).
+This module says what such a review is bound to, for both explainers (the project generator and a
 Stable-Diffusion checkpoint with LoRAs): the conditions drawn, the weights' digest and the sampling
 settings. Retraining or re-tuning therefore needs a new review, because the pictures are then no
 longer the ones that were approved.

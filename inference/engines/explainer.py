@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from collections.abc import Collection
+from pathlib import Path
 from string import Template
 from typing import Any
 
