@@ -8,6 +8,8 @@ condition at a time, and kept in memory (a few hundred KB; no patient data is in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from typing import Any
 
@@ -38,7 +40,7 @@ def pictures(explainer: Any, code: str) -> list[bytes]:
     """The sample pictures of one condition (PNG), drawn on first use; KeyError for a code it does not draw."""
     if code not in explainer.review_subject.codes:
         raise KeyError(code)
-    key = (explainer.review_subject.weights_sha256, repr(sorted(explainer.review_subject.settings.items())), code)
+    key = (subject_digest(explainer), code)
     with _lock:  # one drawing at a time: the CPU is shared with the rest of the web app
         if key not in _pictures:
             _pictures[key] = explainer.render(code, PICTURES_PER_CONDITION, REVIEW_SEED, "en")
@@ -47,10 +49,8 @@ def pictures(explainer: Any, code: str) -> list[bytes]:
 
 def subject_digest(explainer: Any) -> str:
     """A short fingerprint of what a review would be bound to (weights and settings), carried by the
-    form so a sign-off is refused when the explainer changed between looking and signing."""
-    import hashlib
-    import json
-
+    form so a sign-off is refused when the explainer changed between looking and signing; it also keys
+    the drawn pictures."""
     subject = explainer.review_subject
     return hashlib.sha256(json.dumps([subject.weights_sha256, subject.settings, list(subject.codes)],
                                      sort_keys=True).encode()).hexdigest()[:32]
