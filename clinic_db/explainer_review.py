@@ -34,6 +34,14 @@ class ReviewError(ValueError):
     """A sign-off that cannot be recorded as asked; the message says why."""
 
 
+class MissingReason(ReviewError):
+    """Rejected conditions without a reason: the next reviewer (and the audit) must see why."""
+
+    def __init__(self, codes: Sequence[str]) -> None:
+        self.codes = list(codes)
+        super().__init__(f"say why the pictures are not fit to show: {', '.join(self.codes)}")
+
+
 def record(session: Session, reviewer: Clinician, subject: ReviewSubject, *, explainer_id: str,
            approve: Sequence[str], reject: Mapping[str, str]) -> ExplainerReview:
     """Record a dermatologist's decisions on an explainer's conditions (added to the session, audited).
@@ -50,6 +58,9 @@ def record(session: Session, reviewer: Clinician, subject: ReviewSubject, *, exp
     both = sorted(set(approve) & set(reject))
     if both:
         raise ReviewError(f"both approved and rejected: {', '.join(both)}")
+    unexplained = sorted(c for c, why in reject.items() if not str(why or "").strip())
+    if unexplained:
+        raise MissingReason(unexplained)
     row = ExplainerReview(
         explainer_id=explainer_id, weights_sha256=subject.weights_sha256, settings=dict(subject.settings),
         approved=sorted(set(approve)), rejected={c: str(reject[c]).strip()[:500] for c in sorted(reject)},

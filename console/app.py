@@ -471,16 +471,15 @@ def build_router() -> APIRouter:
             decisions = {c: data.get(f"decision-{c}", "") for c in codes}
             approve = [c for c, d in decisions.items() if d == "approve"]
             reject = {c: data.get(f"reason-{c}", "").strip() for c, d in decisions.items() if d == "reject"}
-            missing = [conditions.label(c, LANG) for c, why in reject.items() if not why]
             try:
-                if missing:
-                    raise explainer_review.ReviewError("say why the pictures are not fit to show: "
-                                                       + ", ".join(missing))
                 explainer_review.record(session, current.clinician, explainer.review_subject,
                                         explainer_id=explainer.model_id, approve=approve, reject=reject)
             except explainer_review.ReviewError as exc:
                 session.rollback()
-                return _explainer_page(request, session, current, http_status=400, message=str(exc), form=data)
+                message = str(exc) if not isinstance(exc, explainer_review.MissingReason) else (
+                    "say why the pictures are not fit to show: "
+                    + ", ".join(conditions.label(c, LANG) for c in exc.codes))
+                return _explainer_page(request, session, current, http_status=400, message=message, form=data)
             session.commit()
         return RedirectResponse(_url(request, "explainer_page") + "?done=signed", 303)
 

@@ -80,6 +80,7 @@ def test_a_sign_off_must_come_from_a_dermatologist_and_name_known_conditions(cli
             (derm, ["psoriasis"], {}, "does not draw psoriasis; it draws melanoma, nevus, acne"),
             (derm, ["acne"], {"acne": "no"}, "both approved and rejected: acne"),
             (derm, [], {}, "at least one condition"),
+            (derm, ["melanoma"], {"acne": " ", "nevus": "blurry"}, "say why .* not fit to show: acne$"),
         ]
         for who, approve, reject, message in cases:
             with pytest.raises(explainer_review.ReviewError, match=message):

@@ -256,6 +256,36 @@ def test_generator_learns_only_the_chosen_classes_and_refuses_unknown_ones(data_
     assert config["class_codes"] == ["melanoma", "nevus", "_unconditional"]
     assert "2 classes chosen for this run (melanoma, nevus)" in (gen / "MODEL_CARD.md").read_text()
 
+    # continued with a class added (at a learning rate of 0): the known classes draw what they drew before,
+    # the new one starts as the unconditional model, and the card says which class was added
+    from inference.engines.generator_net import load_generator_parts, predict
+
+    wide = tmp_path / "wide"
+    res = runner.invoke(train_command, [*common, "--out", str(wide), "--classes", "acne,nevus,melanoma",
+                                        "--init-from", str(gen), "--lr", "0"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (before, _, old), (after, _, new) = load_generator_parts(gen), load_generator_parts(wide)
+    assert new.class_codes == ["acne", "melanoma", "nevus", "_unconditional"]
+    x, t = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), torch.tensor([900, 100])
+
+    def out(unet: object, config: object, code: str) -> torch.Tensor:
+        label = torch.tensor([config.class_codes.index(code)] * 2)
+        return predict(unet.float().eval(), config, x, t, label)
+
+    with torch.no_grad():
+        for code in ("melanoma", "nevus", "_unconditional"):
+            assert torch.allclose(out(before, old, code), out(after, new, code), atol=1e-4), code
+        assert torch.allclose(out(after, new, "acne"), out(before, old, "_unconditional"), atol=1e-4)
+        assert not torch.allclose(out(after, new, "acne"), out(after, new, "nevus"), atol=1e-4)
+    origin = json.loads((wide / "config.json").read_text())["extra"]["training"]["continued_from"]
+    assert origin["added_classes"] == ["acne"] and origin["class_codes"] == config["class_codes"]
+    assert "adding acne" in (wide / "MODEL_CARD.md").read_text()
+    # classes may be added, never dropped: a continued generator still draws everything it drew
+    res = runner.invoke(train_command, [*common, "--out", str(tmp_path / "narrow"), "--classes", "acne,nevus",
+                                        "--init-from", str(gen)])
+    assert res.exit_code == 2 and "--init-from" in res.output and "keeps every class" in res.output
+    assert not (tmp_path / "narrow").exists()
+
 
 def test_class_balance_evens_out_how_often_each_class_is_drawn() -> None:
     from inference.training.train_generator import class_balanced_weights

@@ -17,13 +17,12 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from inference.engines.base import mark_ai_generated, model_sha256, pick_device
 from inference.engines.clinical_review import ReviewSubject, generator_subject
-from inference.engines.generator_net import ddim_sample, load_generator_parts
+from inference.engines.generator_net import ddim_sample, load_generator_parts, to_uint8
 from inference.engines.guardrails import PROMPTS_DIR
 
 CAPTIONS = {
@@ -119,8 +118,8 @@ class ClassConditionalExplainer:
         images = self.sample(condition_code, n, seed)
         caption = caption_for(self.vocabulary, condition_code, lang)
         out = []
-        for img in images:
-            pil = Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        for img in to_uint8(images):
+            pil = Image.fromarray(img)
             pil = pil.resize((self.display_size, self.display_size), Image.Resampling.LANCZOS)
             out.append(mark_ai_generated(pil, caption, generator=self.model_id))
         return out

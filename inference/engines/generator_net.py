@@ -26,6 +26,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
@@ -127,6 +128,11 @@ def load_generator_parts(folder: str | Path) -> tuple[UNet2DModel, DDIMScheduler
     unet = UNet2DModel.from_pretrained(folder / "unet", local_files_only=True)
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
     return unet, scheduler, config
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """B x 3 x S x S in [0, 1] (what ``ddim_sample`` returns) -> B x S x S x 3 uint8, as photos are stored."""
+    return (images.detach().cpu().permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def predict(unet: UNet2DModel, config: GeneratorConfig, x: torch.Tensor, t: torch.Tensor | int,

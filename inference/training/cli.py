@@ -102,7 +102,8 @@ def _sampling_options(f):
 @click.option("--class-balance", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="draw photos as (photos of their class) ** -X: 0 = as the data come, 1 = every class equally often")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
-              help="continue training this generator folder (same classes, size, patches and prediction type; "
+              help="continue training this generator folder (its classes, plus any new ones in --classes; same size, "
+                   "patches and prediction type; "
                    "its architecture wins over --channels/--layers-per-block)")
 @_sampling_options
 def generator_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,

@@ -193,8 +193,10 @@ def _training_story(tr: dict[str, Any]) -> str:
     origin = tr.get("continued_from")
     if not origin:
         return this
+    added = origin.get("added_classes") or []
+    widened = f", adding {', '.join(added)}," if added else ""
     return (f"{_training_story(origin.get('training', {}))}, then continued from `{origin.get('path')}` "
-            f"(weights {str(origin.get('weights_sha256'))[:12]}) {this}")
+            f"(weights {str(origin.get('weights_sha256'))[:12]}){widened} {this}")
 
 
 def _class_choice(codes: list[str], training: dict[str, Any]) -> str:

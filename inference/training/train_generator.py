@@ -22,6 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inference.engines.generator_net import (
+    GeneratorConfig,
+    build_generator_unet,
+    ddim_sample,
+    load_generator_parts,
+    predict,
+    save_generator,
+    to_uint8,
+)
 from inference.training import data as D
 from inference.training.run import TrainingRun, prepare_run, run_items
 
@@ -33,7 +42,7 @@ class ClassSelectionError(ValueError):
 
 
 class InitFromError(ValueError):
-    """A generator to continue from that does not fit the run (other classes, size, patches or target)."""
+    """A generator to continue from that does not fit the run (fewer classes, other size, patches or target)."""
 
 
 @dataclass
@@ -57,7 +66,7 @@ class GeneratorRun(TrainingRun):
     # how often a photo is drawn, as (photos of its class) ** -class_balance: 0 = as the data come
     # (two-thirds of HAM10000 are naevi, 1 % dermatofibromas), 1 = every class equally often
     class_balance: float = 0.0
-    init_from: Path | None = None  # continue training this generator (same classes, size, patches, target)
+    init_from: Path | None = None  # continue this generator (its classes, maybe more; same size, patches, target)
     classes: tuple[str, ...] | None = None  # learn only these codes (compute goes further on fewer classes)
     classifier: Path | None = None  # for the recognition metric
     samples_per_class: int = 16
@@ -152,19 +161,41 @@ def check_init_from(run: GeneratorRun, codes: list[str]) -> dict[str, Any] | Non
     if run.init_from is None:
         return None
     from inference.engines.base import model_sha256
-    from inference.engines.generator_net import GeneratorConfig
 
     try:
         prev = GeneratorConfig.load(run.init_from)
     except (OSError, ValueError, TypeError) as exc:
         raise InitFromError(f"no generator to continue at {run.init_from}: {exc}") from exc
-    wanted = {"class_codes": [*codes, NULL_CODE], "sample_size": run.sample_size, "patch_size": run.patch_size,
-              "prediction_type": run.prediction_type}
+    wanted = {"sample_size": run.sample_size, "patch_size": run.patch_size, "prediction_type": run.prediction_type}
     differ = [f"{k} {getattr(prev, k)!r} (this run: {v!r})" for k, v in wanted.items() if getattr(prev, k) != v]
+    known = [c for c in prev.class_codes if c != NULL_CODE]
+    dropped = sorted(set(known) - set(codes))
+    if dropped or prev.class_codes[-1:] != [NULL_CODE]:  # classes may be added, never dropped
+        differ.append(f"class_codes {prev.class_codes!r} (this run: {[*codes, NULL_CODE]!r}; "
+                      "a continued run keeps every class and may add new ones)")
     if differ:
         raise InitFromError(f"cannot continue {run.init_from}: it has " + "; ".join(differ))
     return {"path": str(run.init_from), "model_version": prev.model_version,
-            "weights_sha256": model_sha256(run.init_from / "unet"), "training": prev.extra.get("training", {})}
+            "weights_sha256": model_sha256(run.init_from / "unet"), "training": prev.extra.get("training", {}),
+            "class_codes": prev.class_codes, "added_classes": [c for c in codes if c not in known]}
+
+
+def widen_classes(unet: Any, old_codes: list[str], new_codes: list[str]) -> Any:
+    """``unet`` (trained on ``old_codes``, the null class last) as a UNet for ``new_codes`` (a superset,
+    null class last): every known class keeps its label embedding, each added class starts from the
+    null class's, so it begins as "skin in general" and guidance grows with training."""
+    if new_codes == old_codes:
+        return unet
+    from diffusers import UNet2DModel
+
+    wide = UNet2DModel.from_config(unet.config, num_class_embeds=len(new_codes))
+    state = unet.state_dict()
+    old = state["class_embedding.weight"]
+    null_row = old[old_codes.index(NULL_CODE)]
+    state["class_embedding.weight"] = torch.stack(
+        [old[old_codes.index(c)] if c in old_codes else null_row for c in new_codes])
+    wide.load_state_dict(state)  # in fp32, whatever the stored weights were
+    return wide
 
 
 def _training_rows(labelled: D.Labelled, masks: dict[str, np.ndarray], codes: list[str]) -> np.ndarray:
@@ -177,7 +208,6 @@ def _training_rows(labelled: D.Labelled, masks: dict[str, np.ndarray], codes: li
 def sample(unet: Any, config: Any, class_index: int, n: int, seed: int, *, guidance_scale: float | None = None,
            steps: int | None = None, device: str = "cpu") -> torch.Tensor:
     """n images of one class, B x 3 x S x S in [0, 1]: the serving sampler, from one seeded noise batch."""
-    from inference.engines.generator_net import ddim_sample
 
     s = config.sample_size
     noise = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -185,13 +215,6 @@ def sample(unet: Any, config: Any, class_index: int, n: int, seed: int, *, guida
 
 
 def train_generator(run: GeneratorRun) -> dict[str, Any]:
-    from inference.engines.generator_net import (
-        GeneratorConfig,
-        build_generator_unet,
-        load_generator_parts,
-        predict,
-        save_generator,
-    )
 
     codes = check_classes(run)  # from the labels: a bad --classes fails before any photo is decoded
     continued_from = check_init_from(run, codes)  # likewise a generator that cannot be continued
@@ -222,7 +245,8 @@ def train_generator(run: GeneratorRun) -> dict[str, Any]:
         extra={"null_class_index": null_index, "guidance_scale": run.guidance_scale, "image_types": image_types},
     )
     if continued_from:  # its architecture, its weights (fp16 on disk, trained on in fp32)
-        unet = load_generator_parts(run.init_from)[0].float().to(device)
+        unet = widen_classes(load_generator_parts(run.init_from)[0], continued_from["class_codes"],
+                             config.class_codes).float().to(device)
     else:
         unet = build_generator_unet(len(codes) + 1, run.sample_size, tuple(run.block_out_channels),
                                     run.layers_per_block, norm_num_groups=16, patch_size=run.patch_size).to(device)
@@ -337,11 +361,11 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
     drawn: dict[str, np.ndarray] = {}
     for k, code in enumerate(config.class_codes[:-1]):
         imgs = sample(unet, config, k, n, seed + k, device=device)
-        u8 = drawn[code] = _to_uint8(imgs)
+        u8 = drawn[code] = to_uint8(imgs)
         if config.patch_size > 1:
             grid.append(patch_grid_strength(imgs, config.patch_size))
         if imgs.shape[-1] != size:
-            u8 = _to_uint8(F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1))
+            u8 = to_uint8(F.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1))
         itype = D.IMAGE_TYPES.get(image_types.get(code, ""), D.DERMOSCOPIC)
         pred = _top1_codes(model, cconf, u8, np.full(len(u8), itype))
         h = sum(p == code for p in pred)
@@ -426,11 +450,6 @@ def memorisation(generated: dict[str, np.ndarray], data: Path, *, quantile: floa
                                 "unseen_photos": round(float(real_d.median()), 4)}}
 
 
-def _to_uint8(imgs: torch.Tensor) -> np.ndarray:
-    """B x 3 x S x S in [0, 1] -> B x S x S x 3 uint8, as photos are stored."""
-    return (imgs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-
-
 def _small(u8: np.ndarray) -> torch.Tensor:
     """N x S x S x 3 uint8 -> N x 3 x S/2 x S/2 in [0, 1]: small differences in texture do not make a copy."""
     return F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float() / 255, 2)
@@ -459,7 +478,7 @@ def sample_grid(unet: Any, config: Any, path: Path, *, per_class: int = 8, seed:
     for k, code in enumerate(codes):
         imgs = sample(unet, config, k, per_class, seed + 1000 + k, device=device)
         draw.text((4, caption_h + k * s + s // 2 - 6), code, fill=(0, 0, 0))
-        for j, img in enumerate(_to_uint8(imgs)):
+        for j, img in enumerate(to_uint8(imgs)):
             tile = Image.fromarray(img)
             grid.paste(tile.resize((s, s), Image.Resampling.NEAREST), (label_w + j * s, caption_h + k * s))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -476,7 +495,6 @@ def evaluate_generator(folder: Path, classifier_dir: Path, samples_per_class: in
     config.json: serving then samples the way it was measured)."""
     import dataclasses
 
-    from inference.engines.generator_net import load_generator_parts
 
     unet, _scheduler, config = load_generator_parts(folder)
     unet = unet.float().eval()
