@@ -75,6 +75,8 @@ _env.filters["when"] = _fmt
 _env.filters["condition"] = lambda code: conditions.label(code, LANG)
 _env.filters["reason"] = lambda code: REASON_LABELS.get(code, code.replace("_", " "))
 _env.filters["pct"] = lambda p: f"{float(p):.0%}" if p is not None else "—"
+# measured shares next to a bar: 79.7 % must not read as "80 %, below the 80 % bar"
+_env.filters["pct1"] = lambda p: f"{float(p):.1%}" if p is not None else "—"
 
 
 @contextmanager

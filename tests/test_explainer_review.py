@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,6 +120,9 @@ def _decisions(page: str, **fields: str) -> dict[str, str]:
 
 
 def test_dermatologist_signs_off_pictures_in_the_console(console: Console, clinic) -> None:  # type: ignore[no-untyped-def]
+    # as measured by evaluate-generator: acne just below the bar
+    (console.generator / "metrics.json").write_text(json.dumps({"recognition": {
+        "overall": 0.85, "per_class": {"melanoma": 0.9, "nevus": 0.85, "acne": 0.797}}}))
     anon = httpx.Client(base_url=console.base)
     assert anon.get("/console/explainer", follow_redirects=False).status_code == 303
     assert anon.get("/console/explainer/pictures/melanoma/0", follow_redirects=False).status_code == 303
@@ -132,6 +136,9 @@ def test_dermatologist_signs_off_pictures_in_the_console(console: Console, clini
     assert subject.weights_sha256[:16] in page.text and "tiny-generator@test" in page.text
     for code in CODES:  # every condition with its samples, drawn as patients would get them
         assert page.text.count(f'src="/console/explainer/pictures/{code}/') == 4
+    # the measured recognition, precise enough not to read "80 %, below the 80 % bar"
+    assert re.search(r"79\.7%<br><small>below the 80% bar: never sent", page.text)
+    assert "90.0%" in page.text and page.text.count("below the 80% bar") == 1
     picture = ada.get("/console/explainer/pictures/nevus/3")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
     assert read_ai_marker(picture.content)["caption"].startswith("AI-generated example of")

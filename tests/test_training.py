@@ -440,6 +440,24 @@ def test_review_sheet_and_card_show_which_classes_are_offered(trained: dict[str,
     assert "approved its pictures in the console" in card
     assert "| melanoma |" in card and card.count("| yes |") == 2
 
+    # drawing dermoscopic and clinical classes, the card tells the two apart (the classifier knows
+    # dermoscopic photos far better), real photos weighted by how many there are
+    config = json.loads((gen / "config.json").read_text())
+    config["extra"]["image_types"] = {c: "dermoscopic" if c in ("melanoma", "nevus") else "clinical" for c in codes}
+    (gen / "config.json").write_text(json.dumps(config))
+    _refresh_generator_card(gen, docs)
+    assert ("dermoscopic classes (2): **90.0 %** of generated pictures, n/a of real photos."
+            in (gen / "MODEL_CARD.md").read_text())  # the real-photo reference was not measured
+    metrics = json.loads((gen / "metrics.json").read_text())
+    metrics["recognition"]["real_photos"] = {
+        "overall": 0.5, "per_class": {c: {"melanoma": 0.5, "nevus": 0.9}.get(c, 0.2) for c in codes},
+        "n_per_class": {c: {"melanoma": 10, "nevus": 30}.get(c, 5) for c in codes}}
+    (gen / "metrics.json").write_text(json.dumps(metrics))
+    _refresh_generator_card(gen, docs)
+    card = (gen / "MODEL_CARD.md").read_text()
+    assert (f"By image type: clinical classes ({len(codes) - 2}): **10.0 %** of generated pictures, 20.0 % of real "
+            "photos; dermoscopic classes (2): **90.0 %** of generated pictures, 80.0 % of real photos.") in card
+
 
 def test_the_device_kit_carries_the_trainers_pixels_to_a_gpu_run(data_dir: Path, tmp_path: Path) -> None:
     """The GPU machine gets the repository, not ../shared: the kit holds the photos at training size, and

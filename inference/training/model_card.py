@@ -129,6 +129,7 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
                      "of these classes correctly (DermaMNIST test + DermNet validation, never trained on, each class "
                      "in the image type it is drawn in): the classifier, not only the generator, limits this "
                      "measure.") if real else ""
+        reference += _by_image_type(rec["per_class"], real_pc, real_n, types)
         grid = (f" Patch-grid strength of the pictures: {rec['patch_grid']} (spectral power at the patch period "
                 "over its neighbours; photos ≈ 1.4).") if rec.get("patch_grid") is not None else ""
         grid += _memorisation_text(rec.get("memorisation"))
@@ -170,6 +171,23 @@ evidence for a diagnosis. The null class for guidance is the last entry of `clas
 ### Intended use, limits and biases
 {LIMITS}
 """
+
+
+def _by_image_type(generated: dict[str, float], real: dict[str, float], real_n: dict[str, int],
+                   types: dict[str, str]) -> str:
+    """The recognition of dermoscopic and of clinical classes apart, when the generator draws both: the
+    classifier knows the two kinds of photo very differently well."""
+    kinds = sorted({types.get(c) for c in generated} - {None})
+    if len(kinds) < 2:
+        return ""
+    parts = []
+    for kind in kinds:
+        codes = [c for c in generated if types.get(c) == kind]
+        n = sum(real_n.get(c, 0) for c in codes)
+        real_share = sum(real.get(c, 0.0) * real_n.get(c, 0) for c in codes) / n if n else None
+        parts.append(f"{kind} classes ({len(codes)}): **{_pct(sum(generated[c] for c in codes) / len(codes))}** "
+                     f"of generated pictures, {_pct(real_share) if real_share is not None else 'n/a'} of real photos")
+    return " By image type: " + "; ".join(parts) + "."
 
 
 def _memorisation_text(mem: dict[str, Any] | None) -> str:
