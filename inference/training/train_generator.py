@@ -186,9 +186,7 @@ def widen_classes(unet: Any, old_codes: list[str], new_codes: list[str]) -> Any:
     null class's, so it begins as "skin in general" and guidance grows with training."""
     if new_codes == old_codes:
         return unet
-    from diffusers import UNet2DModel
-
-    wide = UNet2DModel.from_config(unet.config, num_class_embeds=len(new_codes))
+    wide = type(unet).from_config(unet.config, num_class_embeds=len(new_codes))
     state = unet.state_dict()
     old = state["class_embedding.weight"]
     null_row = old[old_codes.index(NULL_CODE)]
@@ -208,14 +206,12 @@ def _training_rows(labelled: D.Labelled, masks: dict[str, np.ndarray], codes: li
 def sample(unet: Any, config: Any, class_index: int, n: int, seed: int, *, guidance_scale: float | None = None,
            steps: int | None = None, device: str = "cpu") -> torch.Tensor:
     """n images of one class, B x 3 x S x S in [0, 1]: the serving sampler, from one seeded noise batch."""
-
     s = config.sample_size
     noise = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed)).to(device)
     return ddim_sample(unet, config, class_index, noise, guidance_scale=guidance_scale, steps=steps)
 
 
 def train_generator(run: GeneratorRun) -> dict[str, Any]:
-
     codes = check_classes(run)  # from the labels: a bad --classes fails before any photo is decoded
     continued_from = check_init_from(run, codes)  # likewise a generator that cannot be continued
     gen, device, log_path, labelled, masks = prepare_run(run, run.sample_size)
@@ -494,7 +490,6 @@ def evaluate_generator(folder: Path, classifier_dir: Path, samples_per_class: in
     settings given, ``steps``, ``guidance_scale``, ``shift_patches``, ``dynamic_threshold``, into its
     config.json: serving then samples the way it was measured)."""
     import dataclasses
-
 
     unet, _scheduler, config = load_generator_parts(folder)
     unet = unet.float().eval()
