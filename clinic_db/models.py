@@ -446,3 +446,22 @@ class SubscriptionNotification(UUIDPk, Base):
 @event.listens_for(ExplainerReview, "before_delete")
 def _append_only(mapper: Any, connection: Any, target: Any) -> None:
     raise PermissionError(f"{type(target).__tablename__} rows are append-only")
+
+
+class InboxUpdate(Base):
+    """A Telegram update, written before it is confirmed to the Bot API and handled from here
+    (bot.inbox): a bot killed at any point replays what it had not finished. The payload is sealed
+    with the system data key and dropped once the update is handled; the id row stays a week
+    so a re-delivered update is recognised."""
+
+    __tablename__ = "bot_inbox"
+
+    update_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | done | failed
+    payload_enc: Mapped[bytes | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(200))  # an error class and reference, never content
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    handled_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_bot_inbox_status", "status", "update_id"),)
