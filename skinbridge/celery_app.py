@@ -1,15 +1,20 @@
 """The Celery application shared by every worker, the bot and the CLI.
 
-Embedded default: the ``filesystem://`` broker under ``var/broker`` (polled every 0.1 s).
+Embedded default: the ``filesystem://`` broker under ``var/broker`` (polled every 0.1 s), served by
+:mod:`skinbridge.fs_broker` (kombu's transport without its read-before-write race).
 Production: Redis or RabbitMQ via SKINBRIDGE_BROKER_URL, any number of workers on any machines.
 Tasks carry ids, never image bytes; the database case row is the source of truth.
 """
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Queue
 
+from skinbridge import fs_broker
 from skinbridge.settings import Settings, get_settings
 
 
@@ -17,6 +22,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
     """(Re)apply settings to the app; tests call it again after changing the environment."""
     conf: dict = dict(
         broker_url=settings.resolved_broker_url,
+        broker_transport=None,
         result_backend=settings.result_backend,
         task_ignore_result=True,
         task_acks_late=True,
@@ -41,6 +47,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         folder = settings.broker_folder
         for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport"] = fs_broker.TRANSPORT  # the URL stays filesystem://; the class is ours
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "out"),
             "data_folder_out": str(folder / "out"),
@@ -65,3 +72,21 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(get_settings())
+_beater = None  # this pool process's heartbeat thread
+
+
+@worker_process_init.connect(weak=False)
+def _start_heartbeat(**_: object) -> None:
+    """Each pool process beats (clinic_db.heartbeat) from the moment it exists, before models load."""
+    global _beater
+    from clinic_db import heartbeat
+    from clinic_db.db import get_clinic
+
+    get_clinic().engine.dispose(close=False)  # never share the parent's connections after the fork
+    _beater = heartbeat.start(get_clinic(), "worker", detail={"queues": os.environ.get("SKINBRIDGE_WORKER_QUEUES")})
+
+
+@worker_process_shutdown.connect(weak=False)
+def _stop_heartbeat(**_: object) -> None:
+    if _beater is not None:
+        _beater.stop()
