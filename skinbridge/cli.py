@@ -9,7 +9,29 @@ import click
 from skinbridge.settings import UnsafeConfiguration, get_settings
 
 
-@click.group()
+class _Group(click.Group):
+    """A command that hits a database without SkinBridge's tables (or at an older revision) says what to
+    run instead of ending in an SQL traceback ("no such table")."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        try:
+            return super().invoke(ctx)
+        except (OperationalError, ProgrammingError):
+            from skinbridge.selfcheck import schema_problem
+
+            try:
+                problem = schema_problem(get_settings())
+            except Exception:  # noqa: BLE001 - the database itself is unreachable: the original error says more
+                problem = None
+            if problem is None:
+                raise
+            click.echo(f"PROBLEM: {problem}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """SkinBridge: teledermatology bot, AI workers, review console and FHIR API."""
 
@@ -118,10 +140,12 @@ def api(host: str | None, port: int | None) -> None:
 @main.command()
 def check() -> None:
     """Check configuration, keys, database schema and imports; exit 1 on a problem."""
-    from skinbridge.selfcheck import run_checks
+    from skinbridge.selfcheck import run_checks, where
 
-    checked_settings()
-    problems = run_checks(get_settings())
+    settings = checked_settings()
+    for line in where(settings):
+        click.echo(line)
+    problems = run_checks(settings)
     for line in problems:
         click.echo(f"PROBLEM: {line}", err=True)
     if problems:

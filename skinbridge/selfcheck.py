@@ -2,7 +2,49 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from skinbridge.settings import Settings
+
+UPGRADE = "run `skinbridge db upgrade`"
+
+
+def where(settings: Settings) -> list[str]:
+    """Where this configuration keeps its data, for `skinbridge check` and `skinbridge up`."""
+    keys = "SKINBRIDGE_MASTER_KEY (inline)" if settings.master_key is not None else str(settings.resolved_key_dir)
+    lines = [f"data folder: {settings.resolved_var_dir}", f"database:    {_safe_url(settings.resolved_database_url)}",
+             f"keys:        {keys}"]
+    if note := legacy_var_note(settings):
+        lines.append(f"note: {note}")
+    return lines
+
+
+def legacy_var_note(settings: Settings, cwd: Path | None = None) -> str | None:
+    """Older versions kept the data in ./var of the folder they ran from; say so when one is here."""
+    old = (cwd or Path.cwd()) / "var"
+    if not (old / "skinbridge.db").is_file() or old.resolve() == settings.resolved_var_dir:
+        return None
+    return (f"{old} holds data of an older SkinBridge, which used the folder it ran from; this configuration uses "
+            f"{settings.resolved_var_dir}. To keep the old data, set SKINBRIDGE_VAR_DIR={old.resolve()} "
+            "(or move the folder there).")
+
+
+def schema_problem(settings: Settings) -> str | None:
+    """Why the configured database does not match this code (with what to run), or None."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from clinic_db.db import get_clinic
+    from clinic_db.migrate import alembic_config
+
+    head = ScriptDirectory.from_config(alembic_config(settings.resolved_database_url)).get_current_head()
+    with get_clinic().engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current == head:
+        return None
+    if current is None:
+        return f"the database {_safe_url(settings.resolved_database_url)} has no SkinBridge tables yet: {UPGRADE}"
+    return f"database at revision {current}, code expects {head}: {UPGRADE}"
 
 
 def run_checks(settings: Settings) -> list[str]:
@@ -13,22 +55,18 @@ def run_checks(settings: Settings) -> list[str]:
     except ImportError as exc:
         problems.append(f"the `fhir` namespace is broken ({exc}); see fhir/__init__.py")
     try:
-        from clinic_db.db import get_clinic
-
-        clinic = get_clinic()
-        from alembic.runtime.migration import MigrationContext
-        from alembic.script import ScriptDirectory
-
-        from clinic_db.migrate import alembic_config
-
-        head = ScriptDirectory.from_config(alembic_config(settings.resolved_database_url)).get_current_head()
-        with clinic.engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-        if current != head:
-            problems.append(f"database at revision {current}, code expects {head}: run `skinbridge db upgrade`")
+        if problem := schema_problem(settings):
+            problems.append(problem)
     except Exception as exc:  # noqa: BLE001 - report, don't crash the checker
         problems.append(f"database or keys: {type(exc).__name__}: {exc}")
     return problems
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def record_worker_check() -> list[str]:

@@ -1,9 +1,13 @@
 """One typed settings object for every SkinBridge process.
 
 Read from environment variables prefixed ``SKINBRIDGE_`` and an optional ``.env`` file. The defaults
-are the *embedded* profile: everything under ``./var`` (SQLite, key files, the filesystem Celery
+are the *embedded* profile: everything in one data folder (SQLite, key files, the filesystem Celery
 broker), so ``skinbridge up`` works on a fresh machine with no configuration. ``profile=production``
 switches on the safety checks in :meth:`Settings.check_safe`.
+
+The data folder is the user's data directory (``~/.local/share/skinbridge`` on Linux, see
+:func:`default_var_dir`), never the working directory: every command, run from any folder, finds the
+same database and keys. ``SKINBRIDGE_VAR_DIR`` moves it; a relative value is resolved once, here.
 """
 
 from __future__ import annotations
@@ -12,10 +16,18 @@ import functools
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+import platformdirs
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "change-me"  # the value shipped in examples; refused in production
+
+
+def default_var_dir() -> Path:
+    """Where the embedded profile keeps its data when SKINBRIDGE_VAR_DIR is unset: the user's data
+    directory (XDG_DATA_HOME/skinbridge on Linux). Not ./var: a command run from another folder
+    would otherwise open a new, empty database with new keys."""
+    return platformdirs.user_data_path("skinbridge", appauthor=False)
 
 
 class UnsafeConfiguration(RuntimeError):
@@ -29,7 +41,7 @@ class Settings(BaseSettings):
 
     profile: Literal["embedded", "production"] = "embedded"
     debug: bool = False
-    var_dir: Path = Path("var")
+    var_dir: Path = Field(default_factory=default_var_dir)
 
     # --- storage -------------------------------------------------------------------------
     database_url: str | None = None  # default: sqlite:///<var_dir>/skinbridge.db
@@ -80,9 +92,15 @@ class Settings(BaseSettings):
     device: str = "auto"
 
     # --- derived paths -------------------------------------------------------------------
+    @field_validator("var_dir", "key_dir")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        """Resolved once, when the settings are read: later changes of directory do not move the data."""
+        return path.expanduser().resolve() if path is not None else None
+
     @property
     def resolved_var_dir(self) -> Path:
-        return self.var_dir.resolve()
+        return self.var_dir
 
     @property
     def resolved_database_url(self) -> str:

@@ -54,6 +54,10 @@ def banner(settings: Settings) -> str:
         f"  FHIR API for EHRs:     {base}/fhir/metadata",
         "  Ctrl-C stops everything.",
     ]
+    from skinbridge.selfcheck import legacy_var_note
+
+    if note := legacy_var_note(settings):
+        lines.insert(2, f"  note: {note}")
     return "\n".join(lines)
 
 

@@ -16,13 +16,16 @@ from skinbridge.settings import Settings, UnsafeConfiguration
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_embedded_defaults_live_under_var(tmp_path, monkeypatch):
+def test_embedded_defaults_live_in_the_users_data_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     for k in list(os.environ):
         if k.startswith("SKINBRIDGE_"):
             monkeypatch.delenv(k)
     s = Settings(_env_file=None)
-    assert s.resolved_database_url == f"sqlite:///{tmp_path / 'var' / 'skinbridge.db'}"
+    # not ./var: commands run from any folder share one database and one set of keys (tests/test_data_dir.py)
+    assert s.resolved_database_url == f"sqlite:///{tmp_path / 'xdg' / 'skinbridge' / 'skinbridge.db'}"
+    assert s.resolved_key_dir == tmp_path / "xdg" / "skinbridge" / "keys"
     assert s.resolved_broker_url == "filesystem://" and s.broker_poll_interval <= 0.1
     s.check_safe()  # the embedded profile needs no configuration
 
