@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +108,7 @@ def add_image(clinic: Clinic, session: Session, case: Case, image: CleanImage, *
     row = Image(
         case_id=case.id,
         patient_id=case.patient_id,
-        sha256=hashlib.sha256(image.data).hexdigest(),
+        content_mac=clinic.vault.keyring.content_mac(image.data),  # keyed: a photo alone confirms nothing
         mime=image.mime,
         size=len(image.data),
         width=image.width,
@@ -190,7 +189,7 @@ def add_explanation_image(
         case_id=case.id,
         patient_id=case.patient_id,
         condition_code=condition_code,
-        sha256=hashlib.sha256(png).hexdigest(),
+        content_mac=clinic.vault.keyring.content_mac(png),
         model_id=model_id,
         seed=seed,
     )

@@ -6,8 +6,11 @@ Key hierarchy (docs/architecture.md):
     blind-index key   --HMAC-SHA256------->  Telegram id lookup token
 
 Master keys come from a key directory (``<kid>.key`` files, 0600, ``ACTIVE`` names the current one)
-or, in production, from one inline key given by environment variables. The directory is re-read
-when an unknown key id shows up, so a running process follows ``skinbridge keys rotate``.
+or, in production, from one inline key given by environment variables. A running process follows
+``skinbridge keys rotate``: before wrapping a new data key it checks whether ``ACTIVE`` changed (one
+``stat``) and re-reads the directory if so, and it re-reads it when an unknown key id shows up. Key
+files and ``ACTIVE`` are written to a temporary name and renamed into place, so a process killed while
+writing never leaves a half-written key that other processes would trip over.
 """
 
 from __future__ import annotations
@@ -53,11 +56,34 @@ def unseal(key: bytes, blob: bytes, aad: bytes) -> bytes:
         raise DecryptionError("ciphertext failed authentication (tampered, moved or wrong key)") from exc
 
 
-def _write_secret(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, replace: bool) -> None:
+    """Write ``data`` to ``path`` (0600) all at once: a temporary file, fsync, then rename into place.
+
+    ``replace=False`` refuses to overwrite an existing file (a key file is never replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(base64.b64encode(data) + b"\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # never matches the mk-*.key glob
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails with FileExistsError instead of overwriting
+            tmp.unlink()
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    _atomic_write(path, base64.b64encode(data) + b"\n", replace=False)
 
 
 def _read_secret(path: Path) -> bytes:
@@ -80,6 +106,7 @@ class KeyRing:
     masters: dict[str, bytes]
     blind_key: bytes
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _active_stamp: tuple[int, int, int] | None = field(default=None, repr=False)
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -92,8 +119,9 @@ class KeyRing:
             key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             kid = new_kid()
             _write_secret(key_dir / f"{kid}.key", secrets.token_bytes(KEY_BYTES))
-            _write_secret(key_dir / "blind-index.key", secrets.token_bytes(KEY_BYTES))
-            active_file.write_text(kid + "\n")
+            if not (key_dir / "blind-index.key").exists():
+                _write_secret(key_dir / "blind-index.key", secrets.token_bytes(KEY_BYTES))
+            _atomic_write(active_file, (kid + "\n").encode(), replace=True)
         ring = cls(key_dir=key_dir, active_kid="", masters={}, blind_key=b"")
         ring.reload()
         return ring
@@ -106,16 +134,34 @@ class KeyRing:
             raise ValueError("inline keys must be base64 of 32 bytes")
         return cls(key_dir=None, active_kid=kid, masters={kid: master}, blind_key=blind)
 
+    def _stamp(self) -> tuple[int, int, int]:
+        assert self.key_dir is not None
+        st = os.stat(self.key_dir / "ACTIVE")
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def reload(self) -> None:
         if self.key_dir is None:
             return
         with self._lock:
-            masters = {p.stem: _read_secret(p) for p in self.key_dir.glob("mk-*.key")}
+            stamp = self._stamp()
             active = (self.key_dir / "ACTIVE").read_text().strip()
+            masters: dict[str, bytes] = {}
+            for path in self.key_dir.glob("mk-*.key"):
+                try:
+                    masters[path.stem] = _read_secret(path)
+                except FileNotFoundError:  # retired between the listing and the read
+                    continue
             if active not in masters:
                 raise KeyUnavailable(f"ACTIVE names {active!r} but {active}.key is missing in {self.key_dir}")
-            self.masters, self.active_kid = masters, active
+            self.masters, self.active_kid, self._active_stamp = masters, active, stamp
             self.blind_key = _read_secret(self.key_dir / "blind-index.key")
+
+    def current_kid(self) -> str:
+        """The master key id new data keys are wrapped with, re-checked now: another process may have
+        rotated since this ring was loaded (one stat of ACTIVE; the directory is re-read only on change)."""
+        if self.key_dir is not None and self._stamp() != self._active_stamp:
+            self.reload()
+        return self.active_kid
 
     # --- use -------------------------------------------------------------------------------
     def master(self, kid: str) -> bytes:
@@ -127,7 +173,7 @@ class KeyRing:
             raise KeyUnavailable(f"master key {kid!r} is not available (retired?)") from None
 
     def wrap(self, data_key: bytes, context: str) -> tuple[bytes, str]:
-        kid = self.active_kid
+        kid = self.current_kid()  # never the key an earlier rotation retired (docs/architecture.md)
         return seal(self.master(kid), data_key, f"datakey|{context}|{kid}".encode()), kid
 
     def unwrap(self, wrapped: bytes, kid: str, context: str) -> bytes:
@@ -136,25 +182,52 @@ class KeyRing:
     def blind_index(self, namespace: str, value: str) -> str:
         return hmac.new(self.blind_key, f"{namespace}:{value}".encode(), hashlib.sha256).hexdigest()
 
-    # --- rotation --------------------------------------------------------------------------
-    def add_master(self) -> str:
-        """Create a new master key file and make it ACTIVE. Old keys stay until retired."""
+    def content_mac(self, data: bytes) -> str:
+        """Keyed digest of stored content (photos): equal content gives an equal digest, but without
+        the key nobody holding a photo can tell whether it is stored. The key is derived from the
+        blind-index key, so it is never the same key used for two purposes."""
+        key = hmac.new(self.blind_key, b"skinbridge|content-mac|v1", hashlib.sha256).digest()
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+    # --- rotation (steps of clinic_db.rotation; each one idempotent) -----------------------
+    def _own_dir(self) -> Path:
         if self.key_dir is None:
             raise KeyUnavailable("inline keys are rotated by the secret store, not by SkinBridge")
-        kid = new_kid()
-        _write_secret(self.key_dir / f"{kid}.key", secrets.token_bytes(KEY_BYTES))
-        tmp = self.key_dir / "ACTIVE.tmp"
-        tmp.write_text(kid + "\n")
-        tmp.replace(self.key_dir / "ACTIVE")  # atomic switch for running processes
+        return self.key_dir
+
+    def create_master(self, kid: str) -> None:
+        """Write a new master key file (not active yet); nothing if it already exists."""
+        path = self._own_dir() / f"{kid}.key"
+        if not path.exists():
+            try:
+                _write_secret(path, secrets.token_bytes(KEY_BYTES))
+            except FileExistsError:
+                pass
         self.reload()
+
+    def activate(self, kid: str) -> None:
+        """Make ``kid`` ACTIVE: from now on every process wraps new data keys with it."""
+        key_dir = self._own_dir()
+        if not (key_dir / f"{kid}.key").exists():
+            raise KeyUnavailable(f"{kid}.key is missing in {key_dir}")
+        _atomic_write(key_dir / "ACTIVE", (kid + "\n").encode(), replace=True)  # atomic switch
+        self.reload()
+
+    def add_master(self) -> str:
+        """Create a new master key file and make it ACTIVE. Old keys stay until retired."""
+        kid = new_kid()
+        self.create_master(kid)
+        self.activate(kid)
         return kid
 
     def retire(self, kid: str) -> None:
-        if kid == self.active_kid:
+        """Delete a master key file. Callers check first that nothing uses it (clinic_db.rotation)."""
+        if kid == self.current_kid():
             raise ValueError("cannot retire the active master key")
         if self.key_dir is not None:
             (self.key_dir / f"{kid}.key").unlink(missing_ok=True)
-        self.masters.pop(kid, None)
+        with self._lock:
+            self.masters.pop(kid, None)
 
 
 def keyring_from_settings(settings) -> KeyRing:  # type: ignore[no-untyped-def]

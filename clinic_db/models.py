@@ -126,6 +126,8 @@ class Case(UUIDPk, Base):
     condition_code: Mapped[str | None] = mapped_column(String(32))  # current top condition (vocabulary code)
     failure_reason: Mapped[str | None] = mapped_column(String(200))  # a reason code, never patient text
     pipeline_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # the bot saved the last history answer: the sweeper submits such a case if it stays `received`
+    history_completed_at: Mapped[datetime | None]
     report_version: Mapped[int] = mapped_column(Integer, default=0)  # FHIR DiagnosticReport versionId
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -155,7 +157,9 @@ class Image(UUIDPk, Base):
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     patient_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)  # which data key seals it
     data_enc: Mapped[bytes]  # the photo, EXIF removed, orientation applied
-    sha256: Mapped[str] = mapped_column(String(64))
+    # keyed digest (KeyRing.content_mac), never a plain SHA-256: holding a photo must not confirm it is
+    # stored; NULL for photos stored before migration 0004 dropped the clear hashes
+    content_mac: Mapped[str | None] = mapped_column(String(64))
     mime: Mapped[str] = mapped_column(String(32))
     size: Mapped[int] = mapped_column(Integer)
     width: Mapped[int] = mapped_column(Integer)
@@ -197,7 +201,7 @@ class ExplanationImage(UUIDPk, Base):
     patient_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     condition_code: Mapped[str] = mapped_column(String(32))
     data_enc: Mapped[bytes]  # PNG, marked AI-generated
-    sha256: Mapped[str] = mapped_column(String(64))
+    content_mac: Mapped[str | None] = mapped_column(String(64))  # keyed digest, as Image.content_mac
     mime: Mapped[str] = mapped_column(String(32), default="image/png")
     model_id: Mapped[str] = mapped_column(String(200))
     seed: Mapped[int] = mapped_column(BigInteger)
@@ -342,6 +346,16 @@ class FhirResource(Base):
     __table_args__ = (
         Index("ix_fhir_resources_search", "resource_type", "is_current", "last_updated"),
         Index("ix_fhir_resources_patient", "patient_id", "resource_type"),
+        # migration 0005: the snapshot's "no newer version" probe, and one index per search parameter
+        Index("ix_fhir_resources_versions", "resource_type", "id", "seq"),
+        Index("ix_fhir_resources_type_seq", "resource_type", "seq"),
+        Index("ix_fhir_resources_status", "resource_type", "status", "seq"),
+        Index("ix_fhir_resources_code", "resource_type", "code"),
+        Index("ix_fhir_resources_category", "resource_type", "category"),
+        Index("ix_fhir_resources_identifier", "resource_type", "identifier"),
+        Index("ix_fhir_resources_effective", "resource_type", "effective_at"),
+        Index("ix_fhir_resources_issued", "resource_type", "issued_at"),
+        Index("ix_fhir_resources_updated", "resource_type", "last_updated"),
     )
 
     resource_type: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -465,3 +479,52 @@ class InboxUpdate(Base):
     handled_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_bot_inbox_status", "status", "update_id"),)
+
+
+class ProcessHeartbeat(Base):
+    """One row per live SkinBridge process (clinic_db.heartbeat): liveness for supervisors, and which
+    master key the process wraps new data keys with, so `keys rotate --retire` never deletes a key in use."""
+
+    __tablename__ = "process_heartbeats"
+    __table_args__ = (Index("ix_process_heartbeats_component_seen", "component", "last_seen"),)
+
+    process_id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid:start time
+    component: Mapped[str] = mapped_column(String(32))  # bot | worker | api | ...
+    host: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    ppid: Mapped[int] = mapped_column(Integer)  # a supervisor finds its child's pool processes by it
+    started_at: Mapped[datetime]
+    last_seen: Mapped[datetime]
+    master_kid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any] | None]  # numbers and codes only, never patient data
+
+
+class TaskLease(Base):
+    """A pipeline step (or a chain hand-off to the broker) held by a live process (inference.leases):
+    renewed while it runs, released when it ends. The sweeper counts a step as lost only when its lease
+    expired unreleased; a case waiting in the queue holds none, and waiting is never failure."""
+
+    __tablename__ = "task_leases"
+
+    task_id: Mapped[str] = mapped_column(String(80), primary_key=True)  # Celery task id (a retry reuses it)
+    case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    step: Mapped[str] = mapped_column(String(64))
+    holder: Mapped[str] = mapped_column(String(200))  # host:pid, for the logs
+    acquired_at: Mapped[datetime]
+    renewed_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    released_at: Mapped[datetime | None]
+
+
+class ExplainerReviewPicture(Base):
+    """A sample picture an explainer drew for the dermatologists' sign-off (console ``/explainer``): drawn
+    by a gpu worker (inference.explainer_tasks), keyed by the explainer's subject digest
+    (clinic_db.explainer_review.subject_digest). AI-made, no patient data: stored as plain PNG."""
+
+    __tablename__ = "explainer_review_pictures"
+
+    subject_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    condition_code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    png: Mapped[bytes]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

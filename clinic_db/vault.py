@@ -4,7 +4,7 @@ Each patient has a random 256-bit data key, stored wrapped by the active master 
 ``patient_keys``. Fields are sealed with AES-256-GCM under that data key; the additional
 authenticated data is ``table|row-id|column``, so a ciphertext copied into another row or column
 fails to decrypt. Non-patient secrets (e.g. the bot's conversation state) use the *system* data key,
-which lives in the same table under the nil UUID and is rotated with the others.
+which lives in the same table under the nil UUID and is rotated with the others (clinic_db.rotation).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clinic_db.keys import KEY_BYTES, KeyRing, KeyUnavailable, seal, unseal
-from clinic_db.models import PatientKey, utcnow
+from clinic_db.models import PatientKey
 
 SYSTEM_KEY_ID = uuid.UUID(int=0)
 
@@ -51,27 +51,6 @@ class Vault:
         row = session.get(PatientKey, owner_id)
         if row is not None:
             session.delete(row)
-
-    def rewrap_all(self, session: Session, batch: int = 500) -> int:
-        """Re-wrap every data key under the active master key; returns how many changed.
-
-        Images and fields are untouched: only the 60-byte wrapped keys are rewritten, so this runs
-        while the system serves. Idempotent: keys already under the active kid are skipped.
-        """
-        active = self.keyring.active_kid
-        changed = 0
-        while True:
-            rows = session.scalars(
-                select(PatientKey).where(PatientKey.master_kid != active).limit(batch).with_for_update()
-            ).all()
-            if not rows:
-                return changed
-            for row in rows:
-                key = self.keyring.unwrap(row.wrapped_key, row.master_kid, str(row.patient_id))
-                row.wrapped_key, row.master_kid = self.keyring.wrap(key, str(row.patient_id))
-                row.rotated_at = utcnow()
-                changed += 1
-            session.commit()
 
     # --- raw sealing (rows without a UUID id, files) ----------------------------------------
     def seal_for(self, session: Session, owner: uuid.UUID, table: str, row_id: str, column: str, data: bytes) -> bytes:

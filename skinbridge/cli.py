@@ -72,34 +72,66 @@ def keys() -> None:
 
 @keys.command("status")
 def keys_status() -> None:
-    """Show the active master key and how many data keys each master key wraps."""
+    """Show the active master key, how many data keys each master key wraps, and which live
+    processes wrap new data keys with which key."""
     from sqlalchemy import func, select
 
+    from clinic_db import heartbeat
     from clinic_db.db import get_clinic
     from clinic_db.models import PatientKey
+    from clinic_db.rotation import pending
 
+    settings = get_settings()
     clinic = get_clinic()
     ring = clinic.vault.keyring
     with clinic.session() as s:
         counts = dict(s.execute(select(PatientKey.master_kid, func.count()).group_by(PatientKey.master_kid)).all())
-    click.echo(f"active: {ring.active_kid}")
-    for kid in sorted(set(ring.masters) | set(counts)):
-        click.echo(f"  {kid}: {counts.get(kid, 0)} data keys{'' if kid in ring.masters else ' (KEY MISSING)'}")
+    users: dict[str, int] = {}
+    for proc in heartbeat.alive(clinic, within_s=settings.heartbeat_stale_s):
+        users[proc.master_kid or "?"] = users.get(proc.master_kid or "?", 0) + 1
+    click.echo(f"active: {ring.current_kid()}")
+    for kid in sorted(set(ring.masters) | set(counts) | set(users)):
+        click.echo(f"  {kid}: {counts.get(kid, 0)} data keys, {users.get(kid, 0)} live processes"
+                   f"{'' if kid in ring.masters else ' (KEY MISSING)'}")
+    journal = pending(ring)
+    if journal is not None:
+        click.echo(f"unfinished rotation to {journal['new_kid']}: run `skinbridge keys rotate` to finish it")
 
 
 @keys.command("rotate")
-@click.option("--retire/--keep-old", default=False, help="Delete old master key files once nothing uses them.")
-def keys_rotate(retire: bool) -> None:
-    """Create a new master key, re-wrap every data key under it (no re-encryption of data)."""
-    from clinic_db.db import get_clinic
-    from clinic_db.rotation import rotate
+@click.option("--retire/--keep-old", default=False,
+              help="Delete old master key files once no data key and no live process uses them.")
+@click.option("--wait", "wait_s", type=float, default=None,
+              help="With --retire: seconds to wait for live processes to take up the new key before refusing "
+                   "(default: two heartbeat intervals).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Data keys re-wrapped per transaction.")
+def keys_rotate(retire: bool, wait_s: float | None, batch_size: int) -> None:
+    """Create a new master key and re-wrap every data key under it (no re-encryption of data).
 
-    checked_settings()
-    report = rotate(get_clinic(), retire_old=retire)
+    Resumable: after a crash, run it again; it finishes the same rotation."""
+    from clinic_db.db import get_clinic
+    from clinic_db.rotation import RetireRefused, RotationBusy, rotate
+
+    settings = checked_settings()
+    if wait_s is None:
+        wait_s = 2 * settings.heartbeat_interval_s + 1
+    try:
+        report = rotate(get_clinic(), retire_old=retire, wait_s=wait_s, batch=batch_size)
+    except RetireRefused as exc:
+        click.echo(f"{exc}\nThe new key is active and every readable data key is re-wrapped; run "
+                   "`skinbridge keys rotate --retire` again once these are gone.", err=True)
+        sys.exit(1)
+    except RotationBusy as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
     click.echo(
-        f"new master key {report.new_kid}; re-wrapped {report.rewrapped} data keys; "
-        f"retired: {', '.join(report.retired) or 'none'}"
+        f"{'finished interrupted rotation to' if report.resumed else 'new master key'} {report.new_kid}; "
+        f"re-wrapped {report.rewrapped} data keys; retired: {', '.join(report.retired) or 'none'}"
     )
+    if report.unreadable:
+        click.echo(f"WARNING: {len(report.unreadable)} data key(s) could not be unwrapped and keep their old "
+                   f"master key: {', '.join(report.unreadable[:10])}", err=True)
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -128,21 +160,45 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
 @main.command()
 @click.option("--host", default=None, help="Default: SKINBRIDGE_HTTP_HOST (127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Default: SKINBRIDGE_HTTP_PORT (8000).")
-def api(host: str | None, port: int | None) -> None:
-    """Serve the web app: FHIR API, SMART token endpoint, dermatologist console."""
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="API processes on the one port. Default: the CPUs this process may use.")
+def api(host: str | None, port: int | None, workers: int | None) -> None:
+    """Serve the web app: FHIR API, SMART token endpoint, dermatologist console.
+
+    Every process keeps its shared state in the database (SMART jti replay cache, export jobs,
+    console sessions and lockouts), so any number of them may serve one deployment.
+    """
+    import os
+
     import uvicorn
+
+    from skinbridge.web import HttpProtocol
 
     settings = checked_settings()
     uvicorn.run("skinbridge.web:create_app", factory=True, host=host or settings.http_host,
-                port=port or settings.http_port, log_level="info", proxy_headers=True)
+                port=port or settings.http_port, log_level="info", proxy_headers=True, http=HttpProtocol,
+                workers=workers or len(os.sched_getaffinity(0)), access_log=False)
 
 
 @main.command()
-def check() -> None:
+@click.option("--liveness", "component", default=None, metavar="COMPONENT",
+              help="Only check that a COMPONENT process (bot, worker, api) beat within SKINBRIDGE_HEARTBEAT_STALE_S.")
+def check(component: str | None) -> None:
     """Check configuration, keys, database schema and imports; exit 1 on a problem."""
     from skinbridge.selfcheck import run_checks, where
 
     settings = checked_settings()
+    if component is not None:
+        from clinic_db import heartbeat
+        from clinic_db.db import get_clinic
+
+        live = heartbeat.alive(get_clinic(), component, within_s=settings.heartbeat_stale_s)
+        if not live:
+            click.echo(f"PROBLEM: no {component} process beat in the last {settings.heartbeat_stale_s:.0f} s "
+                       "(stuck or not running)", err=True)
+            sys.exit(1)
+        click.echo(f"{component}: {len(live)} live process(es)")
+        return
     for line in where(settings):
         click.echo(line)
     problems = run_checks(settings)

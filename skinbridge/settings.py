@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     master_key: SecretStr | None = None
     master_key_id: str | None = None
     blind_index_key: SecretStr | None = None
+    # Fault injection for the key-rotation crash tests: `keys rotate` exits at this step. Refused in production.
+    fault_rotate_exit_at: str | None = None
+
+    # --- process heartbeats (clinic_db.heartbeat) -----------------------------------------
+    heartbeat_interval_s: float = 10.0
+    heartbeat_stale_s: float = 60.0  # no beat for this long: the process is stuck or gone
 
     # --- Celery --------------------------------------------------------------------------
     broker_url: str | None = None  # default: filesystem:// under var_dir
@@ -133,6 +139,8 @@ class Settings(BaseSettings):
             problems.append("SKINBRIDGE_DEBUG must be false in production")
         if self.fault_delay_s:
             problems.append("SKINBRIDGE_FAULT_DELAY_S is a test setting; unset it in production")
+        if self.fault_rotate_exit_at:
+            problems.append("SKINBRIDGE_FAULT_ROTATE_EXIT_AT is a test setting; unset it in production")
         if self.master_key is None and self.key_dir is None:
             problems.append(
                 "set SKINBRIDGE_MASTER_KEY (base64 of 32 bytes) with SKINBRIDGE_MASTER_KEY_ID, "

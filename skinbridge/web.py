@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import h11
+import orjson
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from skinbridge.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def create_app() -> FastAPI:
     settings = get_settings()
     settings.check_safe()
+    if not settings.public_base_url:
+        log.warning("SKINBRIDGE_PUBLIC_BASE_URL is not set: FHIR URLs and the token endpoint's audience follow "
+                    "each request's Host header. Fine for development; set it wherever EHRs connect.")
     app = FastAPI(title="SkinBridge", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/healthz", include_in_schema=False)
@@ -25,12 +36,46 @@ def create_app() -> FastAPI:
 
     from console.app import build_router as console_router
     from fhir.api import build_router as fhir_router
+    from fhir.api import install_error_handlers
 
     app.include_router(fhir_router())
     app.include_router(console_router(), prefix="/console")
+    install_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/console/")
 
     return app
+
+
+class HttpProtocol(H11Protocol):
+    """uvicorn's h11 protocol, except that a request it cannot parse is answered with h11's own status
+    hint (431 for a header block over the limit, else 400) and an OperationOutcome body, not a plain-text
+    400. ``skinbridge api`` serves with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._error_status = 400
+        next_event = self.conn.next_event
+
+        def remembering_next_event() -> Any:
+            try:
+                return next_event()
+            except h11.RemoteProtocolError as exc:
+                self._error_status = exc.error_status_hint
+                raise
+
+        self.conn.next_event = remembering_next_event  # type: ignore[method-assign]
+
+    def send_400_response(self, msg: str) -> None:
+        status = self._error_status if 400 <= self._error_status < 500 else 400
+        text = ("request header fields too large" if status == 431 else "invalid HTTP request")
+        body = orjson.dumps({"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "too-costly" if status == 431 else "invalid", "diagnostics": text}]})
+        headers = [(b"content-type", b"application/fhir+json"), (b"connection", b"close"),
+                   (b"content-length", str(len(body)).encode())]
+        self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))  # type: ignore[arg-type]
+        self.transport.write(self.conn.send(h11.Data(data=body)))  # type: ignore[arg-type]
+        self.transport.write(self.conn.send(h11.EndOfMessage()))  # type: ignore[arg-type]
+        self.transport.close()
