@@ -1,10 +1,14 @@
-"""Build the patient bot: PTB application, persistence, reliability guards and the outbox sender.
+"""Build and run the patient bot: PTB application, durable intake, reliability guards, outbox sender.
 
-Reliability, in the order an update meets it (``SkinBridgeApplication.process_update``):
-1. a duplicate ``update_id`` (already processed, remembered in the ``kv`` table) is dropped;
-2. a user over the per-user rate limit gets one polite message and is ignored for the window;
-3. handlers run (errors -> :func:`on_error`: a reference id for the user, the traceback in the log);
-4. conversation state is written to the database at once, then the update id is recorded.
+Reliability, in the order an update meets it:
+1. intake (:mod:`bot.inbox`: long polling, or the webhook of :mod:`bot.webhook`) writes the update to
+   the ``bot_inbox`` table before Telegram hears it arrived; a re-delivered ``update_id`` is ignored;
+2. :func:`serve`'s consumer hands pending updates, oldest first, to :class:`SkinBridgeApplication`;
+   a user over the per-user rate limit waits in the inbox (told once), nothing is dropped;
+3. handlers run (errors -> :func:`on_error`: a reference id for the user, the traceback in the log;
+   a transient database error retries the update instead);
+4. conversation state is written to the database at once, then the inbox row is marked done.
+No error stops the consumer; it beats a heartbeat (``clinic_db.heartbeat``) that supervisors watch.
 Outgoing calls go through ``AIORateLimiter``, which waits and retries on Telegram's 429 RetryAfter.
 """
 
@@ -14,33 +18,34 @@ import asyncio
 import collections
 import logging
 import secrets
+import signal
 import time
+from dataclasses import dataclass
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import OperationalError
 from telegram import BotCommand, Update
+from telegram.error import TelegramError
 from telegram.ext import AIORateLimiter, Application, ContextTypes
 
 from bot import clinician, handlers
 from bot.i18n import LANGUAGES, pick_language, t
+from bot.inbox import MAX_ATTEMPTS, Inbox, handle_pending, poll
 from bot.persistence import SqlPersistence
-from bot.sender import NS_UPDATES, OutboxSender
+from bot.sender import OutboxSender
 from clinic_db.db import Clinic, get_clinic
-from clinic_db.models import KeyValue
 from skinbridge.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SANDBOX_TOKEN = "123456:SANDBOX"
 SANDBOX_URL = "http://127.0.0.1:8081"
-USER_LIMIT = 20  # messages ...
-USER_WINDOW_S = 60.0  # ... per minute and user
 COMMANDS = ("new", "history", "language", "delete", "help", "start")
 
 
 class UserRateLimit:
     """Sliding-window limit per Telegram user (in memory: it only needs to hold for a minute)."""
 
-    def __init__(self, limit: int = USER_LIMIT, window_s: float = USER_WINDOW_S):
+    def __init__(self, limit: int, window_s: float):
         self.limit, self.window_s = limit, window_s
         self._hits: dict[int, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._warned: dict[int, float] = {}
@@ -61,51 +66,58 @@ class UserRateLimit:
         return False, warn
 
 
-class ProcessedUpdates:
-    """Durable record of handled update ids, so a re-delivered update does nothing twice."""
-
-    def __init__(self, clinic: Clinic):
-        self.clinic = clinic
-
-    def seen(self, update_id: int) -> bool:
-        with self.clinic.session() as session:
-            return session.get(KeyValue, (NS_UPDATES, str(update_id))) is not None
-
-    def mark(self, update_id: int) -> None:
-        with self.clinic.session() as session:
-            if session.get(KeyValue, (NS_UPDATES, str(update_id))) is None:
-                session.add(KeyValue(namespace=NS_UPDATES, key=str(update_id), value={}))
-                try:
-                    session.commit()
-                except IntegrityError:
-                    session.rollback()
-
-
 class SkinBridgeApplication(Application):
+    """PTB's Application, fed from the durable inbox (:mod:`bot.inbox`) instead of its own updater."""
+
     clinic: Clinic
-    processed: ProcessedUpdates
+    inbox: Inbox
     user_limit: UserRateLimit
     sender_task: asyncio.Task | None = None
+    # set by on_error when a handler hit a transient database error: the update is retried, not answered
+    transient_failure: bool = False
+    current_attempt: int = 0
 
     async def process_update(self, update: object) -> None:
-        if not isinstance(update, Update):
-            await super().process_update(update)
-            return
-        if self.processed.seen(update.update_id):
-            log.info("duplicate update %s ignored", update.update_id)
-            return
-        user = update.effective_user
-        allowed, warn = (True, False) if user is None else self.user_limit.allow(user.id)
-        if allowed:
-            await super().process_update(update)
+        await super().process_update(update)
+        if isinstance(update, Update):
             await self.update_persistence()  # flush conversation state now, not on a timer
-        elif warn and update.effective_chat is not None:
-            await self.bot.send_message(update.effective_chat.id, t(pick_language(user.language_code), "ratelimit.text"))
-        self.processed.mark(update.update_id)
+
+    async def handle(self, update: Update, attempt: int = 0) -> None:
+        """Handle one update from the inbox; raise TransientFailure to have it retried later."""
+        self.transient_failure, self.current_attempt = False, attempt
+        await self.process_update(update)
+        if self.transient_failure:
+            raise TransientFailure("a handler hit a transient database error")
+
+    async def admit(self, update: Update) -> bool:
+        """The per-user rate limit: over it, the update waits in the inbox; the user hears so once."""
+        user = update.effective_user
+        if user is None:
+            return True
+        allowed, warn = self.user_limit.allow(user.id)
+        if warn and update.effective_chat is not None:
+            try:
+                await self.bot.send_message(update.effective_chat.id,
+                                            t(pick_language(user.language_code), "ratelimit.text"))
+            except TelegramError:
+                log.warning("could not tell a user that their messages wait")
+        return allowed
+
+
+class TransientFailure(RuntimeError):
+    """The update's handling failed for a reason that a retry can fix (database locked or down)."""
 
 
 async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     ref = secrets.token_hex(4).upper()
+    app = context.application
+    if isinstance(context.error, OperationalError) and isinstance(app, SkinBridgeApplication) \
+            and app.current_attempt < MAX_ATTEMPTS - 1:
+        # database locked or unreachable: the update stays in the inbox and is handled again shortly
+        log.warning("error %s: transient database error while handling an update; it will be retried", ref,
+                    exc_info=context.error)
+        app.transient_failure = True
+        return
     log.error("error %s while handling an update", ref, exc_info=context.error)
     if isinstance(update, Update) and update.effective_chat is not None:
         lang = pick_language(update.effective_user.language_code if update.effective_user else None)
@@ -147,7 +159,7 @@ def connection(settings: Settings) -> tuple[str, str, str]:
     return token, base_url, base_file_url
 
 
-def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> Application:
+def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> SkinBridgeApplication:
     clinic = get_clinic()
     token, base_url, base_file_url = connection(settings)
     app = (
@@ -156,17 +168,116 @@ def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> 
         .token(token)
         .base_url(base_url)
         .base_file_url(base_file_url)
+        .updater(None)  # intake is bot.inbox: PTB's updater would confirm updates before they are stored
         .persistence(SqlPersistence(clinic))
         .rate_limiter(AIORateLimiter(max_retries=5))
-        .post_init(_post_init)
-        .post_stop(_post_stop)
         .build()
     )
-    app.clinic = clinic  # type: ignore[attr-defined]
-    app.processed = ProcessedUpdates(clinic)  # type: ignore[attr-defined]
-    app.user_limit = UserRateLimit()  # type: ignore[attr-defined]
+    assert isinstance(app, SkinBridgeApplication)
+    app.clinic = clinic
+    app.inbox = Inbox(clinic)
+    app.user_limit = UserRateLimit(settings.bot_user_limit, settings.bot_user_window_s)
     app.sender_interval_s = sender_interval_s  # type: ignore[attr-defined]
     clinician.register(app)  # group -1: linked dermatologists, before the patient handlers
     handlers.register(app)
     app.add_error_handler(on_error)
     return app
+
+
+# --- running -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Webhook:
+    url: str  # the public HTTPS address registered with Telegram
+    secret: str  # Telegram's secret_token header
+    listen: str
+    port: int
+    path: str
+
+
+HEARTBEAT_S = 5.0
+IDLE_TICK_S = 1.0  # the consumer also looks at the inbox this often (deferred and retried updates)
+PRUNE_EVERY_S = 3600.0
+
+
+def _beat(app: SkinBridgeApplication, counts: dict[str, int]) -> None:
+    from clinic_db import heartbeat
+
+    heartbeat.beat(app.clinic, "bot", detail=counts)
+
+
+async def _consume(app: SkinBridgeApplication, wake: asyncio.Event, stop: asyncio.Event) -> None:
+    """Handle the inbox until stopped. Nothing that goes wrong here ends the loop."""
+    last_beat = last_prune = 0.0
+    while not stop.is_set():
+        wake.clear()
+        handled = 0
+        try:
+            handled = await handle_pending(app.bot, app.inbox, app.handle, app.admit)
+        except Exception:  # noqa: BLE001 - e.g. the database is down: log, wait, try again
+            log.exception("error %s in the update loop; it goes on", secrets.token_hex(4).upper())
+        now = time.monotonic()
+        if now - last_beat >= HEARTBEAT_S:
+            last_beat = now
+            try:
+                await asyncio.to_thread(_beat, app, {"handled": handled})
+            except Exception:  # noqa: BLE001 - a missed beat is visible as a stale heartbeat
+                log.warning("heartbeat not written", exc_info=True)
+        if now - last_prune >= PRUNE_EVERY_S:
+            last_prune = now
+            try:
+                await asyncio.to_thread(app.inbox.prune)
+            except Exception:  # noqa: BLE001
+                log.warning("inbox prune failed", exc_info=True)
+        if handled:
+            continue  # more may have arrived meanwhile
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=IDLE_TICK_S)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def serve(app: SkinBridgeApplication, *, webhook: Webhook | None = None) -> None:
+    """Run the bot until SIGINT/SIGTERM: intake (polling or webhook), consumer, outbox sender, pusher."""
+    stop, wake = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task] = []
+    server = None
+    await app.initialize()
+    try:
+        await _post_init(app)
+        await app.start()
+        if webhook is None:
+            await app.bot.delete_webhook(drop_pending_updates=False)
+            tasks.append(loop.create_task(poll(app.bot, app.inbox, wake, stop, Update.ALL_TYPES), name="intake"))
+        else:
+            from bot.webhook import start_webhook_server
+
+            server = start_webhook_server(app.inbox, wake, secret=webhook.secret, listen=webhook.listen,
+                                          port=webhook.port, path=webhook.path)
+            await app.bot.set_webhook(webhook.url, secret_token=webhook.secret, allowed_updates=Update.ALL_TYPES)
+        tasks.append(loop.create_task(_consume(app, wake, stop), name="consumer"))
+        waiter = loop.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:  # an intake that gave up (e.g. an invalid token) ends the process with its error
+            if task is not waiter and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        if server is not None:
+            server.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await app.stop()
+            await _post_stop(app)
+        finally:
+            await app.shutdown()
+            try:
+                from clinic_db import heartbeat
+
+                await asyncio.to_thread(heartbeat.forget, app.clinic)
+            except Exception:  # noqa: BLE001 - a stale heartbeat expires by itself
+                log.debug("heartbeat not removed", exc_info=True)

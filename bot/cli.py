@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -30,12 +31,9 @@ def webhook_secret_problem(secret: str | None) -> str | None:
 @click.command("bot")
 @click.option("--listen", default="0.0.0.0", show_default=True, help="Webhook mode: address to listen on.")
 @click.option("--port", default=8443, show_default=True, type=int, help="Webhook mode: port to listen on.")
-@click.option("--poll-interval", default=0.0, show_default=True, type=float, help="Polling: pause between requests.")
-def bot_command(listen: str, port: int, poll_interval: float) -> None:
+def bot_command(listen: str, port: int) -> None:
     """Run the Telegram bot for patients (webhook if SKINBRIDGE_WEBHOOK_URL is set, else polling)."""
-    from telegram import Update
-
-    from bot.app import build_application, connection
+    from bot.app import Webhook, build_application, connection, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # every poll would be logged, token included
@@ -49,17 +47,16 @@ def bot_command(listen: str, port: int, poll_interval: float) -> None:
             sys.exit(2)
     app = build_application(settings)
     _, base_url, _ = connection(settings)
+    webhook = None
     if settings.webhook_url:
         assert settings.webhook_secret is not None  # checked above
         path = urlparse(settings.webhook_url).path.lstrip("/") or "telegram"
+        webhook = Webhook(url=settings.webhook_url, secret=settings.webhook_secret.get_secret_value(),
+                          listen=listen, port=port, path=path)
         click.echo(f"bot: webhook {settings.webhook_url} (listening on {listen}:{port})")
-        app.run_webhook(
-            listen=listen, port=port, url_path=path, webhook_url=settings.webhook_url,
-            secret_token=settings.webhook_secret.get_secret_value(), allowed_updates=Update.ALL_TYPES,
-        )
-        return
-    click.echo(f"bot: polling {base_url.rsplit('/bot', 1)[0]}")
-    app.run_polling(allowed_updates=Update.ALL_TYPES, poll_interval=poll_interval, timeout=10)
+    else:
+        click.echo(f"bot: polling {base_url.rsplit('/bot', 1)[0]}")
+    asyncio.run(serve(app, webhook=webhook))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete
 from sqlalchemy.orm import Session
 from telegram import Bot, InputMediaPhoto
 from telegram.error import BadRequest, Forbidden, TelegramError
@@ -26,13 +24,10 @@ from bot.render import condition_name, result_text
 from clinic_db import audit, cases, outbox, patients
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
-from clinic_db.models import Case, CaseMessage, KeyValue, OutboxMessage, Patient, ReviewTask, utcnow
+from clinic_db.models import Case, CaseMessage, KeyValue, OutboxMessage, Patient, ReviewTask
 from clinic_db.states import CaseStatus
 
 log = logging.getLogger(__name__)
-
-NS_UPDATES = "bot_update"
-UPDATE_ID_RETENTION = timedelta(days=7)
 
 
 class OutboxSender:
@@ -40,13 +35,11 @@ class OutboxSender:
         self.bot = bot
         self.clinic = clinic
         self.interval_s = interval_s
-        self._last_prune = 0.0
 
     async def run(self) -> None:
         while True:
             try:
                 await self.deliver_due()
-                self._maybe_prune()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop must survive a bad message or a DB hiccup
@@ -73,8 +66,14 @@ class OutboxSender:
                 return
             chat_id = patients.telegram_id(self.clinic, session, patient)
             lang = pick_language(patient.language)
+            session.commit()  # end the read transaction: nothing is held while Telegram answers (or a 429 waits)
             try:
-                await self._send(session, msg.kind, outbox.payload(self.clinic, session, msg), chat_id, lang, patient)
+                # writes made while rendering (read audits, the progress message id) stay in the session and
+                # reach the database in the one short commit after the send: on SQLite a flushed write would
+                # hold the database's write lock through the network wait and block every other process
+                with session.no_autoflush:
+                    await self._send(session, msg.kind, outbox.payload(self.clinic, session, msg), chat_id, lang,
+                                     patient)
             except Forbidden as exc:  # the patient blocked the bot: retrying soon will not help
                 outbox.mark_failed(session, msg, f"forbidden: {exc.message}")
                 session.commit()
@@ -176,16 +175,3 @@ class OutboxSender:
         if note:
             lines.append(t(lang, "final.note", note=note))
         await self.bot.send_message(chat_id, "\n\n".join(lines))
-
-    # --- housekeeping ---------------------------------------------------------------------------
-    def _maybe_prune(self) -> None:
-        """Forget processed update ids after a week (Telegram never re-delivers that late)."""
-        now = asyncio.get_running_loop().time()
-        if now - self._last_prune < 3600:
-            return
-        self._last_prune = now
-        with self.clinic.session() as session:
-            session.execute(delete(KeyValue).where(
-                KeyValue.namespace == NS_UPDATES, KeyValue.updated_at < utcnow() - UPDATE_ID_RETENTION
-            ))
-            session.commit()

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     telegram_base_file_url: str | None = None
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    # per-user rate limit: updates beyond it wait in the bot's inbox (the user is told once), none is dropped
+    bot_user_limit: int = Field(30, ge=1)  # a whole consultation is about 12 updates
+    bot_user_window_s: float = Field(60.0, gt=0)
 
     # --- models --------------------------------------------------------------------------
     classifier_path: Path | None = None  # default: the weights shipped in inference/weights

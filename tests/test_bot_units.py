@@ -8,7 +8,7 @@ import string
 
 from sqlalchemy import select
 
-from bot.app import ProcessedUpdates, UserRateLimit
+from bot.app import UserRateLimit
 from bot.i18n import LOCALE_DIR, catalog, pick_language, t
 from bot.persistence import NS_CONV, NS_USER, SqlPersistence
 from bot.render import likelihood
@@ -79,15 +79,6 @@ def test_persistence_round_trip_is_sealed(clinic) -> None:  # type: ignore[no-un
     asyncio.run(clear())
     with clinic.session() as session:
         assert session.scalars(select(KeyValue).where(KeyValue.namespace.in_([NS_USER, NS_CONV]))).all() == []
-
-
-def test_processed_updates_are_durable(clinic) -> None:  # type: ignore[no-untyped-def]
-    first = ProcessedUpdates(clinic)
-    assert not first.seen(42)
-    first.mark(42)
-    first.mark(42)  # marking twice is harmless
-    assert ProcessedUpdates(clinic).seen(42)
-    assert not ProcessedUpdates(clinic).seen(43)
 
 
 def test_user_rate_limit_warns_once_per_window() -> None:

@@ -1,0 +1,95 @@
+"""The bot's durable inbox (bot.inbox) on a real database: stored sealed before confirmation, handled
+in order, one failing update never stops the others, a user over the rate limit waits instead of
+being dropped."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import select
+from telegram import Bot, Update
+
+from bot.inbox import MAX_ATTEMPTS, Inbox, handle_pending
+from clinic_db.models import InboxUpdate
+
+
+def text_update(update_id: int, user_id: int, text: str) -> dict[str, Any]:
+    user = {"id": user_id, "is_bot": False, "first_name": "Pat"}
+    return {"update_id": update_id, "message": {"message_id": update_id, "date": 1_700_000_000, "from": user,
+                                                "chat": {"id": user_id, "type": "private"}, "text": text}}
+
+
+def bot() -> Bot:
+    return Bot("123456:TEST", base_url="http://127.0.0.1:9/bot")  # never called: de_json only
+
+
+def test_updates_are_stored_sealed_once_and_confirmed_after_the_commit(clinic) -> None:  # type: ignore[no-untyped-def]
+    inbox = Inbox(clinic)
+    assert inbox.next_offset() == 0
+    assert inbox.store([text_update(7, 1001, "my mole is bleeding"), text_update(5, 1002, "hello")]) == 2
+    assert inbox.store([text_update(7, 1001, "my mole is bleeding")]) == 0  # Telegram delivered it again
+    assert inbox.next_offset() == 8
+    with clinic.session() as session:
+        rows = session.scalars(select(InboxUpdate)).all()
+    assert len(rows) == 2
+    for row in rows:  # what the patient wrote and who they are is not readable in the table
+        assert b"bleeding" not in row.payload_enc and b"1001" not in row.payload_enc
+    assert [p.update_id for p in inbox.pending()] == [5, 7]  # oldest first
+    assert inbox.pending()[1].payload["message"]["text"] == "my mole is bleeding"
+    inbox.done(5)
+    with clinic.session() as session:
+        done = session.get(InboxUpdate, 5)
+        assert done.status == "done" and done.payload_enc is None  # nothing kept once handled
+    assert [p.update_id for p in inbox.pending()] == [7]
+
+
+def test_one_failing_update_does_not_stop_the_others_and_is_parked_after_retries(clinic) -> None:  # type: ignore[no-untyped-def]
+    inbox = Inbox(clinic)
+    inbox.store([text_update(1, 11, "boom"), text_update(2, 12, "fine"), text_update(3, 11, "after boom")])
+    handled: list[str] = []
+
+    async def handle(update: Update, attempt: int) -> None:
+        if update.effective_message.text == "boom":
+            raise RuntimeError("handler bug")
+        handled.append(update.effective_message.text)
+
+    async def admit(update: Update) -> bool:
+        return True
+
+    assert asyncio.run(handle_pending(bot(), inbox, handle, admit)) == 1
+    # user 12 was handled; user 11's later message waits behind the failed one, keeping that user's order
+    assert handled == ["fine"]
+    for _ in range(MAX_ATTEMPTS - 1):
+        asyncio.run(handle_pending(bot(), inbox, handle, admit))
+    assert handled == ["fine", "after boom"]  # parked after MAX_ATTEMPTS tries; the next one went on
+    with clinic.session() as session:
+        failed = session.get(InboxUpdate, 1)
+        assert failed.status == "failed" and failed.attempts == MAX_ATTEMPTS and failed.payload_enc is None
+        assert "RuntimeError" in failed.last_error
+    assert inbox.pending() == []
+
+
+def test_a_user_over_the_limit_waits_in_the_inbox_in_order(clinic) -> None:  # type: ignore[no-untyped-def]
+    inbox = Inbox(clinic)
+    inbox.store([text_update(i, 21, f"message {i}") for i in range(1, 6)] + [text_update(10, 22, "other")])
+    handled: list[str] = []
+    budget = {21: 2}
+
+    async def handle(update: Update, attempt: int) -> None:
+        handled.append(update.effective_message.text)
+
+    async def admit(update: Update) -> bool:
+        user = update.effective_user.id
+        if user not in budget:
+            return True
+        budget[user] -= 1
+        return budget[user] >= 0
+
+    asyncio.run(handle_pending(bot(), inbox, handle, admit))
+    assert handled == ["message 1", "message 2", "other"]
+    assert [p.update_id for p in inbox.pending()] == [3, 4, 5]  # kept, not dropped
+    budget[21] = 10  # the window moved on
+    asyncio.run(handle_pending(bot(), inbox, handle, admit))
+    assert handled[3:] == ["message 3", "message 4", "message 5"]
+    assert inbox.pending() == []
