@@ -11,8 +11,9 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from clinic_db.models import Case, ReviewTask, utcnow
+from clinic_db.models import AIResult, Case, CaseMessage, ReviewTask, utcnow
 from clinic_db.review import URGENCY_PRIORITY
+from inference.engines.base import MODEL_FAILURE_FLAGS
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class ServiceStats:
     decided_in_window: int
     window_days: int
     agreement: list[ModelAgreement] = field(default_factory=list)
+    # cases that went on without a model that failed (VLM, explainer, follow-up VLM), in the window
+    model_failures: dict[str, int] = field(default_factory=dict)
 
 
 def _hours(values: list[timedelta]) -> np.ndarray:
@@ -90,7 +93,19 @@ def compute(session: Session, *, now: datetime | None = None, window_days: int =
         decided_in_window=len(decided),
         window_days=window_days,
         agreement=sorted((ModelAgreement(m, a, b) for m, (a, b) in counts.items()), key=lambda x: x.model_id),
+        model_failures=_model_failures(session, now - timedelta(days=window_days)),
     )
+
+
+def _model_failures(session: Session, since: datetime) -> dict[str, int]:
+    counts = dict.fromkeys(MODEL_FAILURE_FLAGS, 0)
+    rows = [*session.scalars(select(AIResult.flags).where(AIResult.created_at >= since)),
+            *session.scalars(select(CaseMessage.flags).where(CaseMessage.created_at >= since,
+                                                             CaseMessage.role == "assistant"))]
+    for flags in rows:
+        for flag in set(flags or ()) & counts.keys():
+            counts[flag] += 1
+    return counts
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,25 @@
 """Answers to a patient's follow-up questions about their case (the SkinGPT-4 interactive loop).
 
-With a VLM configured, the model answers with the photos and the case in context. Without one
-(the embedded default), the answer is built from the condition vocabulary. Either way the same
-guard rails apply first: a red flag escalates to a dermatologist, prescription dosing is refused,
-and every answer carries the "preliminary, not a diagnosis" disclaimer.
+One path for every answer, whether or not a VLM is configured:
+
+1. guard rails on the question (``prompts/guardrails.json``): a red flag escalates to a dermatologist,
+   prescription dosing is refused;
+2. a question about cancer gets a plain answer from the condition vocabulary: whether a condition the
+   result message lists is a skin cancer (or precancerous), never left to a model;
+3. otherwise the VLM answers with the photos and the case in context (the question as quoted data), and
+   its reply is checked (:func:`inference.engines.checks.check_reply`: no dose, no definitive diagnosis,
+   no "you do not need a doctor", no leaked prompt, readable, only the case's conditions); a reply that
+   fails gets the canned safe text. Without a VLM the answer is built from the vocabulary.
+
+The answer text carries no disclaimer: the patient-facing message (bot locale ``followup.answer``) adds
+exactly one.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
+from string import Template
 from typing import Any
 
 from PIL import Image as PILImage
@@ -18,9 +29,37 @@ from clinic_db import cases
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
 from clinic_db.models import Case
-from inference.engines.guardrails import load_guardrails
-from inference.engines.vlm import FLAG_DOSING_REFUSED, FLAG_RED_FLAG, FollowupAnswer
-from inference.vocabulary import load_vocabulary
+from inference.engines.checks import check_reply
+from inference.engines.guardrails import GuardRails, load_guardrails
+from inference.vocabulary import Vocabulary, load_vocabulary
+
+FLAG_RED_FLAG = "red_flag"
+FLAG_DOSING_REFUSED = "dosing_refused"
+FLAG_REPLY_REJECTED = "reply_rejected"
+FLAG_CANCER_QUESTION = "cancer_question"
+# the conditions the patient's result message names (bot/render.py: the top one and up to two alternatives
+# from 5 %); a cancer question is answered about exactly these
+LISTED = 3
+MIN_LISTED_PROBABILITY = 0.05
+
+
+class FollowupAnswer(str):
+    """The answer text (a plain ``str`` for callers that only need text) plus guard-rail flags."""
+
+    flags: list[str]
+
+    def __new__(cls, text: str, flags: list[str] | None = None) -> "FollowupAnswer":
+        obj = super().__new__(cls, text)
+        obj.flags = list(flags or [])
+        return obj
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+    @property
+    def needs_dermatologist(self) -> bool:
+        return FLAG_RED_FLAG in self.flags
 
 
 def _differential(clinic: Clinic, session: Session, case: Case) -> list[dict[str, Any]]:
@@ -30,45 +69,81 @@ def _differential(clinic: Clinic, session: Session, case: Case) -> list[dict[str
     return clinic.vault.get_json(session, result, "differential", owner=case.patient_id) or []
 
 
-def answer_question(clinic: Clinic, session: Session, case: Case, question: str, engines: Any) -> FollowupAnswer:
+def answer_question(clinic: Clinic, session: Session, case: Case, question: str, vlm: Any | None) -> FollowupAnswer:
+    """Answer ``question`` about ``case``; ``vlm`` is the worker's VLM engine, or None (vocabulary answer).
+    Exceptions of the VLM propagate: the task decides between a retry and the vocabulary answer."""
     lang = case.patient.language or "en"
-    vocab = load_vocabulary()
-    differential = _differential(clinic, session, case)
-    if engines.vlm is not None:
-        photos = [
-            PILImage.open(io.BytesIO(cases.image_bytes(clinic, session, img, Actor.system("worker")))).convert("RGB")
-            for img in case.images
-        ]
-        context = {
-            "preliminary assessment": ", ".join(
-                f"{vocab.get(d['code']).name(lang)} ({d['probability']:.0%})" for d in differential[:3]
-            ),
-            **cases.history(clinic, session, case),
-        }
-        return engines.vlm.followup(photos, context, question, lang)
-    return _answer_from_vocabulary(question, differential, lang)
+
+    def photos() -> list[PILImage.Image]:
+        return [PILImage.open(io.BytesIO(cases.image_bytes(clinic, session, img, Actor.system("worker"),
+                                                           purpose="treatment"))).convert("RGB")
+                for img in case.images]
+
+    return answer(question, _differential(clinic, session, case), lang, vlm=vlm, photos=photos,
+                  history=cases.history(clinic, session, case))
 
 
-def _answer_from_vocabulary(question: str, differential: list[dict[str, Any]], lang: str) -> FollowupAnswer:
-    rails = load_guardrails()
-    disclaimer = rails.text("disclaimer", lang)
+def answer(question: str, differential: Sequence[dict[str, Any]], lang: str = "en", *, vlm: Any | None = None,
+           photos: Callable[[], list[PILImage.Image]] = list, history: dict[str, Any] | None = None,
+           vocabulary: Vocabulary | None = None, rails: GuardRails | None = None) -> FollowupAnswer:
+    rails = rails or load_guardrails()
+    vocab = vocabulary or load_vocabulary()
     red_flags = rails.red_flags_in(question)
-    if red_flags:
-        return FollowupAnswer(f"{rails.text('red_flag', lang)}\n\n{disclaimer}",
-                              [FLAG_RED_FLAG, *(f"red_flag:{name}" for name in red_flags)])
+    if red_flags:  # a warning sign always goes to a human, whatever a model would say
+        return FollowupAnswer(rails.text("red_flag", lang), [FLAG_RED_FLAG, *(f"red_flag:{n}" for n in red_flags)])
     if rails.asks_for_dosing(question):
-        return FollowupAnswer(f"{rails.text('dosing_refused', lang)}\n\n{disclaimer}", [FLAG_DOSING_REFUSED])
-    if not differential:
-        return FollowupAnswer(f"{rails.text('no_answer', lang)}\n\n{disclaimer}", ["no_answer"])
-    condition = load_vocabulary().get(differential[0]["code"])
+        return FollowupAnswer(rails.text("dosing_refused", lang), [FLAG_DOSING_REFUSED])
+    ranked = sorted((d for d in differential if d.get("code") in vocab), key=lambda d: -float(d["probability"]))
+    if not ranked:
+        return FollowupAnswer(rails.text("no_answer", lang), ["no_answer"])
+    if rails.asks_about_cancer(question):
+        return _cancer_answer(ranked, lang, vocab, rails)
+    if vlm is None:
+        return _answer_from_vocabulary(ranked, lang, vocab)
+    context = {
+        "preliminary assessment": ", ".join(f"{vocab.get(d['code']).name(lang)} ({float(d['probability']):.0%})"
+                                            for d in ranked[:LISTED]),
+        **(history or {}),
+    }
+    reply = vlm.followup(photos(), context, question, lang).strip()
+    problems = check_reply(reply, rails, allowed_codes={d["code"] for d in ranked}, vocabulary=vocab)
+    if "dosing" in problems:
+        return FollowupAnswer(rails.text("dosing_refused", lang), [FLAG_DOSING_REFUSED])
+    if problems:
+        return FollowupAnswer(rails.text("safe_reply", lang),
+                              [FLAG_REPLY_REJECTED, *(f"{FLAG_REPLY_REJECTED}:{p}" for p in problems)])
+    return FollowupAnswer(reply, [])
+
+
+def listed(ranked: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conditions the result message names: the top one and likely-enough alternatives."""
+    return [d for i, d in enumerate(ranked[:LISTED]) if i == 0 or float(d["probability"]) >= MIN_LISTED_PROBABILITY]
+
+
+def _cancer_answer(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabulary, rails: GuardRails) -> FollowupAnswer:
+    shown = listed(ranked)
+
+    def names(items: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{vocab.get(d['code']).name(lang)} ({float(d['probability']):.0%})" for d in items)
+
+    cancers = [d for d in shown if vocab.get(d["code"]).malignant]
+    precancers = [d for d in shown if vocab.get(d["code"]).premalignant and d not in cancers]
+    parts = []
+    if cancers:
+        parts.append(Template(rails.text("cancer_listed", lang)).substitute(names=names(cancers)))
+    if precancers:
+        parts.append(Template(rails.text("precancer_listed", lang)).substitute(names=names(precancers)))
+    if not parts:
+        parts.append(Template(rails.text("cancer_not_listed", lang)).substitute(names="", top=names(shown[:1])))
+    return FollowupAnswer("\n\n".join(parts), [FLAG_CANCER_QUESTION])
+
+
+def _answer_from_vocabulary(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabulary) -> FollowupAnswer:
+    condition = vocab.get(ranked[0]["code"])
     intro = {
         "en": "The preliminary assessment points most to {name}.",
         "de": "Die vorläufige Einschätzung deutet am ehesten auf {name} hin.",
     }.get(lang, "The preliminary assessment points most to {name}.")
-    text = "\n\n".join([
-        intro.format(name=condition.name(lang)),
-        condition.description(lang),
-        condition.advice(lang),
-        disclaimer,
-    ])
+    text = "\n\n".join(part for part in (intro.format(name=condition.name(lang)), condition.description(lang),
+                                         condition.advice(lang)) if part)
     return FollowupAnswer(text, [])

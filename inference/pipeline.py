@@ -56,10 +56,15 @@ def submit_case(case_id: uuid.UUID | str, actor: Actor | None = None) -> None:
 
 
 def submit_followup(case_id: uuid.UUID | str, message_id: uuid.UUID | str) -> None:
-    """Answer a patient's follow-up question (a CaseMessage) asynchronously; the answer goes to the outbox."""
-    from inference import tasks
+    """Answer a patient's follow-up question (a CaseMessage) asynchronously; the answer goes to the outbox.
 
-    tasks.answer_followup.apply_async(args=[str(case_id), str(message_id)])
+    With a VLM configured the question goes to the gpu queue, whose workers hold the model; without one
+    to the cpu queue (answered from the vocabulary). A CPU worker never loads a VLM."""
+    from inference import tasks
+    from skinbridge.settings import get_settings
+
+    queue = "gpu" if get_settings().vlm_path else "cpu"
+    tasks.answer_followup.apply_async(args=[str(case_id), str(message_id)], queue=queue)
 
 
 def request_review(case_id: uuid.UUID | str, reason: str = PATIENT_REQUESTED, *, urgency: str | None = None) -> None:

@@ -162,6 +162,7 @@ def quality_gate(self, case_id: str) -> None:
 
 @app.task(name="skinbridge.diagnose", queue="gpu", **TASK_OPTS)
 def diagnose(self, case_id: str) -> None:
+    retry_vlm: BaseException | None = None
     with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
         delay = get_settings().fault_delay_s
         if delay:
@@ -169,20 +170,52 @@ def diagnose(self, case_id: str) -> None:
         done = set(session.scalars(select(AIResult.engine).where(AIResult.case_id == case.id)))
         eng = engines()
         photos = _photos(clinic, session, case)
-        predictions = []
         if "classifier" not in done:
             per_photo = eng.classifier.predict(photos, "clinical")
-            predictions.append(_merge_photo_predictions(per_photo))
+            _store_prediction(clinic, session, case, _merge_photo_predictions(per_photo))
         if eng.vlm is not None and "vlm" not in done:
-            history = cases.history(clinic, session, case)
-            predictions.append(eng.vlm.diagnose(photos, history, case.patient.language))
-        for p in predictions:
-            cases.add_ai_result(
-                clinic, session, case, engine=p.engine, model_id=p.model_id, model_version=p.model_version,
-                weights_sha256=p.weights_sha256, differential=p.differential, description=p.description,
-                saliency_png=p.saliency_png, flags=list(p.flags) + [f"hint:{h}" for h in p.urgency_hints],
-                timings=p.timings,
-            )
+            # the VLM is optional: its failure never costs the classifier's result (issue 21, graceful degradation)
+            try:
+                vlm_prediction = eng.vlm.diagnose(photos, cases.history(clinic, session, case), case.patient.language)
+            except Exception as exc:  # noqa: BLE001 - transient: retry (policy below); otherwise a flagged result
+                vlm_prediction = None
+                if _retry_model_error(self, exc):
+                    session.commit()  # keep the classifier's result; the retry runs only the VLM
+                    retry_vlm = exc
+                else:
+                    log.warning("VLM failed on case %s (%s); publishing the classifier's result flagged",
+                                case_id, type(exc).__name__)
+                    _store_prediction(clinic, session, case, _vlm_failure(eng.vlm, exc))
+            if vlm_prediction is not None:
+                _store_prediction(clinic, session, case, vlm_prediction)
+    if retry_vlm is not None:
+        raise self.retry(exc=retry_vlm, countdown=min(60, 2 ** self.request.retries))
+
+
+def _store_prediction(clinic: Clinic, session: Session, case: Case, p: Any) -> None:
+    cases.add_ai_result(
+        clinic, session, case, engine=p.engine, model_id=p.model_id, model_version=p.model_version,
+        weights_sha256=p.weights_sha256, differential=p.differential, description=p.description,
+        saliency_png=p.saliency_png, flags=list(p.flags) + [f"hint:{h}" for h in p.urgency_hints],
+        timings=p.timings,
+    )
+
+
+def _retry_model_error(task, exc: BaseException) -> bool:  # type: ignore[no-untyped-def]
+    """The pipeline's retry policy applied to an optional model: transient errors (the TRANSIENT
+    family, a GPU out of memory for the moment) retry with back-off while retries are left."""
+    transient = isinstance(exc, TRANSIENT) or type(exc).__name__ == "OutOfMemoryError"
+    return transient and not isinstance(exc, SoftTimeLimitExceeded) and task.request.retries < task.max_retries
+
+
+def _vlm_failure(vlm: Any, exc: BaseException) -> Any:
+    """An empty VLM result carrying the failure: the dermatologist sees the flag, triage applies its
+    policy for ``vlm_error`` (inference/data/triage_rules.json), the admin page counts it."""
+    from inference.engines.base import FLAG_VLM_ERROR, Prediction
+
+    return Prediction(engine="vlm", model_id=vlm.model_id, model_version=vlm.model_version,
+                      weights_sha256=vlm.weights_sha256, differential=[],
+                      flags=[FLAG_VLM_ERROR, f"{FLAG_VLM_ERROR}:{type(exc).__name__}"])
 
 
 def _merge_photo_predictions(per_photo: list) -> Any:  # type: ignore[type-arg]
@@ -206,6 +239,7 @@ def _merge_photo_predictions(per_photo: list) -> Any:  # type: ignore[type-arg]
 @app.task(name="skinbridge.explain", queue="gpu", **TASK_OPTS)
 def explain(self, case_id: str) -> None:
     settings = get_settings()
+    retry_explainer: BaseException | None = None
     with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
         preferred = cases.preferred_result(session, case)
         top = preferred.top_condition_code if preferred is not None else None
@@ -223,9 +257,22 @@ def explain(self, case_id: str) -> None:
         if top not in approved:
             return
         seed = _seed(case.id)
-        for i, png in enumerate(explainer.generate(top, settings.explanation_images, seed, approved=approved)):
+        try:
+            pngs = explainer.generate(top, settings.explanation_images, seed, approved=approved)
+        except Exception as exc:  # noqa: BLE001 - pictures are optional: the result goes out without them
+            pngs = []
+            if _retry_model_error(self, exc):
+                retry_explainer = exc
+            else:
+                from inference.engines.base import FLAG_EXPLAINER_ERROR
+
+                log.warning("explainer failed on case %s (%s); no example pictures", case_id, type(exc).__name__)
+                preferred.flags = [*preferred.flags, FLAG_EXPLAINER_ERROR]  # shown in the console, counted by admin
+        for i, png in enumerate(pngs):
             cases.add_explanation_image(clinic, session, case, condition_code=top, png=png,
                                         model_id=explainer.model_id, seed=seed + i)
+    if retry_explainer is not None:
+        raise self.retry(exc=retry_explainer, countdown=min(60, 2 ** self.request.retries))
 
 
 @app.task(name="skinbridge.assemble_report", queue="cpu", **TASK_OPTS)
@@ -296,10 +343,12 @@ def _enqueue_result(clinic: Clinic, session: Session, case: Case) -> None:
 # --- follow-up questions --------------------------------------------------------------------
 @app.task(name="skinbridge.answer_followup", queue="cpu", **TASK_OPTS)
 def answer_followup(self, case_id: str, message_id: str) -> None:
-    from inference.followup import answer_question
+    from inference.engines.base import FLAG_FOLLOWUP_FALLBACK
+    from inference.followup import FLAG_RED_FLAG, answer_question
 
     allowed = {CaseStatus.preliminary, CaseStatus.in_review, CaseStatus.final, CaseStatus.amended}
     red_flag = False
+    retry_vlm: BaseException | None = None
     with case_step(self, case_id, allowed) as (clinic, session, case):
         dedup = f"followup_answer:{message_id}"
         if session.scalar(select(OutboxMessage.id).where(OutboxMessage.dedup_key == dedup)) is not None:
@@ -308,21 +357,47 @@ def answer_followup(self, case_id: str, message_id: str) -> None:
         if question_row is None or question_row.case_id != case.id:
             raise PoisonCase("followup_message_missing")
         question = clinic.vault.get_text(session, question_row, "text", owner=case.patient_id) or ""
-        answer = answer_question(clinic, session, case, question, engines())
-        reply = CaseMessage(case_id=case.id, patient_id=case.patient_id, role="assistant", flags=answer.flags)
-        reply.ensure_id()
-        clinic.vault.set_text(session, reply, "text", answer.text, owner=case.patient_id)
-        session.add(reply)
-        session.flush()
-        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="followup_answer",
-                       dedup_key=dedup, payload={"case_id": case_id, "message_id": str(reply.id)})
-        red_flag = "red_flag" in answer.flags
+        vlm = _followup_vlm(self)
+        try:
+            answer = answer_question(clinic, session, case, question, vlm)
+        except Exception as exc:  # noqa: BLE001 - a failing VLM: retry (policy), else the vocabulary answer
+            if vlm is None:
+                raise
+            answer = None
+            if _retry_model_error(self, exc):
+                retry_vlm = exc
+            else:
+                log.warning("VLM failed on a follow-up of case %s (%s); answering from the vocabulary",
+                            case_id, type(exc).__name__)
+                answer = answer_question(clinic, session, case, question, None)
+                answer.flags.append(FLAG_FOLLOWUP_FALLBACK)
+        if answer is not None:
+            reply = CaseMessage(case_id=case.id, patient_id=case.patient_id, role="assistant", flags=answer.flags)
+            reply.ensure_id()
+            clinic.vault.set_text(session, reply, "text", answer.text, owner=case.patient_id)
+            session.add(reply)
+            session.flush()
+            outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="followup_answer",
+                           dedup_key=dedup, payload={"case_id": case_id, "message_id": str(reply.id)})
+            red_flag = FLAG_RED_FLAG in answer.flags
+    if retry_vlm is not None:
+        raise self.retry(exc=retry_vlm, countdown=min(60, 2 ** self.request.retries))
     if red_flag:
         from inference.pipeline import request_review
 
         from inference.triage import RED_FLAG
 
         request_review(case_id, RED_FLAG, urgency="urgent")
+
+
+def _followup_vlm(task) -> Any:  # type: ignore[no-untyped-def]
+    """The VLM, only where it lives: a follow-up that came in on the gpu queue (inference.pipeline routes
+    it there when a VLM is configured). A CPU worker never loads a VLM; it answers from the vocabulary."""
+    if not get_settings().vlm_path:
+        return None
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    on_gpu = queue == "gpu" if queue else "gpu" in os.environ.get("SKINBRIDGE_WORKER_QUEUES", "gpu")
+    return engines().vlm if on_gpu else None
 
 
 @app.task(name="skinbridge.selfcheck", queue="cpu")

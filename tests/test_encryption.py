@@ -3,6 +3,7 @@ key rotation keeps every record readable without the old key; erasure crypto-shr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import subprocess
@@ -58,8 +59,10 @@ def test_dump_contains_no_planted_plaintext(any_clinic, db_url):
     _, _, photo = _store_patient(any_clinic)
     dump = _dump(any_clinic, db_url)
     assert len(dump) > 1000
+    # the photo's plain SHA-256 neither: whoever holds the photo must not be able to confirm it is stored
+    photo_sha256 = hashlib.sha256(photo).hexdigest().encode()
     for planted in (PLANTED_NAME.encode(), PLANTED_ANSWER.encode(), str(PLANTED_TG_ID).encode(),
-                    PLANTED_PIXEL_TEXT, b"left forearm"):
+                    PLANTED_PIXEL_TEXT, b"left forearm", photo_sha256):
         assert planted not in dump, planted
     with any_clinic.session() as s:  # but the owner of the keys reads everything back
         p = patients.find_by_telegram(any_clinic, s, PLANTED_TG_ID)
@@ -236,3 +239,17 @@ def test_review_claim_race_has_exactly_one_winner(pg_clinic):
 
             assert s.get(ReviewTask, task_id).claimed_by == winner
             review.release(s, task_id, winner)
+
+
+def test_photo_digest_is_keyed(any_clinic, tmp_path):
+    """Equal photos get equal digests under one clinic's key (duplicates stay recognisable); without
+    the key the digest cannot be computed from the photo."""
+    _, case_id, photo = _store_patient(any_clinic)
+    ring = any_clinic.vault.keyring
+    with any_clinic.session() as s:
+        stored = s.scalars(select(Image.content_mac).where(Image.case_id == case_id)).one()
+    assert stored == ring.content_mac(photo) != ring.content_mac(photo + b"x")
+    from clinic_db.keys import KeyRing
+
+    other = KeyRing.from_directory(tmp_path / "other-keys")
+    assert other.content_mac(photo) != stored and hashlib.sha256(photo).hexdigest() != stored

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor
 
 from inference.engines.classifier import save_classifier
 from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
@@ -53,3 +54,33 @@ def sign_off_generator(clinic: Any, folder: Path) -> None:
         explainer_review.record(session, reviewer, subject, explainer_id=f"{config.model_id}@{config.model_version}",
                                 approve=list(subject.codes), reject={})
         session.commit()
+
+
+# --- driving a random-weight VLM: forced answers through the real generate() ------------------------
+class ForceText(LogitsProcessor):
+    """Makes greedy decoding spell ``token_ids`` and then end: a deterministic 'model answer'."""
+
+    def __init__(self, token_ids: list[int], prompt_len: int, eos_id: int) -> None:
+        self.ids = token_ids + [eos_id]
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = min(input_ids.shape[1] - self.prompt_len, len(self.ids) - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[step]] = 0.0
+        return forced
+
+
+class ScriptedAnswers:
+    """Generation hook: answers per step from a script; records which steps ran."""
+
+    def __init__(self, tokenizer, script: dict[str, list[str]]) -> None:  # type: ignore[no-untyped-def]
+        self.tokenizer = tokenizer
+        self.script = {k: list(v) for k, v in script.items()}
+        self.steps: list[str] = []
+
+    def __call__(self, step: str, prompt_len: int) -> list[LogitsProcessor]:
+        self.steps.append(step)
+        text = self.script[step].pop(0)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [ForceText(ids, prompt_len, self.tokenizer.eos_token_id)]

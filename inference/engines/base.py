@@ -14,6 +14,12 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # IPTC "digital source type" for media created by a trained model (C2PA / IPTC photo metadata)
 IPTC_TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+# A model that failed on a case: the case goes on with what worked and carries one of these flags
+# (on its AI result, or on the follow-up answer), which the console shows and the admin page counts.
+FLAG_VLM_ERROR = "vlm_error"
+FLAG_EXPLAINER_ERROR = "explainer_error"
+FLAG_FOLLOWUP_FALLBACK = "followup_vlm_error"
+MODEL_FAILURE_FLAGS = (FLAG_VLM_ERROR, FLAG_EXPLAINER_ERROR, FLAG_FOLLOWUP_FALLBACK)
 
 
 @dataclass

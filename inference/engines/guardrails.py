@@ -1,7 +1,7 @@
 """Guard rails for patient follow-up questions, driven by ``prompts/guardrails.json``.
 
 Checked before the model is asked (a red flag or a dosing question never reaches the model) and
-again on the model's answer (a dose that slips through is replaced by the refusal text).
+again on the model's answer (inference.engines.checks.check_reply).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ class GuardRails:
     answer_dosing: list[re.Pattern[str]]
     texts: dict[str, dict[str, str]]
     urgency_words: list[str]
+    cancer_question: list[re.Pattern[str]]
+    answer_checks: dict[str, list[re.Pattern[str]]]  # kind of problem -> patterns a reply must not match
+    off_case_ignore: frozenset[str] = frozenset()
 
     @classmethod
     def from_file(cls, path: str | Path) -> "GuardRails":
@@ -36,6 +39,9 @@ class GuardRails:
             answer_dosing=compile_all(data["answer_dosing_patterns"]),
             texts=data["texts"],
             urgency_words=list(data["urgency_words"]),
+            cancer_question=compile_all(data["cancer_question_patterns"]),
+            answer_checks={kind: compile_all(p) for kind, p in data["answer_check_patterns"].items()},
+            off_case_ignore=frozenset(t.casefold() for t in data.get("off_case_ignore_terms", [])),
         )
 
     def red_flags_in(self, text: str) -> list[str]:
@@ -43,6 +49,9 @@ class GuardRails:
 
     def asks_for_dosing(self, question: str) -> bool:
         return any(p.search(question) for p in self.dosing)
+
+    def asks_about_cancer(self, question: str) -> bool:
+        return any(p.search(question) for p in self.cancer_question)
 
     def answer_gives_dosing(self, answer: str) -> bool:
         return any(p.search(answer) for p in self.answer_dosing)

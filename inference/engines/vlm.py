@@ -17,16 +17,15 @@ from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference.engines.base import Prediction, model_sha256, pick_device
+from inference.engines.checks import AnswerRejected, VLMDiagnosis, check_reply, data_block, validate_diagnosis
 from inference.engines.guardrails import PROMPTS_DIR, GuardRails, load_guardrails
 
 LANGUAGE_NAMES = {"en": "English", "de": "German"}
 FLAG_UNPARSEABLE = "vlm_unparseable"
 FLAG_REPAIRED = "vlm_repaired"
-FLAG_RED_FLAG = "red_flag"
-FLAG_DOSING_REFUSED = "dosing_refused"
+FLAG_ADVICE_DROPPED = "vlm_advice_dropped"
 
 # A hook returns extra logits processors for one generation step ("describe", "diagnose",
 # "repair", "followup"); used for constrained decoding and by tests to drive generate() deterministically.
@@ -47,51 +46,6 @@ class VocabularyLike(Protocol):
     def match(self, free_text: str) -> _Condition | None: ...
 
 
-# --- the answer format ----------------------------------------------------------------------
-class DifferentialItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    condition: str = Field(min_length=1, max_length=120)
-    probability: float = Field(ge=0.0, le=1.0)
-
-
-class VLMDiagnosis(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    differential: list[DifferentialItem] = Field(min_length=1, max_length=8)
-    features: dict[str, str] = Field(default_factory=dict)
-    urgency_hints: list[str] = Field(default_factory=list, max_length=10)
-    advice: str = Field(default="", max_length=600)
-
-
-class AnswerRejected(ValueError):
-    """The model's answer is not usable; the message is fed back in the repair prompt."""
-
-
-def extract_json_object(text: str) -> str:
-    """The first balanced ``{...}`` in ``text`` (models like to wrap JSON in prose or code fences)."""
-    start = text.find("{")
-    if start < 0:
-        raise AnswerRejected("no JSON object found")
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start : i + 1]
-    raise AnswerRejected("the JSON object is not closed")
-
-
 def parse_diagnosis(
     text: str, vocabulary: VocabularyLike, allowed_urgency: list[str]
 ) -> tuple[VLMDiagnosis, list[dict[str, Any]]]:
@@ -99,12 +53,7 @@ def parse_diagnosis(
 
     Raises AnswerRejected (with a reason the model can act on) when the JSON is invalid or names a
     condition outside the vocabulary."""
-    try:
-        answer = VLMDiagnosis.model_validate_json(extract_json_object(text))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise AnswerRejected(f"invalid JSON answer at {where or 'top level'}: {first['msg']}") from None
+    answer = validate_diagnosis(text)
     merged: dict[str, float] = {}
     unknown: list[str] = []
     for item in answer.differential:
@@ -126,38 +75,8 @@ def parse_diagnosis(
     return answer, differential
 
 
-class FollowupAnswer(str):
-    """The answer text (a plain ``str`` for callers that only need text) plus guard-rail flags."""
-
-    flags: list[str]
-
-    def __new__(cls, text: str, flags: list[str] | None = None) -> "FollowupAnswer":
-        obj = super().__new__(cls, text)
-        obj.flags = list(flags or [])
-        return obj
-
-    @property
-    def text(self) -> str:
-        return str(self)
-
-    @property
-    def needs_dermatologist(self) -> bool:
-        return FLAG_RED_FLAG in self.flags
-
-
 def _load_template(name: str, prompts_dir: Path) -> Template:
     return Template((prompts_dir / name).read_text(encoding="utf-8"))
-
-
-def _format_mapping(data: dict[str, Any] | None) -> str:
-    if not data:
-        return "(none)"
-    lines = []
-    for key, value in data.items():
-        if isinstance(value, (dict, list)):
-            value = json.dumps(value, ensure_ascii=False)
-        lines.append(f"- {key}: {value}")
-    return "\n".join(lines)
 
 
 class VLMEngine:
@@ -263,8 +182,8 @@ class VLMEngine:
         timings["describe_s"] = time.perf_counter() - t0
 
         prompt = self.templates["diagnose"].substitute(
-            description=description or "(no description)",
-            history=_format_mapping(history),
+            description=data_block(description or "(no description)"),
+            history=data_block(history),
             conditions=conditions,
             language=language,
             urgency_words=", ".join(self.guardrails.urgency_words),
@@ -297,6 +216,10 @@ class VLMEngine:
                     timings=timings,
                 )
         features = {k: v for k, v in answer.features.items() if v}
+        advice = answer.advice
+        if advice and set(check_reply(advice, self.guardrails)) - {"unreadable"}:  # e.g. a dose, "no doctor needed"
+            advice = ""
+            flags.append(FLAG_ADVICE_DROPPED)
         return Prediction(
             engine="vlm",
             model_id=self.model_id,
@@ -307,34 +230,19 @@ class VLMEngine:
             features=features or None,
             flags=flags,
             urgency_hints=answer.urgency_hints,
-            advice=answer.advice or None,
+            advice=advice or None,
             timings=timings,
         )
 
     # --- follow-up questions -----------------------------------------------------------------
     def followup(
         self, images: list[Image.Image], context: dict[str, Any] | None, question: str, lang: str = "en"
-    ) -> FollowupAnswer:
-        """Answer a patient's question about their case, under guard rails; every answer ends with
-        the 'preliminary, not a diagnosis' disclaimer."""
-        rails = self.guardrails
-        disclaimer = rails.text("disclaimer", lang)
-        red_flags = rails.red_flags_in(question)
-        if red_flags:  # a warning sign always goes to a human, whatever the model would say
-            return FollowupAnswer(
-                f"{rails.text('red_flag', lang)}\n\n{disclaimer}",
-                [FLAG_RED_FLAG, *(f"red_flag:{name}" for name in red_flags)],
-            )
-        if rails.asks_for_dosing(question):
-            return FollowupAnswer(f"{rails.text('dosing_refused', lang)}\n\n{disclaimer}", [FLAG_DOSING_REFUSED])
+    ) -> str:
+        """The model's raw reply to a patient's question (photos and case in context, the question as
+        quoted data). Guard rails before and checks after are inference.followup's job."""
         prompt = self.templates["followup"].substitute(
             language=LANGUAGE_NAMES.get(lang, "English"),
-            context=_format_mapping(context),
-            question=question.strip()[:1000],
+            context=data_block(context),
+            question=data_block(question.strip()[:1000]),
         )
-        text = self.generate(images, prompt, step="followup", max_new_tokens=min(self.max_new_tokens, 256))
-        if rails.answer_gives_dosing(text):
-            return FollowupAnswer(f"{rails.text('dosing_refused', lang)}\n\n{disclaimer}", [FLAG_DOSING_REFUSED])
-        if not text:
-            return FollowupAnswer(f"{rails.text('no_answer', lang)}\n\n{disclaimer}", ["no_answer"])
-        return FollowupAnswer(f"{text}\n\n{disclaimer}", [])
+        return self.generate(images, prompt, step="followup", max_new_tokens=min(self.max_new_tokens, 256))
