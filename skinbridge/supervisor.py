@@ -1,8 +1,8 @@
 """`skinbridge up`: migrate, then run every component as a child process until Ctrl-C.
 
 Each child is ``python -m skinbridge <command>`` so it goes through the same entry point as in
-production. A child that dies is restarted (with a back-off) so one crash never takes the
-system down; every child is stopped on exit.
+production. A child that dies, or whose heartbeat went stale (stuck; clinic_db.heartbeat), is
+restarted (with a back-off) so one crash never takes the system down; every child is stopped on exit.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from clinic_db.models import utcnow
 from skinbridge.settings import Settings
 
 
@@ -25,6 +26,7 @@ class Child:
     restarts: int = 0
     started_at: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
+    component: str | None = None  # its name in the heartbeat registry (clinic_db.heartbeat), if it beats
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -34,13 +36,45 @@ class Child:
 
 
 def components(settings: Settings) -> list[Child]:
-    children = [Child("worker", ["worker", "--queues", "gpu,cpu", "--beat"])]
-    children.append(Child("web", ["api"]))
+    children = [Child("worker", ["worker", "--queues", "gpu,cpu", "--beat"], component="worker")]
+    children.append(Child("web", ["api"], component="api"))
     if settings.telegram_token is None:
         # no Telegram account needed: the local Bot API emulator with its chat page stands in
         children.append(Child("sandbox", ["sandbox"]))
-    children.append(Child("bot", ["bot"]))
+    children.append(Child("bot", ["bot"], component="bot"))
     return children
+
+
+def stop_stale(children: list[Child], clinic, settings: Settings) -> list[str]:  # type: ignore[no-untyped-def]
+    """Liveness: terminate each child whose heartbeat went stale (it beat once, then stopped for longer
+    than heartbeat_stale_s: stuck, not dead); the loop in run_all restarts it like one that exited.
+    A child that has not beaten yet is left alone (starting up, or a component that does not beat)."""
+    import socket
+
+    from clinic_db import heartbeat
+
+    host = socket.gethostname()[:100]
+    beats = heartbeat.alive(clinic, within_s=10**9)
+    stopped = []
+    for child in children:
+        if child.component is None or child.proc is None or child.proc.poll() is not None:
+            continue
+        pid = child.proc.pid
+        mine = [p.last_seen for p in beats
+                if p.component == child.component and p.host == host and pid in (p.pid, p.ppid)]
+        if not mine:
+            continue
+        silent_s = (utcnow() - max(mine)).total_seconds()
+        if silent_s > settings.heartbeat_stale_s:
+            print(f"[up] {child.name} has not beaten for {silent_s:.0f} s; stopping it to restart", flush=True)
+            child.proc.terminate()
+            try:
+                child.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+            stopped.append(child.name)
+    return stopped
 
 
 def banner(settings: Settings) -> str:
@@ -81,8 +115,16 @@ def run_all(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
+    clinic = get_clinic()
+    next_liveness = time.monotonic() + settings.heartbeat_interval_s
     try:
         while not stopping:
+            if time.monotonic() >= next_liveness:
+                next_liveness = time.monotonic() + settings.heartbeat_interval_s
+                try:
+                    stop_stale(children, clinic, settings)
+                except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the supervisor
+                    print(f"[up] liveness check skipped: {exc}", flush=True)
             for child in children:
                 if child.proc is not None and child.proc.poll() is not None and not stopping:
                     code = child.proc.returncode

@@ -4,6 +4,7 @@ with; stale processes drop out of `alive`; `skinbridge check --liveness` tells a
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -74,3 +75,34 @@ def test_check_liveness_exits_nonzero_when_the_heartbeat_is_stale(clinic):
         s.commit()
     done = _check_liveness(clinic, "bot")
     assert done.returncode == 1 and "no bot process beat" in done.stderr, done.stderr
+
+
+def test_supervisor_stops_a_child_whose_heartbeat_went_stale(clinic):
+    from skinbridge.settings import get_settings
+    from skinbridge.supervisor import Child, stop_stale
+
+    settings = get_settings()
+    children = []
+    for name in ("bot", "worker", "api"):
+        child = Child(name, [name], component=name)
+        child.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        children.append(child)
+    bot, worker, api = children
+    try:
+        def row(component: str, pid: int, ppid: int, age_s: float) -> ProcessHeartbeat:
+            seen = utcnow() - timedelta(seconds=age_s)
+            return ProcessHeartbeat(process_id=f"{socket.gethostname()[:100]}:{pid}:x", component=component,
+                                    host=socket.gethostname()[:100], pid=pid, ppid=ppid, started_at=seen,
+                                    last_seen=seen, master_kid=None, detail=None)
+
+        with clinic.session() as s:
+            s.add(row("bot", bot.proc.pid, os.getpid(), settings.heartbeat_stale_s + 30))  # stuck
+            s.add(row("worker", 999_999, worker.proc.pid, 1))  # its pool process beats: alive
+            s.commit()  # the api has not beaten yet: starting up, left alone
+        assert stop_stale(children, clinic, settings) == ["bot"]
+        assert bot.proc.poll() is not None  # stopped; run_all's loop restarts it
+        assert worker.proc.poll() is None and api.proc.poll() is None
+    finally:
+        for child in children:
+            child.proc.kill()
+            child.proc.wait()
