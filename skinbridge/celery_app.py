@@ -68,7 +68,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
 
 
 def make_celery(settings: Settings) -> Celery:
-    return configure(Celery("skinbridge", include=["inference.tasks"]), settings)
+    return configure(Celery("skinbridge", include=["inference.tasks", "fhir.tasks"]), settings)
 
 
 app = make_celery(get_settings())

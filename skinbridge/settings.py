@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     vlm_path: Path | None = None  # optional transformers image-text-to-text checkpoint
     sd_path: Path | None = None  # optional Stable-Diffusion checkpoint with per-condition LoRAs
     device: str = "auto"
+    # VLM loading (inference.engines.loading): auto = bf16 on GPUs that have it, else fp16; fp32 on CPU
+    vlm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # auto = flash_attention_2 on a GPU with the flash-attn package installed, else sdpa
+    vlm_attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    vlm_device_map: str | None = None  # default: straight onto the device; "auto" spreads over GPUs
+    vlm_max_photos: int = Field(4, ge=1, le=16)  # photos of a case shown to the VLM (a family may allow fewer)
 
     # --- derived paths -------------------------------------------------------------------
     @field_validator("var_dir", "key_dir")

@@ -33,7 +33,8 @@ _cache: dict[tuple[Any, ...], Engines] = {}
 
 def engine_key(settings: Any) -> tuple[Any, ...]:
     return (settings.classifier_path, settings.generator_path, settings.vlm_path, settings.sd_path, settings.device,
-            settings.explanation_min_recognition)
+            settings.explanation_min_recognition, settings.vlm_dtype, settings.vlm_attn_implementation,
+            settings.vlm_device_map, settings.vlm_max_photos)
 
 
 def load_engines(settings: Any, *, vocabulary: Any | None = None) -> Engines:
@@ -82,7 +83,9 @@ def _load(settings: Any, vocabulary: Any | None) -> Engines:
     classifier = ClassifierEngine.load(_existing(settings.classifier_path or DEFAULT_CLASSIFIER, "classifier"), device)
     vlm = None
     if settings.vlm_path:
-        vlm = VLMEngine.load(_existing(settings.vlm_path, "VLM checkpoint"), device, vocabulary=vocabulary)
+        vlm = VLMEngine.load(_existing(settings.vlm_path, "VLM checkpoint"), device, vocabulary=vocabulary,
+                             dtype=settings.vlm_dtype, attn_implementation=settings.vlm_attn_implementation,
+                             device_map=settings.vlm_device_map, max_photos=settings.vlm_max_photos)
     explainer = load_explainer_for(settings, device, vocabulary=vocabulary)
     log.info("engines on %s: classifier=%s vlm=%s explainer=%s", device, classifier.config.model_id,
              vlm.model_id if vlm else None, explainer.model_id if explainer else None)

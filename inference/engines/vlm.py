@@ -21,11 +21,14 @@ from PIL import Image
 from inference.engines.base import Prediction, model_sha256, pick_device
 from inference.engines.checks import AnswerRejected, VLMDiagnosis, check_reply, data_block, validate_diagnosis
 from inference.engines.guardrails import PROMPTS_DIR, GuardRails, load_guardrails
+from inference.engines.families import build_inputs, context_limit, family_of
+from inference.engines.loading import plan_load
 
 LANGUAGE_NAMES = {"en": "English", "de": "German"}
 FLAG_UNPARSEABLE = "vlm_unparseable"
 FLAG_REPAIRED = "vlm_repaired"
 FLAG_ADVICE_DROPPED = "vlm_advice_dropped"
+FLAG_PHOTOS_LEFT_OUT = "vlm_photos_left_out"  # the family or the context length took fewer photos
 
 # A hook returns extra logits processors for one generation step ("describe", "diagnose",
 # "repair", "followup"); used for constrained decoding and by tests to drive generate() deterministically.
@@ -93,6 +96,7 @@ class VLMEngine:
         prompts_dir: Path = PROMPTS_DIR,
         max_new_tokens: int = 384,
         generation_hook: GenerationHook | None = None,
+        max_photos: int = 4,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -104,6 +108,9 @@ class VLMEngine:
         self.prompts_dir = Path(prompts_dir)
         self.max_new_tokens = max_new_tokens
         self.generation_hook = generation_hook
+        self.family = family_of(model)
+        self.max_photos = max_photos
+        self.photos_left_out = 0
         self.guardrails: GuardRails = load_guardrails(str(self.prompts_dir / "guardrails.json"))
         self.templates = {
             name: _load_template(f"{name}.txt", self.prompts_dir)
@@ -111,15 +118,26 @@ class VLMEngine:
         }
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "VLMEngine":
-        """Load from a local folder only; nothing is downloaded."""
+    def load(cls, path: str | Path, device: str = "auto", *, dtype: str = "auto", attn_implementation: str = "auto",
+             device_map: str | None = None, **kwargs: Any) -> "VLMEngine":
+        """Load from a local folder only; nothing is downloaded. dtype, attention and placement follow
+        inference.engines.loading (bf16/fp16 on GPUs, fp32 on CPU; SDPA or FlashAttention-2)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = Path(path)
         device = pick_device(device)
-        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        plan = plan_load(device, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        options = plan.from_pretrained_kwargs()
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **options)
+        except ValueError as exc:  # an architecture without SDPA support: its own attention then
+            if "attn_implementation" not in str(exc) and "attention" not in str(exc):
+                raise
+            model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True,
+                                                                **(options | {"attn_implementation": "eager"}))
+        if not plan.placed_by_loader:
+            model = model.to(device)
         meta_file = path / "skinbridge_model.json"  # optional: a human model id/version for the report
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         return cls(
@@ -142,21 +160,30 @@ class VLMEngine:
 
     # --- generation --------------------------------------------------------------------------
     def generate(self, images: list[Image.Image], prompt: str, *, step: str, max_new_tokens: int | None = None) -> str:
-        """One chat turn with the photos attached; returns only the newly generated text."""
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
-        content.append({"type": "text", "text": prompt})
-        messages = [{"role": "user", "content": content}]
-        chat = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(
-            images=[img.convert("RGB") for img in images] or None, text=chat, return_tensors="pt"
-        )
-        inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
+        """One user turn with the photos attached, built the way the model's family expects; returns only
+        the newly generated text. Photos beyond what the family or the context length allows are left
+        out (``self.photos_left_out`` says how many; diagnose flags it)."""
+        max_new = max_new_tokens or self.max_new_tokens
+        allowed = min(len(images), self.max_photos, self.family.max_images or len(images))
+        photos = images[:allowed]
+        inputs = build_inputs(self.processor, self.family, photos, prompt)
+        limit = context_limit(self.model, self.processor)
+        while limit and int(inputs["input_ids"].shape[1]) + max_new > limit and len(photos) > 1:
+            photos = photos[:-1]  # drop photos until the prompt and the answer fit the context
+            inputs = build_inputs(self.processor, self.family, photos, prompt)
+        if limit and int(inputs["input_ids"].shape[1]) + max_new > limit:
+            raise ValueError(f"prompt of {int(inputs['input_ids'].shape[1])} tokens + {max_new} new tokens exceeds "
+                             f"the model's context of {limit}")
+        self.photos_left_out = len(images) - len(photos)
+        inputs = dict(inputs)
+        device = self.model.device  # with a device map: where the embeddings live
+        inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         prompt_len = int(inputs["input_ids"].shape[1])
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens or self.max_new_tokens,
+            "max_new_tokens": max_new,
             "do_sample": False,  # deterministic answers: same photo, same preliminary result
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         }
@@ -216,6 +243,8 @@ class VLMEngine:
                     timings=timings,
                 )
         features = {k: v for k, v in answer.features.items() if v}
+        if self.photos_left_out:
+            flags.append(FLAG_PHOTOS_LEFT_OUT)
         advice = answer.advice
         if advice and set(check_reply(advice, self.guardrails)) - {"unreadable"}:  # e.g. a dose, "no doctor needed"
             advice = ""

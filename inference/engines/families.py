@@ -1,0 +1,72 @@
+"""Per-family prompt building for VLM checkpoints (issue 21, build 2).
+
+Most processors carry a chat template; a few families do not (PaliGemma, BLIP-2, InstructBLIP) and take
+a plain prompt in their own format. Families differ in how many photos one prompt may carry, and some
+templates emit the BOS token that the tokenizer adds again (Gemma 3 / MedGemma): one BOS only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    max_images: int | None  # photos one prompt may carry (None: as many as the context allows)
+    plain_prompt: str | None = None  # format of the prompt where the processor has no chat template
+
+
+FAMILIES = {
+    # PaliGemma: the processor places the image tokens and BOS itself; trained on one image per prompt
+    "paligemma": Family("paligemma", 1, "{prompt}\n"),
+    # BLIP-2 / InstructBLIP: one image through the Q-Former; OPT/Flan-T5 style question prompt
+    "blip-2": Family("blip-2", 1, "Question: {prompt} Answer:"),
+    "instructblip": Family("instructblip", 1, "{prompt}"),
+    "llava": Family("llava", None),
+    "llava_next": Family("llava_next", None),
+    "gemma3": Family("gemma3", None),
+    "idefics3": Family("idefics3", None),
+    "smolvlm": Family("smolvlm", None),
+    "qwen2_vl": Family("qwen2_vl", None),
+    "qwen2_5_vl": Family("qwen2_5_vl", None),
+}
+
+
+def family_of(model: Any) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    return FAMILIES.get(model_type, Family(model_type or "unknown", None))
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def build_inputs(processor: Any, family: Family, images: list[Image.Image], prompt: str) -> Any:
+    """Processor inputs for one user turn with ``images`` attached (already limited to the family's count)."""
+    photos = [img.convert("RGB") for img in images]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if family.plain_prompt is not None or getattr(processor, "chat_template", None) is None:
+        text = (family.plain_prompt or "{prompt}").format(prompt=prompt)
+        if family.name == "paligemma":  # one list of photos per prompt (a flat list reads as one per prompt)
+            return processor(images=[photos] if photos else None, text=[text], return_tensors="pt")
+        return processor(images=photos or None, text=text, return_tensors="pt")
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in photos]
+    content.append({"type": "text", "text": prompt})
+    chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and chat.startswith(bos) and _adds_bos(tokenizer):
+        chat = chat[len(bos):]  # the tokenizer adds it: one BOS, not two
+    return processor(images=photos or None, text=chat, return_tensors="pt")
+
+
+def context_limit(model: Any, tokenizer: Any) -> int | None:
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return int(limit) if limit else None
