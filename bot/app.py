@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import OperationalError
 from telegram import BotCommand, Update
-from telegram.error import TelegramError
-from telegram.ext import AIORateLimiter, Application, ContextTypes
+from telegram.error import BadRequest, TelegramError
+from telegram.ext import AIORateLimiter, Application, ContextTypes, ExtBot
+from telegram.request import HTTPXRequest
 
 from bot import clinician, handlers
 from bot.i18n import LANGUAGES, pick_language, t
@@ -104,6 +105,20 @@ class SkinBridgeApplication(Application):
         return allowed
 
 
+class PatientBot(ExtBot):
+    """The Bot API client. A button press replayed from the inbox after a restart may be older than
+    Telegram's window for answering it; the press still counts, only its loading spinner is gone."""
+
+    async def answer_callback_query(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        try:
+            return await super().answer_callback_query(*args, **kwargs)
+        except BadRequest as exc:
+            if "query is too old" not in exc.message.lower():
+                raise
+            log.info("a replayed button press could no longer be acknowledged; it is handled all the same")
+            return False
+
+
 class TransientFailure(RuntimeError):
     """The update's handling failed for a reason that a retry can fix (database locked or down)."""
 
@@ -162,15 +177,16 @@ def connection(settings: Settings) -> tuple[str, str, str]:
 def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> SkinBridgeApplication:
     clinic = get_clinic()
     token, base_url, base_file_url = connection(settings)
+    bot = PatientBot(token=token, base_url=base_url, base_file_url=base_file_url,
+                     request=HTTPXRequest(connection_pool_size=256),
+                     get_updates_request=HTTPXRequest(connection_pool_size=1),
+                     rate_limiter=AIORateLimiter(max_retries=5))
     app = (
         Application.builder()
         .application_class(SkinBridgeApplication)
-        .token(token)
-        .base_url(base_url)
-        .base_file_url(base_file_url)
+        .bot(bot)
         .updater(None)  # intake is bot.inbox: PTB's updater would confirm updates before they are stored
         .persistence(SqlPersistence(clinic))
-        .rate_limiter(AIORateLimiter(max_retries=5))
         .build()
     )
     assert isinstance(app, SkinBridgeApplication)

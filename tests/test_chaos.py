@@ -1,0 +1,207 @@
+"""Chaos suite (issue 24): patients consult while processes die; nothing is lost, nothing is doubled.
+
+Real parts only: the Telegram emulator (in this process), the bot and a Celery worker as separate
+processes with tiny models, on the embedded shape (SQLite + the filesystem broker) and on the
+production shape (PostgreSQL + Redis). Several patients go through consent, photo and the eight
+history questions at once, each in its own thread, while the test SIGKILLs the bot and the whole
+worker (pool and beat) mid-load, or restarts the Redis broker (a server the test starts on its own
+port, with no persistence: every queued task is gone). Each scenario reports lost (no result),
+duplicated (more than one result message) and stuck cases (not preliminary/in review) — all must be 0 —
+and the time from the restart to the last result, written to test-artifacts/chaos-*.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from clinic_db.models import Case, OutboxMessage
+from clinic_db.states import CaseStatus
+from tests.e2e_support import HISTORY, REPO, BotProcess, Chat, System, answer_history, consent, running_system, \
+    tiny_model_env
+from tests.support import free_port, wait_for
+from tests.test_bot_conversation import lesion_photo
+
+pytestmark = pytest.mark.slow
+
+PATIENTS = 6
+DONE = {CaseStatus.preliminary.value, CaseStatus.in_review.value}
+RECOVERY_S = 240.0  # worker restart (torch import, tiny models) plus the sweeper, on a busy 2-core machine
+# short sweeper clock so a lost step is found within seconds, not the production quarter of an hour
+FAST_SWEEPER = {"SKINBRIDGE_SWEEPER_INTERVAL_S": "1", "SKINBRIDGE_STUCK_AFTER_S": "6"}
+
+
+def _consult(chat: Chat, errors: list[BaseException]) -> None:
+    try:
+        consent(chat)
+        chat.photo(lesion_photo(chat.user_id % 97))
+        saved = chat.expect_text("saved", timeout=60)
+        chat.tap(saved, "photos:done")
+        answer_history(chat, HISTORY)
+    except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        errors.append(exc)
+
+
+def _patients(emulator: str, first_id: int) -> list[Chat]:
+    chats = [Chat(emulator, first_id + i) for i in range(PATIENTS)]
+    for chat in chats:  # a patient waiting on the bot's answer waits through a bot restart too
+        chat.http.timeout = 60
+    return chats
+
+
+def _result_messages(chat: Chat) -> int:
+    """The preliminary result is the one message with the 'ask a dermatologist' button."""
+    return sum("c:doc:" in json.dumps(m.get("reply_markup") or {}) for m in chat.messages())
+
+
+def _report(clinic, chats: list[Chat], name: str, recovery_s: float) -> dict:  # type: ignore[no-untyped-def]
+    with clinic.session() as session:
+        cases = session.scalars(select(Case)).all()
+        results = session.scalars(select(OutboxMessage).where(OutboxMessage.kind == "result")).all()
+        statuses = [c.status for c in cases]
+    per_chat = [_result_messages(chat) for chat in chats]
+    report = {
+        "scenario": name, "patients": len(chats), "cases": len(statuses),
+        "lost": sum(n == 0 for n in per_chat),
+        "duplicated": sum(max(0, n - 1) for n in per_chat) + max(0, len(results) - len({r.case_id for r in results})),
+        "stuck": sum(s not in DONE for s in statuses),
+        "failed": sum(s == CaseStatus.failed.value for s in statuses),
+        "recovery_s": round(recovery_s, 1),
+    }
+    out = REPO / "test-artifacts"
+    out.mkdir(exist_ok=True)
+    (out / f"chaos-{name}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+    return report
+
+
+def _run(clinic, system: System, first_id: int, name: str, chaos: Callable[[], Callable[[], None]]) -> None:  # type: ignore[no-untyped-def]
+    """Start the patients, let ``chaos()`` break things mid-load (it returns the repair), repair, and
+    wait until every patient has exactly one result."""
+    chats = _patients(system.emulator, first_id)
+    errors: list[BaseException] = []
+    threads = [threading.Thread(target=_consult, args=(chat, errors), daemon=True) for chat in chats]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.3)
+    # break things once the load is under way: some patients are answering questions
+    wait_for(lambda: sum("h:" in json.dumps(m.get("reply_markup") or {}) for c in chats for m in c.messages()) >= 3,
+             timeout=120, interval=0.2, message="patients answering the questions")
+    repair = chaos()
+    repair()
+    restarted = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=RECOVERY_S)
+    assert not errors, f"a patient's conversation broke: {errors[0]!r}\n{system.logs()}"
+    try:
+        wait_for(lambda: all(_result_messages(c) >= 1 for c in chats), timeout=RECOVERY_S,
+                 message="a result for every patient")
+    finally:
+        recovery = time.monotonic() - restarted
+    time.sleep(3)  # a duplicate would arrive within the sender's next rounds
+    report = _report(clinic, chats, name, recovery)
+    assert (report["lost"], report["duplicated"], report["stuck"], report["failed"]) == (0, 0, 0, 0), \
+        f"{report}\n{system.logs()}"
+
+
+def _kill_bot_and_worker(system: System) -> Callable[[], Callable[[], None]]:
+    def chaos() -> Callable[[], None]:
+        system.bot.kill()
+        system.worker.kill_all()
+
+        def repair() -> None:
+            time.sleep(1.0)
+            system.worker.start()
+            system.bot.start(system.emulator)
+
+        return repair
+
+    return chaos
+
+
+# --- the embedded shape -------------------------------------------------------------------------
+@pytest.fixture
+def embedded(clinic, tmp_path: Path) -> Iterator[System]:  # type: ignore[no-untyped-def]
+    env = {**tiny_model_env(tmp_path / "models", clinic), **FAST_SWEEPER}
+    with running_system(tmp_path, env, web=False) as running:
+        yield running
+
+
+def test_embedded_bot_and_worker_killed_mid_load(clinic, embedded: System) -> None:  # type: ignore[no-untyped-def]
+    _run(clinic, embedded, 5100, "embedded-kill", _kill_bot_and_worker(embedded))
+
+
+# --- the production shape ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def own_redis(port: int) -> Iterator[Callable[[], subprocess.Popen]]:
+    """A redis-server of this test's own (no persistence), restartable on the same port."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        from tests.conftest import service_missing
+
+        service_missing("redis-server", "not installed")
+    procs: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                 "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        import redis
+
+        wait_for(lambda: _pings(redis.Redis(port=port)), timeout=20, message="redis-server up")
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _pings(client) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.fixture
+def production(pg_clinic, tmp_path: Path) -> Iterator[tuple[System, Callable[[], subprocess.Popen], list]]:  # type: ignore[no-untyped-def]
+    port = free_port()
+    with own_redis(port) as start_redis:
+        servers = [start_redis()]
+        env = {**tiny_model_env(tmp_path / "models", pg_clinic), **FAST_SWEEPER,
+               "SKINBRIDGE_BROKER_URL": f"redis://127.0.0.1:{port}/0"}
+        with running_system(tmp_path, env, web=False) as running:
+            yield running, start_redis, servers
+
+
+def test_production_bot_and_worker_killed_mid_load(pg_clinic, production) -> None:  # type: ignore[no-untyped-def]
+    system, _, _ = production
+    _run(pg_clinic, system, 5200, "production-kill", _kill_bot_and_worker(system))
+
+
+def test_production_broker_restart_loses_no_case(pg_clinic, production) -> None:  # type: ignore[no-untyped-def]
+    system, start_redis, servers = production
+
+    def chaos() -> Callable[[], None]:
+        servers[-1].kill()  # every queued task and the worker's connection are gone
+        servers[-1].wait(timeout=10)
+
+        def repair() -> None:
+            time.sleep(3.0)
+            servers.append(start_redis())
+
+        return repair
+
+    _run(pg_clinic, system, 5300, "production-broker-restart", chaos)
