@@ -1,24 +1,33 @@
 """The read-only FHIR R4 REST API (``/fhir``) for EHRs, protected by SMART Backend Services.
 
 read, vread, instance history and search; ETag/Last-Modified with conditional reads; an
-OperationOutcome (``application/fhir+json``) for every error; writes answer 405. Every read and
-search is audited with the calling client as actor (clinic_db.audit).
+OperationOutcome (``application/fhir+json``) for every error, also for paths and methods no route
+serves (:func:`install_error_handlers`); writes answer 405. Every read and search is audited with
+the calling client as actor (clinic_db.audit), in the same transaction as the read itself.
+
+Published resources are served as stored: their JSON bytes go into the response (or a Bundle, as an
+``orjson.Fragment``) without being parsed again, unless ``_include``, ``_summary`` or ``_elements``
+need to look inside.
 """
 
 from __future__ import annotations
 
 import base64
-import json
+import functools
+import logging
+import re
 from collections.abc import Callable, Coroutine
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -29,13 +38,21 @@ from clinic_db.db import Clinic, get_clinic
 from clinic_db.keys import KeyUnavailable
 from clinic_db.models import FhirResource
 from fhir import mapping, search, smart
-from fhir.publish import row_json
+from fhir.publish import row_bytes
 from fhir.smart import Grant, OAuthError
 
+log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = ("application/fhir+json", "application/json", "application/*", "*/*", "application/json+fhir")
 READ_TYPES = tuple(search.TYPE_PARAMS)
 SEARCH_TYPES = READ_TYPES
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # R4 id; anything else cannot name a stored resource
+MAX_VERSION = 2**31 - 1  # fhir_resources.version_id is an INTEGER
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED",
+             "display": "subsetted"}
+ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+               406: "not-supported", 410: "deleted", 413: "too-costly", 415: "not-supported", 422: "invalid",
+               429: "throttled", 431: "too-costly"}
 
 
 class FhirError(Exception):
@@ -51,9 +68,9 @@ def outcome(status: int, code: str, diagnostics: str, headers: dict[str, str] | 
     return fhir_response(body, status, headers)
 
 
-def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")), status,
-                    headers=headers, media_type=FHIR_JSON)
+def fhir_response(body: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Response(content, status, headers=headers, media_type=FHIR_JSON)
 
 
 class FhirRoute(APIRoute):
@@ -72,9 +89,42 @@ class FhirRoute(APIRoute):
             except RequestValidationError as exc:
                 return outcome(400, "invalid", str(exc.errors()))
             except HTTPException as exc:
-                return outcome(exc.status_code, "processing", str(exc.detail))
+                return outcome(exc.status_code, ISSUE_CODES.get(exc.status_code, "processing"), str(exc.detail))
+            except Exception:  # a bug: still an OperationOutcome (and logged), never a bare text body
+                log.exception("FHIR request %s %s failed", request.method, request.url.path)
+                return outcome(500, "exception", "internal error (logged on the server)")
 
         return handler
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Errors no route handles (unknown path, wrong method, OPTIONS, a crash in middleware): an
+    OperationOutcome, or the OAuth error JSON on the token endpoint; the console keeps its own pages."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        path = request.url.path
+        if path.startswith("/console"):
+            return await http_exception_handler(request, exc)
+        if path == smart.TOKEN_PATH:
+            error = "invalid_request" if exc.status_code < 500 else "server_error"
+            return JSONResponse({"error": error, "error_description": str(exc.detail)}, exc.status_code,
+                                headers=exc.headers)
+        return outcome(exc.status_code, ISSUE_CODES.get(exc.status_code, "processing"), str(exc.detail),
+                       exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.startswith("/console"):
+            return await request_validation_exception_handler(request, exc)
+        return outcome(400, "invalid", str(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        log.error("request %s %s failed: %r", request.method, request.url.path, exc)
+        if request.url.path == smart.TOKEN_PATH:
+            return JSONResponse({"error": "server_error", "error_description": "internal error"}, 500)
+        return outcome(500, "exception", "internal error (logged on the server)")
 
 
 # --- request helpers ----------------------------------------------------------------------------
@@ -98,31 +148,43 @@ def _check_accept(request: Request, *, binary: bool = False) -> bool:
     raise FhirError(406, "not-supported", f"cannot produce {accept!r}; use application/fhir+json")
 
 
-def _grant(clinic: Clinic, request: Request) -> Grant:
+def require_grant(clinic: Clinic, request: Request, session: Session | None = None) -> Grant:
+    """The access token's grant (401 OperationOutcome without a valid one)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise FhirError(401, "login", "a bearer access token from /auth/token is required",
                         {"WWW-Authenticate": 'Bearer realm="skinbridge-fhir"'})
     try:
-        return smart.verify_access_token(clinic, token.strip(), smart.fhir_base(request))
+        return smart.verify_access_token(clinic, token.strip(), smart.fhir_base(request), session)
     except OAuthError as exc:
         raise FhirError(401, "login", exc.description,
                         {"WWW-Authenticate": f'Bearer realm="skinbridge-fhir", error="{exc.error}"'}) from exc
 
 
-def _authorise(clinic: Clinic, grant: Grant, rtype: str, perm: str, action: str) -> None:
-    if not grant.allows(rtype, perm):
-        with clinic.session() as session:
-            audit.record(session, Actor("client", grant.client_id), action, rtype, None, outcome="denied",
-                         scope_needed=f"system/{rtype}.{perm}")
-            session.commit()
-        raise FhirError(403, "forbidden", f"the token's scopes do not allow system/{rtype}.{perm}")
+def authorise(clinic: Clinic, grant: Grant, rtype: str, perm: str, action: str, session: Session | None = None) -> None:
+    """403 (audited as denied) unless the grant's scopes allow ``perm`` on ``rtype``."""
+    if grant.allows(rtype, perm):
+        return
+    with (session if session is not None else clinic.session()) as s:
+        audit.record(s, Actor("client", grant.client_id), action, rtype, None, outcome="denied",
+                     scope_needed=f"system/{rtype}.{perm}")
+        s.commit()
+    raise FhirError(403, "forbidden", f"the token's scopes do not allow system/{rtype}.{perm}")
+
+
+def audit_access(session: Session, grant: Grant, action: str, rtype: str, rid: Any, **detail: Any) -> None:
+    audit.record(session, Actor("client", grant.client_id), action, rtype, rid, **detail)
 
 
 def _check_type(rtype: str) -> None:
     if rtype not in READ_TYPES:
         raise FhirError(404, "not-supported", f"resource type {rtype!r} is not served here")
+
+
+def _check_id(rtype: str, rid: str) -> None:
+    if not FHIR_ID.fullmatch(rid):
+        raise FhirError(404, "not-found", f"{rtype}/{rid[:80]!r} not found (not a FHIR id)")
 
 
 def _headers(row: FhirResource) -> dict[str, str]:
@@ -139,22 +201,52 @@ def _not_modified(request: Request, row: FhirResource) -> bool:
     if ims:
         try:
             return row.last_updated.replace(microsecond=0) <= parsedate_to_datetime(ims)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return False
     return False
 
 
-def _open(clinic: Clinic, session: Session, row: FhirResource) -> dict[str, Any]:
+def _open(clinic: Clinic, session: Session, row: FhirResource) -> bytes:
     if row.deleted:
         raise FhirError(410, "deleted", f"{row.resource_type}/{row.id} was deleted")
     try:
-        return row_json(clinic, session, row)
+        return row_bytes(clinic, session, row)
     except KeyUnavailable as exc:  # the patient was erased: the data key is gone
         raise FhirError(410, "deleted", f"{row.resource_type}/{row.id} is no longer available") from exc
 
 
-def _audit(session: Session, grant: Grant, action: str, rtype: str, rid: str | None, **detail: Any) -> None:
-    audit.record(session, Actor("client", grant.client_id), action, rtype, rid, **detail)
+# --- _summary / _elements -----------------------------------------------------------------------
+@functools.cache
+def _element_sets(rtype: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(summary elements, mandatory elements) of an R4 resource type, from fhir.resources' model."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    fields = {(f.alias or n): f for n, f in get_fhir_model_class(rtype).model_fields.items()}
+    flags = {n: dict(f.json_schema_extra or {}) for n, f in fields.items()}  # type: ignore[arg-type]
+    return (frozenset(n for n, x in flags.items() if x.get("summary_element_property")),
+            frozenset(n for n, x in flags.items() if x.get("element_required") or fields[n].is_required()))
+
+
+def subset(resource: dict[str, Any], summary: str | None, elements: list[str]) -> dict[str, Any]:
+    """``_summary`` (true, text, data) or ``_elements`` applied; the result carries the SUBSETTED tag."""
+    if summary is None and not elements:
+        return resource
+    summary_set, mandatory = _element_sets(resource["resourceType"])
+    if summary == "data":
+        out = {k: v for k, v in resource.items() if k != "text"}
+    else:
+        if summary == "true":
+            keep = set(summary_set)
+        elif summary == "text":
+            keep = {"text"} | mandatory
+        else:
+            keep = {e.split(".")[-1] for e in elements} | mandatory
+        keep |= {"resourceType", "id", "meta"}
+        out = {k: v for k, v in resource.items() if k in keep or (k.startswith("_") and k[1:] in keep)}
+    meta = dict(out.get("meta") or {})
+    meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+    out["meta"] = meta
+    return out
 
 
 # --- capability statement ----------------------------------------------------------------------
@@ -245,8 +337,9 @@ def build_router() -> APIRouter:
 
     @router.get("/fhir/{rtype}/{rid}/_history/{vid}")
     def vread(rtype: str, rid: str, vid: str, request: Request) -> Response:
-        if not vid.isdigit():
-            raise FhirError(404, "not-found", f"no version {vid!r}")
+        # ASCII digits only ("²".isdigit() is true), and within the INTEGER column
+        if not (vid.isascii() and vid.isdigit() and 0 < len(vid) <= 10 and int(vid) <= MAX_VERSION):
+            raise FhirError(404, "not-found", f"no version {vid[:20]!r}")
         return _read(request, rtype, rid, int(vid))
 
     @router.get("/fhir/{rtype}/{rid}/_history")
@@ -257,77 +350,94 @@ def build_router() -> APIRouter:
     @router.api_route("/fhir/{rtype}", methods=["POST", "PUT", "PATCH", "DELETE"])
     @router.api_route("/fhir/{rtype}/{rid}", methods=["POST", "PUT", "PATCH", "DELETE"])
     def write(request: Request) -> Response:
-        _grant(get_clinic(), request)
+        require_grant(get_clinic(), request)
         raise FhirError(405, "not-supported", "this FHIR API is read-only", {"Allow": "GET"})
 
     @router.api_route("/fhir/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unknown(rest: str, request: Request) -> Response:
-        raise FhirError(404, "not-found", f"no such FHIR endpoint: /fhir/{rest}")
+        raise FhirError(404, "not-found", f"no such FHIR endpoint: /fhir/{rest[:200]}")
 
     return router
+
+
+def _subsetting(request: Request, rtype: str) -> search.Query:
+    """_summary / _elements of a read (validated like a search's)."""
+    return search.parse(rtype, [(k, v) for k, v in request.query_params.multi_items()
+                                if k in ("_summary", "_elements")])
 
 
 def _read(request: Request, rtype: str, rid: str, version: int | None) -> Response:
     _check_type(rtype)
     wants_json = _check_accept(request, binary=rtype == "Binary")
+    shape = _subsetting(request, rtype)
     clinic = get_clinic()
-    grant = _grant(clinic, request)
     action = "fhir.read" if version is None else "fhir.vread"
-    _authorise(clinic, grant, rtype, "r", action)
-    with clinic.session() as session:
-        where = [FhirResource.resource_type == rtype, FhirResource.id == rid]
-        where.append(FhirResource.is_current.is_(True) if version is None else FhirResource.version_id == version)
-        row = session.scalar(select(FhirResource).where(*where))
+    with clinic.session() as session:  # one transaction: token's client, the row, its audit record
+        grant = require_grant(clinic, request, session)
+        authorise(clinic, grant, rtype, "r", action, session)
+        row = None
+        if FHIR_ID.fullmatch(rid):
+            where = [FhirResource.resource_type == rtype, FhirResource.id == rid]
+            where.append(FhirResource.is_current.is_(True) if version is None else FhirResource.version_id == version)
+            row = session.scalar(select(FhirResource).where(*where))
         if row is None:
-            _audit(session, grant, action, rtype, rid, outcome="failure", status=404)
+            audit_access(session, grant, action, rtype, rid if FHIR_ID.fullmatch(rid) else None, outcome="failure",
+                         status=404)
             session.commit()
-            raise FhirError(404, "not-found", f"{rtype}/{rid}" + (f"/_history/{version}" if version else "")
+            raise FhirError(404, "not-found", f"{rtype}/{rid[:80]}" + (f"/_history/{version}" if version else "")
                             + " not found")
         try:
-            resource = _open(clinic, session, row)
+            raw = _open(clinic, session, row)
         except FhirError:
-            _audit(session, grant, action, rtype, rid, outcome="failure", status=410)
+            audit_access(session, grant, action, rtype, rid, outcome="failure", status=410)
             session.commit()
             raise
-        _audit(session, grant, action, rtype, rid, version=row.version_id,
-               patient=str(row.patient_id) if row.patient_id else None)
-        session.commit()
+        audit_access(session, grant, action, rtype, rid, version=row.version_id,
+                     patient=str(row.patient_id) if row.patient_id else None)
+        session.commit()  # the access is on record before anything is sent
     headers = _headers(row)
     if version is None and _not_modified(request, row):
         return Response(status_code=304, headers=headers)
     if rtype == "Binary" and not wants_json:
+        resource = orjson.loads(raw)
         return Response(base64.b64decode(resource.get("data", "")), media_type=resource["contentType"],
                         headers=headers)
-    return fhir_response(resource, 200, headers)
+    if shape.summary == "count":
+        raise FhirError(400, "invalid", "_summary=count applies to searches only")
+    if shape.summary or shape.elements:
+        raw = orjson.dumps(subset(orjson.loads(raw), shape.summary, shape.elements))
+    return fhir_response(raw, 200, headers)
 
 
 def _history(request: Request, rtype: str, rid: str) -> Response:
     _check_type(rtype)
     _check_accept(request)
     clinic = get_clinic()
-    grant = _grant(clinic, request)
-    _authorise(clinic, grant, rtype, "r", "fhir.history")
     base = smart.fhir_base(request)
     with clinic.session() as session:
-        rows = list(session.scalars(select(FhirResource).where(
-            FhirResource.resource_type == rtype, FhirResource.id == rid).order_by(FhirResource.version_id.desc())))
+        grant = require_grant(clinic, request, session)
+        authorise(clinic, grant, rtype, "r", "fhir.history", session)
+        rows = []
+        if FHIR_ID.fullmatch(rid):
+            rows = list(session.scalars(select(FhirResource).where(
+                FhirResource.resource_type == rtype, FhirResource.id == rid).order_by(FhirResource.version_id.desc())))
         if not rows:
-            raise FhirError(404, "not-found", f"{rtype}/{rid} not found")
+            raise FhirError(404, "not-found", f"{rtype}/{rid[:80]} not found")
         entries = []
         for row in rows:
-            resource = _open(clinic, session, row)
+            raw = _open(clinic, session, row)
             entries.append({
                 "fullUrl": f"{base}/{rtype}/{rid}",
-                "resource": resource,
+                "resource": orjson.Fragment(raw),
                 "request": {"method": "POST" if row.version_id == 1 else "PUT",
                             "url": rtype if row.version_id == 1 else f"{rtype}/{rid}"},
                 "response": {"status": "201 Created" if row.version_id == 1 else "200 OK",
                              "etag": f'W/"{row.version_id}"', "lastModified": mapping.instant(row.last_updated)},
             })
-        _audit(session, grant, "fhir.history", rtype, rid, versions=len(rows))
+        audit_access(session, grant, "fhir.history", rtype, rid, versions=len(rows))
         session.commit()
     bundle = {"resourceType": "Bundle", "type": "history", "total": len(entries),
-              "link": [{"relation": "self", "url": str(request.url)}], "entry": entries}
+              "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}], "entry": entries}
     return fhir_response(bundle)
 
 
@@ -335,70 +445,101 @@ def _search(request: Request, rtype: str, params: list[tuple[str, str]]) -> Resp
     _check_type(rtype)
     _check_accept(request)
     clinic = get_clinic()
-    grant = _grant(clinic, request)
-    _authorise(clinic, grant, rtype, "s", "fhir.search")
-    strict = "handling=strict" in request.headers.get("prefer", "").replace(" ", "")
-    q = search.parse(rtype, params, strict=strict)  # SearchError -> OperationOutcome in FhirRoute
     base = smart.fhir_base(request)
     with clinic.session() as session:
+        grant = require_grant(clinic, request, session)
+        authorise(clinic, grant, rtype, "s", "fhir.search", session)
+        strict = "handling=strict" in request.headers.get("prefer", "").replace(" ", "")
+        q = search.parse(rtype, params, strict=strict)  # SearchError -> OperationOutcome in FhirRoute
         page = search.run(session, q)
-        entries, patients = [], set()
+        parse = bool(q.includes or q.summary or q.elements)  # otherwise the stored bytes go out untouched
+        entries: list[dict[str, Any]] = []
+        matches: list[dict[str, Any]] = []
+        patients: set[str] = set()
+        served: set[tuple[str, str, int]] = set()
         for row in page.rows:
             try:
-                resource = row_json(clinic, session, row)
+                raw = row_bytes(clinic, session, row)
             except KeyUnavailable:
                 continue  # erased between query and decryption
-            entries.append({"fullUrl": f"{base}/{rtype}/{row.id}", "resource": resource,
-                            "search": {"mode": "match"}})
+            resource: Any = orjson.Fragment(raw)
+            if parse:
+                resource = orjson.loads(raw)
+                matches.append(resource)
+                resource = subset(resource, q.summary, q.elements)
+            entries.append({"fullUrl": f"{base}/{rtype}/{row.id}", "resource": resource, "search": {"mode": "match"}})
+            served.add((rtype, row.id, row.version_id))
             if row.patient_id:
                 patients.add(str(row.patient_id))
-        entries += _included(clinic, session, grant, q, [e["resource"] for e in entries], page.snapshot, base,
-                             patients)
-        _audit(session, grant, "fhir.search", rtype, None, matches=len(page.rows), total=page.total,
-               params=sorted({k for k, _ in q.params}), patients=sorted(patients))
+        entries += _included(clinic, session, grant, q, matches, page.snapshot, base, patients, served)
+        audit_access(session, grant, "fhir.search", rtype, None, matches=len(page.rows), total=page.total,
+                     params=sorted({k for k, _ in q.params}), patients=sorted(patients))
         session.commit()
-    # the self link lists only the parameters that were applied (FHIR's way of reporting ignored ones)
-    applied = [(k, v) for k, v in params if k not in q.ignored]
+    # The self link lists only the parameters that were applied (FHIR's way of reporting ignored
+    # ones), with _count as applied (capped at search.MAX_COUNT).
+    applied = [(k, str(q.count) if k == "_count" else v) for k, v in params if k not in q.ignored]
     kept = [(k, v) for k, v in applied if k != "_page"]
     links = [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{urlencode(applied)}" if applied else "")}]
     if page.next_page:
         links.append({"relation": "next", "url": f"{base}/{rtype}?{urlencode(kept + [('_page', page.next_page)])}"})
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": page.total, "link": links}
+    if q.summary == "count":
+        bundle["meta"] = {"tag": [SUBSETTED]}
     if entries:
         bundle["entry"] = entries
     return fhir_response(bundle)
 
 
+def _reference(reference: str) -> tuple[str, str, int | None] | None:
+    """(type, id, version or None) of a literal relative reference, None for anything else."""
+    parts = reference.split("/")
+    if len(parts) == 2:
+        return parts[0], parts[1], None
+    if len(parts) == 4 and parts[2] == "_history" and parts[3].isascii() and parts[3].isdigit():
+        version = int(parts[3])
+        return (parts[0], parts[1], version) if version <= MAX_VERSION else None
+    return None
+
+
 def _included(
     clinic: Clinic, session: Session, grant: Grant, q: search.Query, matches: list[dict[str, Any]],
-    snapshot: int, base: str, patients: set[str],
+    snapshot: int, base: str, patients: set[str], served: set[tuple[str, str, int]],
 ) -> list[dict[str, Any]]:
-    """Resources named by _include, as of the same snapshot, only where the token may read them."""
-    seen = {f"{m['resourceType']}/{m['id']}" for m in matches}
-    wanted: list[str] = []
+    """Resources named by _include, as of the same snapshot and at the version a reference names,
+    only where the token may read them. Each (resource, version) appears once in the Bundle, so
+    fullUrl + meta.versionId are unique (bdl-7)."""
+    wanted: dict[tuple[str, str, int | None], None] = {}
     for source, param, target in q.includes:
         for resource in matches:
             if resource["resourceType"] != source:
                 continue
             for reference in search.references(resource, param):
-                rt = reference.split("/")[0]
-                if (target is None or rt == target) and reference not in seen:
-                    seen.add(reference)
-                    wanted.append(reference)
+                ref = _reference(reference)
+                if ref is not None and (target is None or ref[0] == target) and ref[0] in READ_TYPES \
+                        and grant.allows(ref[0], "r"):
+                    wanted[ref] = None
+    rows: list[FhirResource] = []
+    for rtype in dict.fromkeys(r[0] for r in wanted):  # two queries per included type
+        current = [rid for t, rid, v in wanted if t == rtype and v is None]
+        versioned = [(rid, v) for t, rid, v in wanted if t == rtype and v is not None]
+        if current:
+            rows += session.scalars(search.snapshot_select(rtype, snapshot).where(FhirResource.id.in_(current)))
+        if versioned:
+            rows += session.scalars(select(FhirResource).where(
+                FhirResource.resource_type == rtype, FhirResource.seq <= snapshot, FhirResource.deleted.is_(False),
+                tuple_(FhirResource.id, FhirResource.version_id).in_(versioned)))
     out = []
-    for reference in wanted:
-        parts = reference.split("/")
-        rt, rid = parts[0], parts[1]
-        if rt not in READ_TYPES or not grant.allows(rt, "r"):
+    for row in sorted(rows, key=lambda r: r.seq):
+        key = (row.resource_type, row.id, row.version_id)
+        if key in served:
             continue
-        row = session.scalar(search.snapshot_select(rt, snapshot).where(FhirResource.id == rid))
-        if row is None:
-            continue
+        served.add(key)
         try:
-            resource = row_json(clinic, session, row)
+            raw = row_bytes(clinic, session, row)
         except KeyUnavailable:
             continue
         if row.patient_id:
             patients.add(str(row.patient_id))
-        out.append({"fullUrl": f"{base}/{rt}/{rid}", "resource": resource, "search": {"mode": "include"}})
+        out.append({"fullUrl": f"{base}/{row.resource_type}/{row.id}", "resource": orjson.Fragment(raw),
+                    "search": {"mode": "include"}})
     return out

@@ -149,10 +149,17 @@ def row_json(clinic: Clinic, session: Session, row: FhirResource) -> dict[str, A
     if row.patient_id is None:
         assert row.data is not None
         return dict(row.data)
+    return json.loads(row_bytes(clinic, session, row))
+
+
+def row_bytes(clinic: Clinic, session: Session, row: FhirResource) -> bytes:
+    """The stored resource as JSON bytes, unsealed but not parsed (the API serves them as they are)."""
+    if row.patient_id is None:
+        assert row.data is not None
+        return json.dumps(row.data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     assert row.data_enc is not None
-    raw = clinic.vault.open_for(session, row.patient_id, "fhir_resources",
-                                f"{row.resource_type}/{row.id}/{row.version_id}", "data", row.data_enc)
-    return json.loads(raw)
+    return clinic.vault.open_for(session, row.patient_id, "fhir_resources",
+                                 f"{row.resource_type}/{row.id}/{row.version_id}", "data", row.data_enc)
 
 
 def _first_coding(concept: Any) -> str | None:

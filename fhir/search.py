@@ -22,6 +22,14 @@ from clinic_db.models import FhirResource, PatientKey
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 100
+# Bounds that keep every query well inside what both databases accept (SQLite parses a long OR/AND
+# chain into a tree of at most 1,000 levels; PostgreSQL's BIGINT/INTEGER overflow).
+MAX_PARAMS = 50  # search parameters in one request
+MAX_VALUES = 100  # comma-separated values of one parameter
+MAX_CURSOR = 2**62  # seq / offset values a _page token may carry
+MIN_INSTANT = datetime.min.replace(tzinfo=timezone.utc)
+MAX_INSTANT = datetime.max.replace(tzinfo=timezone.utc)
+SUMMARY_MODES = frozenset({"true", "false", "count", "data", "text"})
 
 PATIENT_PARAMS = ("patient", "subject")
 TYPE_PARAMS: dict[str, frozenset[str]] = {
@@ -37,7 +45,8 @@ TYPE_PARAMS: dict[str, frozenset[str]] = {
     "Binary": frozenset(),
 }
 COMMON_PARAMS = frozenset({"_id", "_lastUpdated"})
-CONTROL_PARAMS = frozenset({"_count", "_sort", "_include", "_page", "_format", "_total", "_pretty", "_summary"})
+CONTROL_PARAMS = frozenset({"_count", "_sort", "_include", "_page", "_format", "_total", "_pretty", "_summary",
+                            "_elements"})
 INCLUDES: dict[str, dict[str, str | None]] = {
     # search param -> target type (None: any)
     "DiagnosticReport": {"result": "Observation", "media": "Media", "subject": "Patient", "patient": "Patient",
@@ -86,22 +95,30 @@ class Query:
     after: int | None = None  # keyset cursor (default order)
     offset: int = 0  # offset cursor (explicit _sort)
     ignored: list[str] = field(default_factory=list)
+    summary: str | None = None  # _summary mode
+    elements: list[str] = field(default_factory=list)  # _elements
 
 
 # --- parsing ------------------------------------------------------------------------------------
 def parse(resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> Query:
     q = Query(resource_type, [], strict=strict)
     allowed = TYPE_PARAMS[resource_type] | COMMON_PARAMS
+    if len(params) > MAX_PARAMS:
+        raise SearchError(400, f"too many search parameters ({len(params)}; at most {MAX_PARAMS})")
     for name, value in params:
+        if "\x00" in name or "\x00" in value:
+            raise SearchError(400, f"parameter {name!r} contains a NUL character")
         base = name.split(":", 1)[0]
         if name == "_count":
-            try:
-                q.count = int(value)
-            except ValueError as exc:
-                raise SearchError(400, "_count must be an integer") from exc
-            if q.count < 0:
-                raise SearchError(400, "_count must not be negative")
-            q.count = min(q.count, MAX_COUNT)
+            if not (value.isascii() and value.isdigit()):
+                raise SearchError(400, "_count must be a non-negative integer")
+            q.count = MAX_COUNT if len(value) > 4 else min(int(value), MAX_COUNT)
+        elif name == "_summary":
+            if value not in SUMMARY_MODES:
+                raise SearchError(400, f"_summary must be one of {', '.join(sorted(SUMMARY_MODES))}")
+            q.summary = None if value == "false" else value
+        elif name == "_elements":
+            q.elements += [e.strip() for e in value.split(",") if e.strip()]
         elif name == "_sort":
             for key in value.split(","):
                 desc = key.startswith("-")
@@ -110,6 +127,8 @@ def parse(resource_type: str, params: list[tuple[str, str]], *, strict: bool = F
                     raise SearchError(422, f"cannot sort by {key!r} (supported: {', '.join(SORTS)})")
                 q.sort.append((key, desc))
         elif name == "_include":
+            if len(q.includes) >= len(INCLUDES.get(resource_type, {})) + 1:
+                raise SearchError(400, "too many _include parameters")
             parts = value.split(":")
             if len(parts) not in (2, 3) or parts[0] not in INCLUDES or parts[1] not in INCLUDES[parts[0]]:
                 raise SearchError(422, f"unsupported _include {value!r}")
@@ -120,6 +139,8 @@ def parse(resource_type: str, params: list[tuple[str, str]], *, strict: bool = F
         elif name in CONTROL_PARAMS:
             continue
         elif base in allowed and name == base:
+            if value.count(",") >= MAX_VALUES:
+                raise SearchError(400, f"{name}: at most {MAX_VALUES} comma-separated values")
             q.params.append((name, value))
         else:
             if strict:
@@ -138,33 +159,58 @@ def encode_page(snapshot: int, *, after: int | None = None, offset: int | None =
 def _decode_page(token: str) -> tuple[int, int | None, int]:
     try:
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        snapshot, after, offset = int(body["s"]), body.get("a"), int(body.get("o", 0))
-        return snapshot, (None if after is None else int(after)), offset
-    except (ValueError, KeyError, TypeError) as exc:
+        snapshot, after, offset = _cursor(body["s"]), body.get("a"), _cursor(body.get("o", 0))
+        return snapshot, (None if after is None else _cursor(after)), offset
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise SearchError(400, "invalid _page token") from exc
+
+
+def _cursor(value: Any) -> int:
+    """A seq or offset from a (client-held, so untrusted) _page token: an int in [0, MAX_CURSOR)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_CURSOR:
+        raise ValueError("cursor out of range")
+    return value
 
 
 # --- values -------------------------------------------------------------------------------------
 def parse_date(value: str) -> tuple[datetime, datetime]:
-    """The [start, end) instant range a FHIR date/dateTime value of any precision denotes (UTC if no zone)."""
+    """The [start, end) UTC instant range a FHIR date/dateTime value of any precision denotes (UTC if no
+    zone). Ranges that reach past year 1 or 9999 (e.g. ``9999-12-31``, ``0001-01-01T00:00:00+14:00``)
+    are clamped to what a datetime can hold."""
+    if not value.isascii() or len(value) < 4 or not value[:4].isdigit():
+        raise SearchError(400, f"invalid date {value!r}")
     try:
         if len(value) == 4:
             start = datetime(int(value), 1, 1, tzinfo=timezone.utc)
-            return start, start.replace(year=start.year + 1)
-        if len(value) == 7:
+            return start, _shift(start, year=1)
+        if len(value) == 7 and value[4] == "-" and value[5:].isdigit():
             start = datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=timezone.utc)
-            nxt = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-            return start, nxt
+            return start, _shift(start, month=1)
         if len(value) == 10:
             start = datetime.fromisoformat(value).replace(tzinfo=timezone.utc)
-            return start, start + timedelta(days=1)
+            return start, _shift(start, days=1)
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
         raise SearchError(400, f"invalid date {value!r}") from exc
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    step = timedelta(microseconds=1) if dt.microsecond else timedelta(seconds=1)
-    return dt, dt + step
+    try:
+        dt = dt.astimezone(timezone.utc)
+    except OverflowError:  # the offset moves it below year 1 or above 9999
+        dt = MIN_INSTANT if dt.utcoffset() > timedelta(0) else MAX_INSTANT  # type: ignore[operator]
+    return dt, _shift(dt, **({"microseconds": 1} if dt.microsecond else {"seconds": 1}))
+
+
+def _shift(start: datetime, *, year: int = 0, month: int = 0, **delta: int) -> datetime:
+    """``start`` plus a year, a month or a timedelta, clamped at the largest datetime."""
+    try:
+        if year:
+            return start.replace(year=start.year + 1)
+        if month:
+            return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return start + timedelta(**delta)
+    except (ValueError, OverflowError):
+        return MAX_INSTANT
 
 
 def _date_clause(column: Any, raw: str) -> ColumnElement[bool]:
@@ -260,7 +306,7 @@ def run(session: Session, q: Query) -> Page:
     snapshot = q.snapshot if q.snapshot is not None else current_snapshot(session)
     stmt = filtered(q, snapshot)
     total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
-    if q.count == 0:
+    if q.count == 0 or q.summary == "count":
         return Page([], total, snapshot, None)
     if q.sort:
         order = [SORTS[k].desc() if desc else SORTS[k].asc() for k, desc in q.sort] + [FhirResource.seq.asc()]

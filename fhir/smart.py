@@ -27,6 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from clinic_db import audit
@@ -167,6 +168,8 @@ def disable_client(client_id: str) -> None:
 
 # --- URLs -------------------------------------------------------------------------------------
 def public_base(request: Request) -> str:
+    """SKINBRIDGE_PUBLIC_BASE_URL when set: then the Host header counts for nothing (token audience,
+    fullUrl, paging links). Without it (development) the URL the request was sent to."""
     configured = get_settings().public_base_url
     return (configured or str(request.base_url)).rstrip("/")
 
@@ -189,13 +192,14 @@ def _authenticate(clinic: Clinic, assertion: str, audiences: list[str]) -> FhirC
     try:
         header = jwt.get_unverified_header(assertion)
         unverified = jwt.decode(assertion, options={"verify_signature": False})
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
         raise OAuthError("invalid_client", f"malformed client assertion: {exc}", 401) from exc
     alg = header.get("alg")
     if alg not in ASSERTION_ALGS:
         raise OAuthError("invalid_client", f"assertion alg {alg!r} not accepted (use RS384 or ES384)", 401)
     client_id = unverified.get("iss")
-    if not client_id or unverified.get("sub") != client_id:
+    if not isinstance(client_id, str) or not client_id or unverified.get("sub") != client_id \
+            or len(client_id) > 64 or "\x00" in client_id:
         raise OAuthError("invalid_client", "iss and sub must both be the client_id", 401)
     with clinic.session() as session:
         client = session.scalar(select(FhirClient).where(FhirClient.client_id == str(client_id)))
@@ -214,7 +218,7 @@ def _authenticate(clinic: Clinic, assertion: str, audiences: list[str]) -> FhirC
         raise OAuthError("invalid_client", "client assertion expired", 401) from exc
     except jwt.InvalidAudienceError as exc:
         raise OAuthError("invalid_client", "client assertion aud must be the token endpoint URL", 401) from exc
-    except jwt.PyJWTError as exc:
+    except (jwt.PyJWTError, OverflowError, ValueError, TypeError) as exc:  # e.g. "exp": 1e400
         raise OAuthError("invalid_client", f"client assertion rejected: {exc}", 401) from exc
     exp = int(claims["exp"])
     if exp > time.time() + MAX_ASSERTION_LIFETIME_S + CLOCK_SKEW_S:
@@ -224,10 +228,12 @@ def _authenticate(clinic: Clinic, assertion: str, audiences: list[str]) -> FhirC
 
 
 def _remember_jti(clinic: Clinic, client_id: str, jti: str, exp: int) -> None:
-    """Refuse a replayed assertion: each jti is accepted once until it expires."""
+    """Refuse a replayed assertion: each jti is accepted once until it expires. The database is the
+    replay cache, so every API process of a deployment sees every jti. Stored as its SHA-256: any
+    length fits the column, and two long jtis never collide the way a cut to 255 characters did."""
     with clinic.session() as session:
         session.execute(delete(UsedJti).where(UsedJti.expires_at < utcnow() - timedelta(seconds=CLOCK_SKEW_S)))
-        session.add(UsedJti(client_id=client_id, jti=jti[:255],
+        session.add(UsedJti(client_id=client_id, jti=hashlib.sha256(jti.encode("utf-8", "surrogatepass")).hexdigest(),
                             expires_at=datetime.fromtimestamp(exp, timezone.utc)))
         try:
             session.commit()
@@ -266,17 +272,24 @@ def issue_token(clinic: Clinic, form: dict[str, str], *, audiences: list[str], r
     return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_TTL_S, "scope": " ".join(granted)}
 
 
-def verify_access_token(clinic: Clinic, token: str, resource_base: str) -> Grant:
-    """Check a bearer token; raises OAuthError (401) when it is not valid here and now."""
+def verify_access_token(clinic: Clinic, token: str, resource_base: str, session: Session | None = None) -> Grant:
+    """Check a bearer token; raises OAuthError (401) when it is not valid here and now. ``session``:
+    the caller's, so the client check shares the request's one transaction."""
     try:
         claims = jwt.decode(token, _signing_key(clinic), algorithms=[ACCESS_TOKEN_ALG], audience=resource_base,
                             options={"require": ["sub", "exp", "scope"]})
+        if not isinstance(claims["sub"], str) or not isinstance(claims["scope"], str):
+            raise jwt.InvalidTokenError("sub and scope must be strings")
     except jwt.PyJWTError as exc:
         raise OAuthError("invalid_token", f"access token rejected: {exc}", 401) from exc
-    with clinic.session() as session:
-        client = session.scalar(select(FhirClient).where(FhirClient.client_id == claims["sub"]))
-        if client is None or not client.active:
-            raise OAuthError("invalid_token", "client disabled", 401)
+    query = select(FhirClient.active).where(FhirClient.client_id == claims["sub"])
+    if session is not None:
+        active = session.scalar(query)
+    else:
+        with clinic.session() as own:
+            active = own.scalar(query)
+    if not active:
+        raise OAuthError("invalid_token", "client disabled", 401)
     return Grant(client_id=claims["sub"], scopes=tuple(claims["scope"].split()))
 
 
@@ -312,7 +325,7 @@ def build_router() -> APIRouter:
             if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
                 raise OAuthError("invalid_request", "use application/x-www-form-urlencoded")
             form = {k: str(v) for k, v in (await request.form()).items()}
-            audiences = sorted({token_url(request), str(request.url).split("?")[0]})
+            audiences = [token_url(request)]  # the configured public URL only (Host counts for nothing then)
             body = await run_in_threadpool(issue_token, clinic, form, audiences=audiences,
                                            resource_base=fhir_base(request))
         except OAuthError as exc:

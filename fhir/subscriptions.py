@@ -32,7 +32,7 @@ from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import FhirResource, FhirSubscription, SubscriptionNotification, utcnow
 from clinic_db.vault import SYSTEM_KEY_ID
 from fhir import mapping, search, smart
-from fhir.api import FhirError, FhirRoute, _audit, _authorise, _grant, fhir_response
+from fhir.api import FhirError, FhirRoute, audit_access, authorise, fhir_response, require_grant
 from skinbridge.settings import get_settings
 
 BACKPORT_STATUS = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"
@@ -241,8 +241,8 @@ def build_router() -> APIRouter:
     @router.get("/fhir/Subscription/{sub_id}")
     def read(sub_id: str, request: Request) -> Response:
         clinic = get_clinic()
-        grant = _grant(clinic, request)
-        _authorise(clinic, grant, "Subscription", "r", "fhir.read")
+        grant = require_grant(clinic, request)
+        authorise(clinic, grant, "Subscription", "r", "fhir.read")
         with clinic.session() as session:
             sub = _own(session, grant.client_id, sub_id)
             return fhir_response(_resource(sub))
@@ -250,8 +250,8 @@ def build_router() -> APIRouter:
     @router.get("/fhir/Subscription")
     def list_own(request: Request) -> Response:
         clinic = get_clinic()
-        grant = _grant(clinic, request)
-        _authorise(clinic, grant, "Subscription", "s", "fhir.search")
+        grant = require_grant(clinic, request)
+        authorise(clinic, grant, "Subscription", "s", "fhir.search")
         base = smart.fhir_base(request)
         with clinic.session() as session:
             subs = session.scalars(select(FhirSubscription).where(
@@ -267,12 +267,12 @@ def build_router() -> APIRouter:
     @router.delete("/fhir/Subscription/{sub_id}")
     def remove(sub_id: str, request: Request) -> Response:
         clinic = get_clinic()
-        grant = _grant(clinic, request)
-        _authorise(clinic, grant, "Subscription", "d", "fhir.delete")
+        grant = require_grant(clinic, request)
+        authorise(clinic, grant, "Subscription", "d", "fhir.delete")
         with clinic.session() as session:
             sub = _own(session, grant.client_id, sub_id)
             sub.status = "off"
-            _audit(session, grant, "fhir.subscription.delete", "Subscription", sub.id)
+            audit_access(session, grant, "fhir.subscription.delete", "Subscription", sub.id)
             session.commit()
         return Response(status_code=204)
 
@@ -281,8 +281,8 @@ def build_router() -> APIRouter:
 
 def _create(request: Request, body: dict[str, Any]) -> Response:
     clinic = get_clinic()
-    grant = _grant(clinic, request)
-    _authorise(clinic, grant, "Subscription", "c", "fhir.create")
+    grant = require_grant(clinic, request)
+    authorise(clinic, grant, "Subscription", "c", "fhir.create")
     if body.get("resourceType") != "Subscription":
         raise FhirError(400, "invalid", "the body must be a Subscription")
     body = {k: v for k, v in body.items() if k not in ("id", "meta")}
@@ -299,7 +299,7 @@ def _create(request: Request, body: dict[str, Any]) -> Response:
         q = parse_criteria(body.get("criteria") or "")
     except ValueError as exc:
         raise FhirError(422, "processing", str(exc)) from exc
-    _authorise(clinic, grant, q.resource_type, "r", "fhir.create")  # may only hear about what it may read
+    authorise(clinic, grant, q.resource_type, "r", "fhir.create")  # may only hear about what it may read
     # id-only: notifications never carry resource content (R4 backport payload-content extension)
     channel["payload"] = "application/fhir+json"
     channel["_payload"] = {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": "id-only"}]}
@@ -313,7 +313,7 @@ def _create(request: Request, body: dict[str, Any]) -> Response:
         sub.ensure_id()
         sub.headers = _seal_headers(clinic, session, sub.id, headers)
         session.add(sub)
-        _audit(session, grant, "fhir.subscription.create", "Subscription", sub.id, criteria_type=q.resource_type)
+        audit_access(session, grant, "fhir.subscription.create", "Subscription", sub.id, criteria_type=q.resource_type)
         session.commit()
         res = _resource(sub)
     url = f"{smart.fhir_base(request)}/Subscription/{res['id']}"

@@ -49,14 +49,20 @@ def create_app() -> FastAPI:
     return app
 
 
+LINGER_S = 2.0  # how long the rest of a refused request is read and dropped before the socket closes
+
+
 class HttpProtocol(H11Protocol):
     """uvicorn's h11 protocol, except that a request it cannot parse is answered with h11's own status
     hint (431 for a header block over the limit, else 400) and an OperationOutcome body, not a plain-text
-    400. ``skinbridge api`` serves with it."""
+    400, followed by a lingering close: the answer is sent with a FIN and what the client still sends
+    is read and dropped, so the client sees the answer instead of a connection reset (closing with
+    unread data makes the kernel send RST). ``skinbridge api`` serves with it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._error_status = 400
+        self._lingering = False
         next_event = self.conn.next_event
 
         def remembering_next_event() -> Any:
@@ -78,4 +84,16 @@ class HttpProtocol(H11Protocol):
         self.transport.write(self.conn.send(h11.Response(status_code=status, headers=headers)))  # type: ignore[arg-type]
         self.transport.write(self.conn.send(h11.Data(data=body)))  # type: ignore[arg-type]
         self.transport.write(self.conn.send(h11.EndOfMessage()))  # type: ignore[arg-type]
-        self.transport.close()
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._lingering:
+            self.transport.close()
+        return None

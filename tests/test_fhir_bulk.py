@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from clinic_db.models import AuditEvent, BulkExportFile
 from fhir.smart import register_client
-from tests.test_fhir_support import make_case, make_clinician, rsa_key, serve_ehr, sign
+from tests.test_fhir_support import export_worker, make_case, make_clinician, rsa_key, serve_ehr, sign
 
 
 def _poll(url: str, headers: dict[str, str], timeout: float = 60) -> httpx.Response:
@@ -28,7 +28,7 @@ def test_system_and_patient_export_with_type_and_since(clinic):
     with clinic.session() as s:
         a = make_case(clinic, s, 1001, name="Bulk A")
         b = make_case(clinic, s, 1002)
-    with serve_ehr(clinic) as ehr:
+    with export_worker(), serve_ehr(clinic) as ehr:
         h = ehr.headers()
         async_h = {**h, "Prefer": "respond-async"}
         assert httpx.get(f"{ehr.fhir}/$export", headers=h).status_code == 400  # Prefer is required
@@ -90,7 +90,7 @@ def test_system_and_patient_export_with_type_and_since(clinic):
 def test_export_respects_scopes(clinic):
     with clinic.session() as s:
         make_case(clinic, s, 1010)
-    with serve_ehr(clinic, scopes=["system/DiagnosticReport.rs"]) as ehr:
+    with export_worker(), serve_ehr(clinic, scopes=["system/DiagnosticReport.rs"]) as ehr:
         h = {**ehr.headers(scope="system/DiagnosticReport.rs"), "Prefer": "respond-async"}
         assert httpx.get(f"{ehr.fhir}/$export", params={"_type": "Patient"}, headers=h).status_code == 403
         kick = httpx.get(f"{ehr.fhir}/$export", headers=h)

@@ -178,7 +178,7 @@ def serve_ehr(clinic: Clinic, scopes: list[str] | None = None, key: ClientKey | 
 
     from fastapi import FastAPI
 
-    from fhir.api import build_router
+    from fhir.api import build_router, install_error_handlers
     from fhir.smart import register_client
     from tests.support import serve_app
 
@@ -186,6 +186,7 @@ def serve_ehr(clinic: Clinic, scopes: list[str] | None = None, key: ClientKey | 
     client_id = register_client(clinic, "Test EHR", {"keys": [key.public_jwk]}, scopes or ["system/*.rs"])
     app = FastAPI()
     app.include_router(build_router())
+    install_error_handlers(app)
 
     @contextlib.contextmanager
     def running():  # type: ignore[no-untyped-def]
@@ -193,3 +194,21 @@ def serve_ehr(clinic: Clinic, scopes: list[str] | None = None, key: ClientKey | 
             yield Ehr(base, client_id, key)
 
     return running()
+
+
+def use_test_broker():  # type: ignore[no-untyped-def]
+    """Point the Celery app at this test's settings (the filesystem broker under its var dir)."""
+    from skinbridge.celery_app import app, configure
+    from skinbridge.settings import get_settings
+
+    return configure(app, get_settings())
+
+
+def export_worker():  # type: ignore[no-untyped-def]
+    """Context manager: a real Celery worker (solo pool, in a thread) on the test's broker, cpu queue,
+    so $export jobs run as they do in production (the fhir.export task)."""
+    from celery.contrib.testing.worker import start_worker
+
+    app = use_test_broker()
+    return start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, queues=["cpu"],
+                        loglevel="WARNING", shutdown_timeout=15)
