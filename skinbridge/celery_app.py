@@ -90,21 +90,3 @@ def _start_heartbeat(**_: object) -> None:
 def _stop_heartbeat(**_: object) -> None:
     if _beater is not None:
         _beater.stop()
-_beater = None  # this pool process's heartbeat thread
-
-
-@worker_process_init.connect(weak=False)
-def _start_heartbeat(**_: object) -> None:
-    """Each pool process beats (clinic_db.heartbeat) from the moment it exists, before models load."""
-    global _beater
-    from clinic_db import heartbeat
-    from clinic_db.db import get_clinic
-
-    get_clinic().engine.dispose(close=False)  # never share the parent's connections after the fork
-    _beater = heartbeat.start(get_clinic(), "worker", detail={"queues": os.environ.get("SKINBRIDGE_WORKER_QUEUES")})
-
-
-@worker_process_shutdown.connect(weak=False)
-def _stop_heartbeat(**_: object) -> None:
-    if _beater is not None:
-        _beater.stop()
