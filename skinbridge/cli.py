@@ -111,6 +111,7 @@ def keys_rotate(retire: bool, wait_s: float | None, batch_size: int) -> None:
 
     Resumable: after a crash, run it again; it finishes the same rotation."""
     from clinic_db.db import get_clinic
+    from clinic_db.keys import KeyUnavailable
     from clinic_db.rotation import RetireRefused, RotationBusy, rotate
 
     settings = checked_settings()
@@ -122,7 +123,7 @@ def keys_rotate(retire: bool, wait_s: float | None, batch_size: int) -> None:
         click.echo(f"{exc}\nThe new key is active and every readable data key is re-wrapped; run "
                    "`skinbridge keys rotate --retire` again once these are gone.", err=True)
         sys.exit(1)
-    except RotationBusy as exc:
+    except (RotationBusy, KeyUnavailable) as exc:  # another rotation runs; inline keys; a key file missing
         click.echo(str(exc), err=True)
         sys.exit(1)
     click.echo(
