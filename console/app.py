@@ -407,23 +407,31 @@ def build_router() -> APIRouter:
             return _image_response(data, row.mime)
 
     # --- explanation pictures: the dermatologist's sign-off ---------------------------------
+    # Pictures are drawn by a gpu worker (console.explainer_pictures); the page answers at once and
+    # console.js fills them in as they arrive. The form starts from the sign-off in force, so signing
+    # again never silently withdraws an earlier decision.
     def _explainer_page(request: Request, session: Session, current: ConsoleSession, *,
                         message: str | None = None, notice: str | None = None, form: dict[str, str] | None = None,
                         http_status: int = 200) -> HTMLResponse:
         explainer = explainer_pictures.current_explainer()
-        rows, in_force, digest = [], None, ""
+        rows, in_force, digest, progress = [], None, "", None
         if explainer is not None:
             subject = explainer.review_subject
             digest = explainer_pictures.subject_digest(explainer)
             in_force = explainer_review.in_force(session, subject)
+            progress = explainer_pictures.drawing(session, explainer)
             recognition = getattr(explainer, "recognition", None) or {}
+            decided = form if form is not None else _decisions_in_force(in_force, explainer)
             for code in subject.codes:
-                state = ("approved" if in_force and code in in_force.approved else
-                         "rejected" if in_force and code in in_force.rejected else "not reviewed")
+                offered = explainer.knows(code)
+                state = ("rejected" if in_force and code in in_force.rejected else
+                         "not offered" if not offered else  # never "approved" beside "never sent"
+                         "approved" if in_force and code in in_force.approved else "not reviewed")
                 rows.append({
-                    "code": code, "offered": explainer.knows(code), "recognition": recognition.get(code),
-                    "state": state, "reason": (in_force.rejected.get(code) if in_force else None),
-                    "pictures": range(explainer_pictures.PICTURES_PER_CONDITION),
+                    "code": code, "offered": offered, "recognition": recognition.get(code), "state": state,
+                    "reason": (in_force.rejected.get(code) if in_force else None),
+                    "drawn": progress.counts.get(code, 0),
+                    "decision": decided.get(f"decision-{code}", ""), "why": decided.get(f"reason-{code}", ""),
                 })
         audit.record(session, Actor("clinician", str(current.clinician.id)), "explainer.view", "Console",
                      None, purpose="operations")
@@ -431,9 +439,18 @@ def build_router() -> APIRouter:
         return _render(
             request, "explainer.html", http_status, me=current.clinician, csrf=current.csrf, explainer=explainer,
             rows=rows, in_force=in_force, digest=digest, history=explainer_review.history(session),
-            min_recognition=getattr(explainer, "min_recognition", None), form=form or {},
-            message=message, notice=notice,
+            min_recognition=getattr(explainer, "min_recognition", None), progress=progress,
+            per_condition=explainer_review.REVIEW_PICTURES, message=message, notice=notice,
         )
+
+    def _decisions_in_force(in_force: Any, explainer: Any) -> dict[str, str]:
+        """The form's starting point: the decisions in force (an approval below the bar is not offered)."""
+        if in_force is None:
+            return {}
+        decided = {f"decision-{c}": "approve" for c in in_force.approved if explainer.knows(c)}
+        for code, why in in_force.rejected.items():
+            decided |= {f"decision-{code}": "reject", f"reason-{code}": str(why)}
+        return decided
 
     @router.get("/explainer", name="explainer_page")
     def explainer_page(request: Request, done: str = "") -> Response:
@@ -442,16 +459,26 @@ def build_router() -> APIRouter:
             notice = "Sign-off recorded; it applies to the next results." if done == "signed" else None
             return _explainer_page(request, session, current, notice=notice)
 
-    @router.get("/explainer/pictures/{code}/{index}", name="explainer_picture")
-    def explainer_picture(request: Request, code: str, index: int) -> Response:
+    @router.get("/explainer/progress/{digest}", name="explainer_progress")
+    def explainer_progress(request: Request, digest: str) -> Response:
+        """How many pictures are drawn (polled by console.js); 409 once the generator changed."""
         with _db() as (_, session):
             _require(request, session)
-        explainer = explainer_pictures.current_explainer()
-        if explainer is None or code not in explainer.review_subject.codes \
-                or not 0 <= index < explainer_pictures.PICTURES_PER_CONDITION:
-            raise HTTPException(404)
-        png = explainer_pictures.pictures(explainer, code)[index]
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+            explainer = explainer_pictures.current_explainer()
+            if explainer is None or digest != explainer_pictures.subject_digest(explainer):
+                return JSONResponse({"problem": "The explanation generator changed: reload the page."}, 409)
+            return JSONResponse(explainer_pictures.drawing(session, explainer).as_json(),
+                                headers={"Cache-Control": "no-store"})
+
+    @router.get("/explainer/pictures/{digest}/{code}/{index}", name="explainer_picture")
+    def explainer_picture(request: Request, digest: str, code: str, index: int) -> Response:
+        with _db() as (_, session):
+            _require(request, session)
+            png = explainer_review.picture(session, digest, code, index)
+        if png is None:
+            raise HTTPException(404, "not drawn (yet)")
+        # keyed by the digest: these bytes never change
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
     @router.post("/explainer/review", name="explainer_review")
     async def explainer_review_post(request: Request) -> Response:
@@ -475,12 +502,20 @@ def build_router() -> APIRouter:
             reject = {c: data.get(f"reason-{c}", "").strip() for c, d in decisions.items() if d == "reject"}
             try:
                 explainer_review.record(session, current.clinician, explainer.review_subject,
-                                        explainer_id=explainer.model_id, approve=approve, reject=reject)
+                                        explainer_id=explainer.model_id, approve=approve, reject=reject,
+                                        below_bar=[c for c in codes if not explainer.knows(c)])
             except explainer_review.ReviewError as exc:
                 session.rollback()
-                message = str(exc) if not isinstance(exc, explainer_review.MissingReason) else (
-                    "say why the pictures are not fit to show: "
-                    + ", ".join(conditions.label(c, LANG) for c in exc.codes))
+                labels = ", ".join(conditions.label(c, LANG) for c in getattr(exc, "codes", []))
+                if isinstance(exc, explainer_review.MissingReason):
+                    message = f"Say why the pictures are not fit to show: {labels}."
+                elif isinstance(exc, explainer_review.BelowBar):
+                    bar = getattr(explainer, "min_recognition", None)
+                    message = (f"{labels}: the classifier recognised too few of these pictures (below the "
+                               f"{bar:.0%} bar), so patients never get them and they cannot be approved. "
+                               "Choose \"not fit\" or \"no decision\".")
+                else:
+                    message = str(exc)
                 return _explainer_page(request, session, current, http_status=400, message=message, form=data)
             session.commit()
         return RedirectResponse(_url(request, "explainer_page") + "?done=signed", 303)

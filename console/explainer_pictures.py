@@ -1,26 +1,32 @@
 """The explainer as the console shows it to the dermatologist who signs off its pictures.
 
 The web process loads the same explainer the workers serve (inference.engines.registry, same
-settings) and draws sample pictures with it exactly as patients would get them (serving settings,
-captions). Drawing is slow on a CPU, so each condition's pictures are drawn once per process, one
-condition at a time, and kept in memory (a few hundred KB; no patient data is involved).
+settings) for what a sign-off is bound to (weights, settings, conditions, measured recognition); it
+never draws. A gpu worker draws the sample pictures (inference.explainer_tasks) into the clinic
+database (clinic_db.explainer_review), and the page fills them in as they arrive.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from clinic_db import explainer_review
+from clinic_db.models import utcnow
 from skinbridge.settings import get_settings
 
-PICTURES_PER_CONDITION = 4
-REVIEW_SEED = 0  # fixed: every dermatologist of the clinic sees the same sample
+log = logging.getLogger(__name__)
+# no picture after this long: the page says a gpu worker may not be running
+NO_WORKER_HINT_AFTER = timedelta(seconds=60)
 
 _lock = threading.Lock()
 _explainers: dict[tuple[Any, ...], Any] = {}
-_pictures: dict[tuple[Any, ...], list[bytes]] = {}
 
 
 def current_explainer() -> Any | None:
@@ -36,21 +42,63 @@ def current_explainer() -> Any | None:
         return _explainers[key]
 
 
-def pictures(explainer: Any, code: str) -> list[bytes]:
-    """The sample pictures of one condition (PNG), drawn on first use; KeyError for a code it does not draw."""
-    if code not in explainer.review_subject.codes:
-        raise KeyError(code)
-    key = (subject_digest(explainer), code)
-    with _lock:  # one drawing at a time: the CPU is shared with the rest of the web app
-        if key not in _pictures:
-            _pictures[key] = explainer.render(code, PICTURES_PER_CONDITION, REVIEW_SEED, "en")
-        return _pictures[key]
-
-
 def subject_digest(explainer: Any) -> str:
-    """A short fingerprint of what a review would be bound to (weights and settings), carried by the
-    form so a sign-off is refused when the explainer changed between looking and signing; it also keys
-    the drawn pictures."""
-    subject = explainer.review_subject
-    return hashlib.sha256(json.dumps([subject.weights_sha256, subject.settings, list(subject.codes)],
-                                     sort_keys=True).encode()).hexdigest()[:32]
+    return explainer_review.subject_digest(explainer.review_subject)
+
+
+@dataclass
+class Drawing:
+    """How far the workers are with one digest's pictures, for the page and its progress poll."""
+
+    counts: dict[str, int]  # condition -> pictures drawn
+    total: int
+    problem: str | None
+
+    @property
+    def drawn(self) -> int:
+        return sum(min(n, explainer_review.REVIEW_PICTURES) for n in self.counts.values())
+
+    @property
+    def done(self) -> bool:
+        return self.drawn >= self.total
+
+    def as_json(self) -> dict[str, Any]:
+        return {"counts": self.counts, "drawn": self.drawn, "total": self.total, "done": self.done,
+                "problem": self.problem}
+
+
+def drawing(session: Session, explainer: Any) -> Drawing:
+    """The pictures drawn so far; asks a gpu worker for the rest when nobody has (or the request was lost).
+
+    Commits the session (the request is noted before the task is sent, so two pages do not both send it).
+    """
+    digest = subject_digest(explainer)
+    codes = explainer.review_subject.codes
+    counts = explainer_review.drawn_counts(session, digest)
+    state = explainer_review.drawing_state(session, digest)
+    result = Drawing(counts, explainer_review.REVIEW_PICTURES * len(codes), state.get("problem"))
+    if result.done:
+        return result
+    settings = get_settings()
+    try:  # a lost request (worker killed, broker flushed) is asked again after a task's time limit
+        asked = explainer_review.claim_drawing(session, digest, timedelta(seconds=settings.task_time_limit))
+        session.commit()
+    except IntegrityError:  # another page asked at the same moment
+        session.rollback()
+        asked = False
+    if asked:
+        from inference.explainer_tasks import request
+
+        try:
+            request(digest)
+        except Exception as exc:  # noqa: BLE001 - the page still answers; it says what is wrong
+            log.warning("could not ask a worker to draw review pictures %s: %s", digest, exc)
+            explainer_review.note_drawing_problem(session, digest, f"the task queue cannot be reached ({exc})")
+            session.commit()
+            result.problem = explainer_review.drawing_state(session, digest).get("problem")
+    elif result.drawn == 0 and result.problem is None:
+        requested = state.get("requested_at")
+        if requested and utcnow() - datetime.fromisoformat(requested) > NO_WORKER_HINT_AFTER:
+            result.problem = ("no picture drawn yet: is a worker serving the gpu queue running "
+                              "(skinbridge worker --queues gpu)?")
+    return result

@@ -68,7 +68,8 @@ def configure(app: Celery, settings: Settings) -> Celery:
 
 
 def make_celery(settings: Settings) -> Celery:
-    return configure(Celery("skinbridge", include=["inference.tasks", "fhir.tasks"]), settings)
+    tasks = ["inference.tasks", "inference.explainer_tasks", "fhir.tasks"]
+    return configure(Celery("skinbridge", include=tasks), settings)
 
 
 app = make_celery(get_settings())

@@ -146,10 +146,16 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
 
     import os
 
+    import logging
+
+    from skinbridge import logs
+
     settings = checked_settings()
     os.environ["SKINBRIDGE_WORKER_QUEUES"] = queues  # tells worker_process_init whether to load models
+    level = logs.for_worker()  # one line per case step; periodic tasks at DEBUG
     argv = [
-        "worker", "--loglevel=INFO", "--pool=prefork", "-Q", queues,
+        *(["--quiet"] if level > logging.DEBUG else []),  # no start-up banner; "ready" is still logged
+        "worker", f"--loglevel={logging.getLevelName(level)}", "--pool=prefork", "-Q", queues,
         f"--concurrency={concurrency or settings.worker_concurrency}", "-E",
         f"--hostname=skinbridge-{queues.replace(',', '-')}@%h",
     ]

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
 
     profile: Literal["embedded", "production"] = "embedded"
     debug: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = "INFO"
     var_dir: Path = Field(default_factory=default_var_dir)
 
     # --- storage -------------------------------------------------------------------------

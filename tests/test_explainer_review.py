@@ -3,6 +3,7 @@ bound to the explainer's weights and settings, and given in the console over rea
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
@@ -22,10 +23,12 @@ from clinic_db.models import AuditEvent, Clinician, ExplainerReview
 from console.app import build_router
 from inference.engines.base import read_ai_marker
 from inference.engines.clinical_review import ReviewSubject, generator_subject
-from skinbridge.settings import reset_settings_cache
+from inference.explainer_tasks import draw_review_pictures
+from skinbridge.celery_app import app as celery, configure
+from skinbridge.settings import get_settings, reset_settings_cache
 from tests.e2e_support import console_login, csrf_token
 from tests.support import serve_app
-from tests.tiny_models import build_tiny_generator
+from tests.tiny_models import build_tiny_classifier, build_tiny_generator
 
 CODES = ["melanoma", "nevus", "acne"]
 PASSWORD = "correct horse battery"
@@ -104,7 +107,9 @@ class Console:
 def console(clinic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Console]:  # type: ignore[no-untyped-def]
     generator = build_tiny_generator(tmp_path / "generator", CODES)
     monkeypatch.setenv("SKINBRIDGE_GENERATOR_PATH", str(generator))
+    monkeypatch.setenv("SKINBRIDGE_CLASSIFIER_PATH", str(build_tiny_classifier(tmp_path / "classifier", CODES)))
     reset_settings_cache()
+    configure(celery, get_settings())  # this test's var dir: the filesystem broker the page asks workers through
     _account(clinic, "ada")
     _account(clinic, "ops", role="admin")
     app = FastAPI()
@@ -119,13 +124,27 @@ def _decisions(page: str, **fields: str) -> dict[str, str]:
             **fields}
 
 
-def test_dermatologist_signs_off_pictures_in_the_console(console: Console, clinic) -> None:  # type: ignore[no-untyped-def]
+def _queued_draw_requests() -> list[str]:
+    """The digests the page asked gpu workers to draw (messages waiting in the filesystem broker)."""
+    out = get_settings().broker_folder / "out"
+    bodies = [json.loads(base64.b64decode(json.loads(f.read_text())["body"])) for f in sorted(out.glob("*.msg"))]
+    return [b[0][0] for b in bodies]
+
+
+def _draw_all(digest: str) -> list[str]:
+    """What gpu workers do with the request: one condition per task until none is left."""
+    drawn = []
+    while (code := draw_review_pictures.run(digest)) is not None:
+        drawn.append(code)
+    return drawn
+
+
+def test_dermatologist_signs_off_pictures_drawn_by_a_worker(console: Console, clinic) -> None:  # type: ignore[no-untyped-def]
     # as measured by evaluate-generator: acne just below the bar
     (console.generator / "metrics.json").write_text(json.dumps({"recognition": {
         "overall": 0.85, "per_class": {"melanoma": 0.9, "nevus": 0.85, "acne": 0.797}}}))
     anon = httpx.Client(base_url=console.base)
     assert anon.get("/console/explainer", follow_redirects=False).status_code == 303
-    assert anon.get("/console/explainer/pictures/melanoma/0", follow_redirects=False).status_code == 303
     assert console_login(console.base, "ops", PASSWORD).get("/console/explainer").status_code == 403
 
     ada = console_login(console.base, "ada", PASSWORD)
@@ -133,24 +152,48 @@ def test_dermatologist_signs_off_pictures_in_the_console(console: Console, clini
     assert page.status_code == 200
     assert "No sign-off covers these weights and settings yet: patients get no pictures." in page.text
     subject = generator_subject(console.generator)
+    digest = explainer_review.subject_digest(subject)
     assert subject.weights_sha256[:16] in page.text and "tiny-generator@test" in page.text
-    for code in CODES:  # every condition with its samples, drawn as patients would get them
-        assert page.text.count(f'src="/console/explainer/pictures/{code}/') == 4
+    # the page answered before anything was drawn: a slot per picture, and a worker was asked, once
+    assert "Drawing the sample pictures: <span id=\"drawn-count\">0</span> of 12" in page.text
+    for code in CODES:
+        assert page.text.count(f'data-src="/console/explainer/pictures/{digest}/{code}/') == 4
+    assert anon.get(f"/console/explainer/pictures/{digest}/melanoma/0", follow_redirects=False).status_code == 303
+    assert ada.get(f"/console/explainer/pictures/{digest}/melanoma/0").status_code == 404  # not drawn yet
+    assert ada.get("/console/explainer").status_code == 200
+    assert _queued_draw_requests() == [digest]  # a second load did not ask again
     # the measured recognition, precise enough not to read "80 %, below the 80 % bar"
     assert re.search(r"79\.7%<br><small>below the 80% bar: never sent", page.text)
     assert "90.0%" in page.text and page.text.count("below the 80% bar") == 1
-    picture = ada.get("/console/explainer/pictures/nevus/3")
+
+    # a worker draws one condition per task, in order; the progress poll and the page follow
+    assert draw_review_pictures.run(digest) == "melanoma"
+    progress = ada.get(f"/console/explainer/progress/{digest}").json()
+    assert progress == {"counts": {"melanoma": 4}, "drawn": 4, "total": 12, "done": False, "problem": None}
+    assert ada.get("/console/explainer").text.count(f'<img src="/console/explainer/pictures/{digest}/melanoma/') == 4
+    assert _draw_all(digest) == ["nevus", "acne"]
+    assert ada.get(f"/console/explainer/progress/{digest}").json()["done"] is True
+    assert ada.get("/console/explainer/progress/" + "0" * 32).status_code == 409
+    picture = ada.get(f"/console/explainer/pictures/{digest}/nevus/3")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
     assert read_ai_marker(picture.content)["caption"].startswith("AI-generated example of")
     assert Image.open(io.BytesIO(picture.content)).size[0] == 256
-    assert ada.get("/console/explainer/pictures/psoriasis/0").status_code == 404
-    assert ada.get("/console/explainer/pictures/nevus/4").status_code == 404
+    assert ada.get(f"/console/explainer/pictures/{digest}/psoriasis/0").status_code == 404
+    assert ada.get(f"/console/explainer/pictures/{digest}/nevus/4").status_code == 404
+    page = ada.get("/console/explainer")
+    assert "All 12 sample pictures are drawn." in page.text and "data-src=" not in page.text
 
     # a rejection needs a reason; nothing is recorded and the choices are kept
     r = ada.post("/console/explainer/review", data=_decisions(page.text, **{
         "decision-melanoma": "approve", "decision-acne": "reject", "reason-acne": " "}))
-    assert r.status_code == 400 and "say why the pictures are not fit to show: Acne" in r.text
+    assert r.status_code == 400 and "Say why the pictures are not fit to show: Acne." in r.text
     assert 'name="decision-melanoma" value="approve" checked' in r.text
+    # below the bar: cannot be approved, so "approved" never stands beside "never sent"
+    assert 'name="decision-acne" value="approve" disabled' in page.text
+    r = ada.post("/console/explainer/review", data=_decisions(page.text, **{
+        "decision-melanoma": "approve", "decision-acne": "approve"}))
+    assert r.status_code == 400 and "Acne: the classifier recognised too few of these pictures (below the 80% bar)" \
+        in r.text
     # no CSRF token: refused
     assert ada.post("/console/explainer/review", data={"decision-melanoma": "approve"}).status_code == 403
     with clinic.session() as s:
@@ -167,6 +210,34 @@ def test_dermatologist_signs_off_pictures_in_the_console(console: Console, clini
     after = ada.get("/console/explainer?done=signed").text
     assert "Sign-off recorded" in after and "In force: sign-off by Dr. Ada" in after
     assert 'data-state="approved">approved' in after and "rejected: looks like a burn" in after
+
+    # the form starts from the decisions in force: signing again, adding nevus, keeps melanoma and acne
+    assert 'name="decision-melanoma" value="approve" checked' in after
+    assert 'name="decision-acne" value="reject" checked' in after and 'value="looks like a burn"' in after
+    assert 'name="decision-nevus" value="" checked' in after
+    form = dict(re.findall(r'<input type="radio" name="(decision-[a-z_]+)" value="([a-z]*)" checked', after))
+    form |= dict(re.findall(r'name="(reason-[a-z_]+)" maxlength="500" value="([^"]*)"', after))
+    r = ada.post("/console/explainer/review", data=_decisions(after, **(form | {"decision-nevus": "approve"})))
+    assert r.status_code == 303
+    with clinic.session() as s:
+        assert explainer_review.approved_codes(s, subject) == {"melanoma", "nevus"}
+        assert explainer_review.in_force(s, subject).rejected == {"acne": "looks like a burn"}
+
+
+def test_a_worker_serving_another_generator_says_so_on_the_page(  # type: ignore[no-untyped-def]
+        console: Console, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ada = console_login(console.base, "ada", PASSWORD)
+    digest = explainer_review.subject_digest(generator_subject(console.generator))
+    assert ada.get("/console/explainer").status_code == 200
+    # the worker was deployed with other weights than the web app
+    monkeypatch.setenv("SKINBRIDGE_GENERATOR_PATH", str(build_tiny_generator(tmp_path / "other", CODES, seed=1)))
+    reset_settings_cache()
+    assert draw_review_pictures.run(digest) is None
+    monkeypatch.setenv("SKINBRIDGE_GENERATOR_PATH", str(console.generator))
+    reset_settings_cache()
+    problem = ada.get(f"/console/explainer/progress/{digest}").json()["problem"]
+    assert problem.startswith("the gpu worker serves tiny-generator@test with other weights or settings")
+    assert "SKINBRIDGE_GENERATOR_PATH" in ada.get("/console/explainer").text
 
 
 def test_a_sign_off_is_refused_when_the_generator_changed_since_the_page_was_read(  # type: ignore[no-untyped-def]

@@ -95,5 +95,8 @@ def run(host: str = "127.0.0.1", port: int = 8081) -> None:
 
     from bot.emulator.cli import is_loopback
 
+    from skinbridge import logs
+
     hosts = LOOPBACK_HOSTS if is_loopback(host) else ["*"]
-    uvicorn.run(create_app(allowed_hosts=hosts), host=host, port=port, log_level="info")
+    logs.setup()  # the bot polls this server all the time: its requests are logged at DEBUG only
+    uvicorn.run(create_app(allowed_hosts=hosts), host=host, port=port, log_config=None, log_level=None)

@@ -25,8 +25,5 @@ def sandbox_command(host: str, port: int) -> None:
 
     if not is_loopback(host):
         click.echo(f"warning: the emulator has no authentication; {host} exposes it beyond this machine", err=True)
-    token_hint = "123456:sandbox"
-    click.echo(f"sandbox page: http://{host}:{port}/")
-    click.echo(f"point the bot at it: Bot('{token_hint}', base_url='http://{host}:{port}/bot', "
-               f"base_file_url='http://{host}:{port}/file/bot')")
+    click.echo(f"sandbox page: http://{host}:{port}/")  # how to point a bot at it: docs/emulator.md
     run(host=host, port=port)

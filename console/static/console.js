@@ -31,3 +31,42 @@ document.addEventListener("DOMContentLoaded", () => {
     }, 200);
   });
 });
+
+// Explanation pictures: a worker draws them; fill each slot in as its picture arrives (no reload, so the
+// dermatologist's choices in the form stay as they are).
+document.addEventListener("DOMContentLoaded", () => {
+  const status = document.getElementById("drawing");
+  if (!status || status.classList.contains("done")) return;
+  const problem = document.getElementById("drawing-problem");
+  const text = document.getElementById("drawing-text");
+  const poll = async () => {
+    let progress = null;
+    try {
+      const response = await fetch(status.dataset.progressUrl,
+                                   { credentials: "same-origin", headers: { Accept: "application/json" } });
+      progress = await response.json();
+    } catch (err) {
+      setTimeout(poll, 5000);  // the web app restarting: try again
+      return;
+    }
+    if (progress.problem) { problem.textContent = progress.problem; problem.hidden = false; }
+    else { problem.hidden = true; }
+    if (!progress.counts) return;  // the generator changed: the message says to reload
+    document.querySelectorAll("td.samples span.slot").forEach((slot) => {
+      if ((progress.counts[slot.dataset.code] || 0) <= Number(slot.dataset.index)) return;
+      const img = new Image(128, 128);
+      img.alt = slot.dataset.alt;
+      img.src = slot.dataset.src;
+      slot.replaceWith(img);
+    });
+    if (progress.done) {
+      status.classList.replace("pending", "done");
+      text.textContent = `All ${progress.total} sample pictures are drawn.`;
+      return;
+    }
+    const count = document.getElementById("drawn-count");
+    if (count) count.textContent = String(progress.drawn);
+    setTimeout(poll, 1500);
+  };
+  setTimeout(poll, 1000);
+});
