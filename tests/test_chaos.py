@@ -16,6 +16,7 @@ import contextlib
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from clinic_db.models import Case, OutboxMessage
+from clinic_db import patients
+from clinic_db.models import Case, OutboxMessage, Patient
 from clinic_db.states import CaseStatus
 from tests.e2e_support import HISTORY, REPO, BotProcess, Chat, System, answer_history, consent, running_system, \
     tiny_model_env
@@ -138,6 +140,27 @@ def embedded(clinic, tmp_path: Path) -> Iterator[System]:  # type: ignore[no-unt
 
 def test_embedded_bot_and_worker_killed_mid_load(clinic, embedded: System) -> None:  # type: ignore[no-untyped-def]
     _run(clinic, embedded, 5100, "embedded-kill", _kill_bot_and_worker(embedded))
+
+
+def test_embedded_key_rotation_with_retire_under_load(clinic, embedded: System) -> None:  # type: ignore[no-untyped-def]
+    """`keys rotate --retire` while patients register (new data keys) and the worker reads their photos:
+    every process takes up the new key, the old one is deleted, and no patient's data becomes unreadable."""
+    old_kid = clinic.vault.keyring.active_kid
+    rotation: list[subprocess.CompletedProcess] = []
+
+    def chaos() -> Callable[[], None]:
+        rotation.append(subprocess.run([sys.executable, "-m", "skinbridge", "keys", "rotate", "--retire"],
+                                       env=embedded.bot.env, cwd=REPO, capture_output=True, text=True, timeout=180))
+        return lambda: None
+
+    _run(clinic, embedded, 5400, "embedded-rotate-retire", chaos)
+    assert rotation[0].returncode == 0, rotation[0].stdout + rotation[0].stderr
+    assert old_kid in rotation[0].stdout  # named as retired
+    clinic.vault.keyring.reload()
+    assert old_kid not in clinic.vault.keyring.masters
+    with clinic.session() as session:  # every patient's wrapped data key opens under the remaining key
+        for patient in session.scalars(select(Patient)):
+            assert patients.telegram_id(clinic, session, patient) >= 5400
 
 
 # --- the production shape ---------------------------------------------------------------------------
