@@ -139,10 +139,11 @@ def _urgency_keyboard(task_id: uuid.UUID) -> InlineKeyboardMarkup:
                                  [InlineKeyboardButton("Cancel", callback_data=f"cr:cancel:{t}")]])
 
 
-def _recommendation_keyboard(task_id: uuid.UUID) -> InlineKeyboardMarkup:
+def _recommendation_keyboard(task_id: uuid.UUID, urgency: str) -> InlineKeyboardMarkup:
     t = task_id.hex
+    # only what fits the urgency: the patient reads one action with one timeframe (review.recommendation_fits)
     rows = [[InlineKeyboardButton(tr.RECOMMENDATION_LABELS[value], callback_data=f"cr:rec:{t}:{short}")]
-            for short, value in RECOMMENDATIONS.items()]
+            for short, value in RECOMMENDATIONS.items() if review.recommendation_fits(urgency, value)]
     rows.append([InlineKeyboardButton("Cancel", callback_data=f"cr:cancel:{t}")])
     return InlineKeyboardMarkup(rows)
 
@@ -323,7 +324,7 @@ async def _dispatch(c: Clinic, session: Session, clinician: Clinician, task: Rev
     elif action == "urg" and arg in URGENCIES and draft.get("condition"):
         draft["urgency"] = arg
         user_data[DRAFT] = draft
-        await _reply(update, "Recommendation for the patient?", _recommendation_keyboard(task.id))
+        await _reply(update, "Recommendation for the patient?", _recommendation_keyboard(task.id, arg))
     elif action == "rec" and arg in RECOMMENDATIONS and draft.get("condition") and draft.get("urgency"):
         draft["recommendation"] = RECOMMENDATIONS[arg]
         user_data[DRAFT] = draft
@@ -417,7 +418,7 @@ async def _start_decision(c: Clinic, session: Session, task: ReviewTask, decisio
     user_data[DRAFT] = draft
     if decision == "accept":
         await _reply(update, f"Accept: {tr.condition_label(draft['condition'])}, urgency {draft['urgency']}. "
-                             "Recommendation for the patient?", _recommendation_keyboard(task.id))
+                             "Recommendation for the patient?", _recommendation_keyboard(task.id, draft["urgency"]))
         return
     labels = [(code, f"{tr.condition_label(code)} ({p:.0%})")
               for code, _, p in tr.latest_differential(c, session, task.case)[: tr.TOP_CONDITIONS]]

@@ -154,32 +154,27 @@ async def cmd_help(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await update.effective_message.reply_text(t(me.lang, "help.text"))  # type: ignore[union-attr]
 
 
-async def _need_consent(update: Update, me: Who) -> bool:
+async def _need_consent(update: Update, me: Who, key: str = "consent.needed") -> bool:
+    """Without consent nothing is kept; ``key`` says so in words that fit what the person sent."""
     if me.consented:
         return False
-    await update.effective_message.reply_text(t(me.lang, "consent.needed"))  # type: ignore[union-attr]
+    await update.effective_message.reply_text(t(me.lang, key))  # type: ignore[union-attr]
     return True
 
 
 # --- cases and photos -----------------------------------------------------------------------------
-def _open_case(me: Who, user_data: dict) -> uuid.UUID:
-    c = clinic()
-    assert me.patient is not None
-    with c.session() as session:
-        patient = session.merge(me.patient)
-        case = cases.open_case(c, session, patient)
-        session.commit()
-        case_id = case.id
+def _start_case(user_data: dict) -> None:
+    """Collect photos for a new case. The case row is opened with its first stored photo
+    (bot.photos.take_photo), so a refused upload never leaves an empty case."""
     user_data.clear()
-    user_data.update({"step": "photos", "case_id": str(case_id)})
-    return case_id
+    user_data.update({"step": "photos"})
 
 
 async def cmd_new(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     me = _who(update)
     if await _need_consent(update, me):
         return
-    _open_case(me, context.user_data)  # type: ignore[arg-type]
+    _start_case(context.user_data)  # type: ignore[arg-type]
     await update.effective_message.reply_text(t(me.lang, "case.opened"))  # type: ignore[union-attr]
 
 
@@ -208,50 +203,40 @@ async def on_photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     user_data: dict = context.user_data  # type: ignore[assignment]
     info_case = None
     case_id = _current_case_for_photos(me, user_data)
-    if case_id is None:
+    if case_id is None and user_data.get("step") != "photos":  # /new was not sent: maybe an answer
         info_case = _info_case(me)  # a dermatologist asked for more: the photo belongs to that case
-        case_id = info_case or _open_case(me, user_data)
+        case_id = info_case
     await context.bot.send_chat_action(message.chat_id, ChatAction.TYPING)
-    intake = await take_photo(context, clinic(), message, case_id)
+    intake = await take_photo(context, clinic(), message, case_id, me.patient.id)  # type: ignore[union-attr]
     if not intake.stored:
         await message.reply_text(_rejection_text(me.lang, intake))
         return
     if info_case is not None:
         await _answer_info_request(update, me, text=message.caption or "[photo]")
         return
+    case_id = intake.case_id or case_id
+    if user_data.get("case_id") != str(case_id):  # this photo opened the case
+        user_data.clear()
+        user_data.update({"step": "photos", "case_id": str(case_id)})
+    if message.caption and intake.image_id is not None:  # words sent with a photo belong to the case too
+        _add_note(me, case_id, message.caption)  # type: ignore[arg-type]
     if message.media_group_id:
-        _album_ack(context, message, me.lang, case_id)
+        _album_ack(context, message, me.lang, case_id)  # type: ignore[arg-type]
         return
-    count = photo_count(clinic(), case_id)
-    await message.reply_text(t(me.lang, "photo.saved", count=count), reply_markup=_continue_keyboard(me.lang))
+    count = photo_count(clinic(), case_id)  # type: ignore[arg-type]
+    lines = [t(me.lang, "photo.saved", count=count)]
+    if intake.advisories:  # stored all the same: a small photo is advice to retake, not a refusal
+        lines.insert(0, t(me.lang, "photo.small_tip"))
+    await message.reply_text("\n".join(lines), reply_markup=_continue_keyboard(me.lang))
 
 
 def _rejection_text(lang: str, intake: Intake) -> str:
+    """Why the file was not saved, in the photo gate's own words (inference.quality.tip)."""
+    from inference import quality
+
     if intake.rejected_code:
-        key = f"photo.rejected.{intake.rejected_code}"
-        return t(lang, key if _has(key) else "photo.rejected.unknown")
-    tips = [_tip(code, lang) for code in intake.problems]
-    return "\n".join([t(lang, "photo.not_saved"), *tips])
-
-
-def _has(key: str) -> bool:
-    from bot.i18n import has
-
-    return has(key)
-
-
-def _tip(code: str, lang: str) -> str:
-    """A concrete tip per problem code: the photo gate's own text, else ours."""
-    try:
-        from inference import quality
-
-        text = quality.tip(code, lang)
-        if text:
-            return text
-    except Exception:  # noqa: BLE001 - a missing tip must not hide the problem from the patient
-        log.debug("no tip from inference.quality for %s", code)
-    key = f"photo.problem.{code}"
-    return t(lang, key) if _has(key) else code
+        return quality.tip(intake.rejected_code, lang)
+    return "\n".join([t(lang, "photo.not_saved"), *(quality.tip(code, lang) for code in intake.problems)])
 
 
 # One acknowledgement per album: each photo is stored as it arrives; the answer waits for the last.
@@ -367,7 +352,7 @@ async def on_case_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
         return
     if parts[1] == "new":
         await query.answer()
-        _open_case(me, user_data)
+        _start_case(user_data)
         await query.message.reply_text(t(me.lang, "case.opened"))  # type: ignore[union-attr]
         return
     with clinic().session() as session:
@@ -389,34 +374,88 @@ async def on_case_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
         await query.answer()
 
 
+MAX_PATIENT_TEXT = 4096  # Telegram's own limit for one message: anything the Bot API delivers is kept whole
+
+
+def _add_note(me: Who, case_id: uuid.UUID | str, text: str, *, question: bool = False) -> uuid.UUID:
+    """Keep the patient's words on the case (encrypted, audited): the dermatologist reads them in
+    the case's conversation. A ``question`` is one for the follow-up path (no "note" flag)."""
+    c = clinic()
+    assert me.patient is not None
+    with c.session() as session:
+        row = CaseMessage(case_id=uuid.UUID(str(case_id)), patient_id=me.patient.id, role="patient",
+                          flags=[] if question else ["note"])
+        row.ensure_id()
+        c.vault.set_text(session, row, "text", text, owner=me.patient.id)
+        session.add(row)
+        audit.record(session, Actor("patient", str(me.patient.id)), "case_message.create", "CaseMessage", row.id,
+                     case=str(case_id), reason="followup" if question else "note")
+        session.commit()
+        return row.id
+
+
+async def _ask_followup(message: Message, me: Who, user_data: dict, case_id: str, text: str) -> None:
+    """A question about a case that has a result: the follow-up path answers it."""
+    message_id = _add_note(me, case_id, text, question=True)
+    user_data.update({"step": "submitted", "case_id": case_id})
+    await message.reply_text(t(me.lang, "followup.received"))
+    from inference import pipeline
+
+    await asyncio.to_thread(pipeline.submit_followup, case_id, str(message_id))
+
+
+def _case_for_text(me: Who, user_data: dict) -> Case | None:
+    """The case free text belongs to: the one this chat is about, else the patient's newest."""
+    with clinic().session() as session:
+        for key in ("followup_case", "case_id"):
+            case = own_case(session, me.patient, user_data.get(key))  # type: ignore[arg-type]
+            if case is not None:
+                return case
+        return session.scalar(select(Case).where(Case.patient_id == me.patient.id)  # type: ignore[union-attr]
+                              .order_by(Case.created_at.desc()).limit(1))
+
+
 async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Free text is part of the case: a note while collecting photos and answers, a message to the
+    dermatologist while the case waits for review, a question once it has a result. Only without
+    any case does the bot suggest /new."""
     message = update.effective_message
     assert message is not None and message.text is not None
     me = _who(update)
-    user_data: dict = context.user_data  # type: ignore[assignment]
-    if me.consented and await _answer_info_request(update, me, text=message.text):
+    if await _need_consent(update, me, "consent.needed_text"):
         return
-    if me.consented and user_data.get("step") == "followup":
-        c = clinic()
-        with c.session() as session:
-            case = own_case(session, me.patient, user_data.get("followup_case"))  # type: ignore[arg-type]
-            if case is not None:
-                row = CaseMessage(case_id=case.id, patient_id=case.patient_id, role="patient", flags=[])
-                row.ensure_id()
-                c.vault.set_text(session, row, "text", message.text[:4000], owner=case.patient_id)
-                session.add(row)
-                audit.record(session, Actor("patient", str(case.patient_id)), "case_message.create",
-                             "CaseMessage", row.id, case=str(case.id))
-                session.commit()
-                case_id, message_id = str(case.id), str(row.id)
-        if case is not None:
-            user_data["step"] = "submitted"
-            await message.reply_text(t(me.lang, "followup.received"))
-            from inference import pipeline
+    user_data: dict = context.user_data  # type: ignore[assignment]
+    text = message.text
+    if len(text) > MAX_PATIENT_TEXT:
+        await message.reply_text(t(me.lang, "note.too_long", limit=MAX_PATIENT_TEXT))
+        return
+    if await _answer_info_request(update, me, text=text):
+        return
+    step = user_data.get("step")
+    if step == "photos" and not user_data.get("case_id"):  # /new, no photo yet: nothing to attach to
+        await message.reply_text(t(me.lang, "photo.need_one"))
+        return
+    case = _case_for_text(me, user_data)
+    status = None if case is None else case.status
+    if case is None or status in (CaseStatus.failed.value, CaseStatus.withdrawn.value):
+        await message.reply_text(t(me.lang, "fallback.text"))
+        return
+    case_id = str(case.id)
+    if (step == "followup" and user_data.get("followup_case") == case_id) or status in SIGNED_OR_PRELIMINARY:
+        await _ask_followup(message, me, user_data, case_id, text)
+        return
+    _add_note(me, case_id, text)
+    if status == CaseStatus.received.value:
+        key = "note.saved_history" if step == "history" else "note.saved_photos"
+        markup = _continue_keyboard(me.lang) if key == "note.saved_photos" and photo_count(clinic(), case.id) else None
+        await message.reply_text(t(me.lang, key), reply_markup=markup)
+    elif status == CaseStatus.in_review.value:
+        await message.reply_text(t(me.lang, "note.to_dermatologist"))
+    else:  # queued / analysing: the result follows; the note is there for a dermatologist
+        await message.reply_text(t(me.lang, "note.saved_waiting"))
 
-            await asyncio.to_thread(pipeline.submit_followup, case_id, message_id)
-            return
-    await message.reply_text(t(me.lang, "fallback.text" if me.consented else "consent.needed"))
+
+SIGNED_OR_PRELIMINARY = (CaseStatus.preliminary.value, CaseStatus.final.value, CaseStatus.amended.value)
 
 
 # --- answers to a dermatologist's "request_info" -----------------------------------------------------
@@ -443,7 +482,7 @@ async def _answer_info_request(update: Update, me: Who, *, text: str) -> bool:
             return False
         row = CaseMessage(case_id=task.case_id, patient_id=me.patient.id, role="patient", flags=["info_reply"])  # type: ignore[union-attr]
         row.ensure_id()
-        c.vault.set_text(session, row, "text", text[:4000], owner=me.patient.id)  # type: ignore[union-attr]
+        c.vault.set_text(session, row, "text", text, owner=me.patient.id)  # type: ignore[union-attr]
         session.add(row)
         review.patient_replied(session, task.case_id)  # back to the dermatologist who asked
         audit.record(session, Actor("patient", str(me.patient.id)), "case_message.create", "CaseMessage", row.id,  # type: ignore[union-attr]
@@ -456,7 +495,7 @@ async def _answer_info_request(update: Update, me: Who, *, text: str) -> bool:
 # --- /history and /delete -------------------------------------------------------------------------
 async def cmd_history(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     me = _who(update)
-    if await _need_consent(update, me):
+    if await _need_consent(update, me, "history.no_consent"):
         return
     with clinic().session() as session:
         patient = session.merge(me.patient)

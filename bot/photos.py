@@ -2,7 +2,8 @@
 
 A photo is stored (and committed) before the patient is told it was received, so a crash after
 the acknowledgement can never lose it. ``source_ref`` (Telegram file_unique_id + case) makes a
-re-delivered update store nothing twice.
+re-delivered update store nothing twice. A photo that starts a case opens it in the same
+transaction that stores it: a refused upload leaves no empty case behind.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from telegram.ext import ContextTypes
 
 from clinic_db import cases
 from clinic_db.db import Clinic
-from clinic_db.models import Case, Image
+from clinic_db.models import Case, Image, Patient
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Intake:
     rejected_code: str | None = None  # PhotoRejected.code when the file is not a usable image
     problems: list[str] = field(default_factory=list)  # quality problem codes (blurry, too_dark, ...)
     image_id: uuid.UUID | None = None
+    case_id: uuid.UUID | None = None  # the case the photo is stored in (new when it opened one)
+    advisories: list[str] = field(default_factory=list)  # stored, with advice to retake (too_small)
 
 
 def upload_of(message: Message) -> tuple[str, str, int | None, str | None] | None:
@@ -58,8 +61,10 @@ class _TooLarge(Exception):
     pass
 
 
-def _store(clinic: Clinic, case_id: uuid.UUID, raw: bytes, filename: str | None, source_ref: str) -> Intake:
-    """Runs in a worker thread: decoding and re-encoding a photo is CPU work."""
+def _store(clinic: Clinic, case_id: uuid.UUID | None, patient_id: uuid.UUID | None, raw: bytes,
+           filename: str | None, unique_id: str) -> Intake:
+    """Runs in a worker thread: decoding and re-encoding a photo is CPU work. ``case_id`` None opens
+    a new case of ``patient_id`` together with the photo."""
     from inference import quality
 
     try:
@@ -72,25 +77,33 @@ def _store(clinic: Clinic, case_id: uuid.UUID, raw: bytes, filename: str | None,
     if clean.quality is None:
         clean = cases.CleanImage(clean.data, clean.mime, clean.width, clean.height, dict(report.metrics))
     with clinic.session() as session:
-        case = session.get(Case, case_id)
-        if case is None:
-            raise LookupError("case vanished while a photo was being stored")
-        image = cases.add_image(clinic, session, case, clean, source_ref=source_ref)
+        if case_id is None:
+            patient = session.get(Patient, patient_id)
+            if patient is None:
+                raise LookupError("patient vanished while a photo was being stored")
+            case = cases.open_case(clinic, session, patient)
+        else:
+            case = session.get(Case, case_id)
+            if case is None:
+                raise LookupError("case vanished while a photo was being stored")
+        image = cases.add_image(clinic, session, case, clean, source_ref=f"{unique_id}:{case.id}")
         session.commit()
-        return Intake(stored=True, image_id=image.id)
+        return Intake(stored=True, image_id=image.id, case_id=case.id, advisories=report.advisories)
 
 
 async def take_photo(
-    context: ContextTypes.DEFAULT_TYPE, clinic: Clinic, message: Message, case_id: uuid.UUID
+    context: ContextTypes.DEFAULT_TYPE, clinic: Clinic, message: Message, case_id: uuid.UUID | None,
+    patient_id: uuid.UUID | None = None,
 ) -> Intake:
+    """Store the message's photo in ``case_id``, or in a new case of ``patient_id`` when None."""
     upload = upload_of(message)
     if upload is None:
         return Intake(stored=False, rejected_code="not_an_image")
     file_id, unique_id, size, filename = upload
-    source_ref = f"{unique_id}:{case_id}"
-    with clinic.session() as session:  # a re-delivered update: already stored, just acknowledge again
-        if session.query(Image.id).filter(Image.source_ref == source_ref).first() is not None:
-            return Intake(stored=True)
+    if case_id is not None:
+        with clinic.session() as session:  # a re-delivered update: already stored, just acknowledge again
+            if session.query(Image.id).filter(Image.source_ref == f"{unique_id}:{case_id}").first() is not None:
+                return Intake(stored=True, case_id=case_id)
     if size is not None and size > MAX_UPLOAD_BYTES:
         return Intake(stored=False, rejected_code="too_large")
     try:
@@ -101,7 +114,7 @@ async def take_photo(
         log.info("download refused: %s", exc.message)
         code = "too_large" if "too big" in exc.message.lower() else "corrupt"
         return Intake(stored=False, rejected_code=code)
-    return await asyncio.to_thread(_store, clinic, case_id, raw, filename, source_ref)
+    return await asyncio.to_thread(_store, clinic, case_id, patient_id, raw, filename, unique_id)
 
 
 def photo_count(clinic: Clinic, case_id: uuid.UUID) -> int:

@@ -1,4 +1,11 @@
-"""Turn outbox messages into patient-facing text, in the patient's language.
+"""The clinical message model: what a patient reads about a case, in the patient's language.
+
+One urgency, one action with one timeframe, and advice about the condition that drives them, from
+one place: the triage result (preliminary) or the dermatologist's decision (signed). Timeframes come
+from the ``sla.*`` texts of :data:`clinic_db.review.URGENCY_SLA`'s levels, so "see a doctor within
+24 hours" and "a dermatologist will review your case within 24 hours" cannot disagree; a
+recommendation may only go with the urgency whose timeframe it matches
+(:func:`clinic_db.review.recommendation_fits`). The patient never reads a code.
 
 The AI result is always framed as preliminary: the disclaimer is part of every result and
 follow-up answer, never optional.
@@ -6,9 +13,11 @@ follow-up answer, never optional.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from bot.i18n import t
+from clinic_db import review
 
 # probability -> words; thresholds chosen so "very likely" needs a clearly dominant class
 LIKELIHOOD_WORDS: list[tuple[float, str]] = [
@@ -20,6 +29,7 @@ LIKELIHOOD_WORDS: list[tuple[float, str]] = [
 ]
 MAX_ALTERNATIVES = 2
 MIN_ALTERNATIVE_P = 0.05
+URGENCIES = tuple(review.URGENCY_PRIORITY)
 
 
 def likelihood(lang: str, probability: float) -> str:
@@ -46,19 +56,71 @@ def condition(code: str | None) -> Any | None:
 
 def condition_name(lang: str, code: str | None) -> str:
     found = condition(code)
-    if found is None:
-        return t(lang, "result.unknown_condition") if not code else code.replace("_", " ")
-    return found.name(lang)
+    # an unknown code is never shown as such: the patient reads "an unclear skin finding"
+    return t(lang, "result.unknown_condition") if found is None else found.name(lang)
 
 
-def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, in_review: bool = False) -> str:
-    """The preliminary assessment in plain words: most likely, alternatives, urgency, advice, disclaimer;
-    ``in_review`` when triage already sent the case to the dermatologist queue."""
+def _urgency(urgency: str | None) -> str:
+    return urgency if urgency in URGENCIES else "soon"  # unknown: err on the side of a doctor soon
+
+
+def timeframe(lang: str, urgency: str) -> str:
+    """The one duration an urgency stands for ("24 hours", "3 days"): review SLA and advice alike."""
+    return t(lang, f"sla.{_urgency(urgency)}")
+
+
+def action_text(lang: str, urgency: str | None, recommendation: str | None = None) -> str:
+    """The single sentence saying what to do and by when.
+
+    Without a recommendation (the AI's preliminary result) the urgency decides; with one (a
+    dermatologist's decision) the recommendation says what, the urgency when. A stored pair that
+    does not fit (signed before the check existed) falls back to the urgency, the safety-relevant half.
+    """
+    urgency = _urgency(urgency)
+    if recommendation is None or not review.recommendation_fits(urgency, recommendation):
+        if urgency in ("urgent", "soon"):
+            return t(lang, f"urgency.{urgency}", when=timeframe(lang, urgency))
+        return t(lang, f"urgency.{urgency}")
+    if recommendation == "self_care":
+        return t(lang, "plan.self_care")
+    if recommendation == "see_gp":
+        return t(lang, "plan.see_gp.routine") if urgency == "routine" else \
+            t(lang, "plan.see_gp", when=timeframe(lang, urgency))
+    if recommendation == "urgent_in_person":
+        return t(lang, "urgency.emergency") if urgency == "emergency" else \
+            t(lang, "plan.in_person", when=timeframe(lang, urgency))
+    days = review.within_days(recommendation)
+    assert days is not None  # recommendation_fits accepted it
+    when = timeframe(lang, "urgent") if days == 1 else t(lang, "sla.days", days=days)
+    return t(lang, "plan.dermatologist", when=when)
+
+
+def _advice_fits(code: str | None, urgency: str) -> bool:
+    """A condition's self-care advice fits an urgency no higher than the condition's own (advice for a
+    harmless mole beside "see a doctor within 24 hours" would play the urgency down)."""
+    found = condition(code)
+    return found is not None and (urgency == "routine" or
+                                  review.URGENCY_PRIORITY[found.default_urgency] <= review.URGENCY_PRIORITY[urgency])
+
+
+def _advice(lang: str, code: str | None) -> str | None:
+    found = condition(code)
+    return (found.advice(lang) or None) if found is not None else None
+
+
+def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, in_review: bool = False,
+                flags: Iterable[str] = ()) -> str:
+    """The preliminary assessment in plain words: most likely, alternatives, what to do and why,
+    advice about the condition behind the urgency, disclaimer; ``in_review`` when triage already
+    sent the case to the dermatologist queue."""
+    from inference.triage import driving_condition
+
     lines = [t(lang, "result.title").upper(), ""]
-    ranked = sorted(differential, key=lambda d: d["probability"], reverse=True)
+    ranked = sorted(differential, key=lambda d: float(d["probability"]), reverse=True)
     if not ranked:
         lines += [t(lang, "result.none"), "", "⚠ " + t(lang, "result.disclaimer")]
         return "\n".join(lines)
+    urgency = _urgency(urgency)
     top = ranked[0]
     lines.append(t(lang, "result.top", name=condition_name(lang, top["code"]),
                    likelihood=likelihood(lang, float(top["probability"]))))
@@ -72,11 +134,41 @@ def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, 
     lines.append("")
     if in_review:
         lines.append(t(lang, "result.in_review"))
-    lines.append(t(lang, f"urgency.{urgency}" if urgency in ("emergency", "urgent", "soon", "routine") else "urgency.soon"))
-    found = condition(top["code"])
-    if found is not None:
-        advice = found.advice(lang)
-        if advice:
-            lines.append(t(lang, "result.advice", advice=advice))
+    lines.append(action_text(lang, urgency))
+    # advice about the condition that set the urgency: a suspected cancer's, not the harmless top guess's
+    driver = driving_condition(ranked, urgency, flags)
+    advice_code: str | None = top["code"]
+    if driver is not None and driver != top["code"]:
+        lines.append(t(lang, "result.reason", name=condition_name(lang, driver)))
+        advice_code = driver
+    elif driver is None and not _advice_fits(top["code"], urgency):
+        # raised by a red flag, low confidence, ...: the top guess's self-care advice would play it down
+        lines.append(t(lang, "result.reason_other"))
+        advice_code = None
+    advice = _advice(lang, advice_code)
+    if advice and advice_code != top["code"]:  # only a candidate: its advice applies if it is that
+        lines.append(t(lang, "result.advice_if", name=condition_name(lang, advice_code), advice=advice))
+    elif advice:
+        lines.append(t(lang, "result.advice", advice=advice))
     lines += ["", "⚠ " + t(lang, "result.disclaimer")]
     return "\n".join(lines)
+
+
+def final_text(lang: str, *, condition_code: str | None, urgency: str | None, recommendation: str | None,
+               note: str | None) -> str:
+    """The dermatologist's signed decision: assessment, one action, advice about it, the note."""
+    lines = [t(lang, "final.title")]
+    if condition_code:
+        lines.append(t(lang, "final.condition", name=condition_name(lang, condition_code)))
+    lines.append(action_text(lang, urgency, recommendation))
+    advice = _advice(lang, condition_code) if _advice_fits(condition_code, _urgency(urgency)) else None
+    if advice:
+        lines.append(t(lang, "final.advice", name=condition_name(lang, condition_code), advice=advice))
+    if note:
+        lines.append(t(lang, "final.note", note=note))
+    return "\n\n".join(lines)
+
+
+def review_requested_text(lang: str, urgency: str | None) -> str:
+    """Sent when a review task opens: the review task's urgency (a red flag may have raised it)."""
+    return t(lang, "review.requested", sla=timeframe(lang, _urgency(urgency)))

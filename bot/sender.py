@@ -14,13 +14,14 @@ import logging
 import uuid
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from telegram import Bot, InputMediaPhoto
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bot.handlers import NS_PROGRESS, result_buttons
 from bot.i18n import pick_language, t
-from bot.render import condition_name, result_text
+from bot.render import condition_name, final_text, result_text, review_requested_text
 from clinic_db import audit, cases, outbox, patients
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
@@ -107,12 +108,16 @@ class OutboxSender:
             await self.bot.send_message(chat_id, t(lang, "followup.answer", text=text),
                                         reply_markup=result_buttons(lang, payload["case_id"]))
         elif kind == "review_requested":
-            urgency = case.urgency if case is not None else "routine"
-            await self.bot.send_message(chat_id, t(lang, "review.requested", sla=t(lang, f"sla.{urgency}")))
+            # the task's urgency, not the case's: a red-flag follow-up raises the task above the case
+            task = None if case is None else session.scalar(
+                select(ReviewTask).where(ReviewTask.case_id == case.id, ReviewTask.status != "decided")
+                .order_by(ReviewTask.created_at.desc()).limit(1))
+            urgency = task.urgency if task is not None else case.urgency if case is not None else None
+            await self.bot.send_message(chat_id, review_requested_text(lang, urgency))
         elif kind in ("final", "request_info"):
             await self._clinician(session, chat_id, lang, kind, payload, patient)
-        elif kind == "failed":
-            await self.bot.send_message(chat_id, t(lang, "failed.text", reason=payload.get("reason", "")))
+        elif kind == "failed":  # the reason code is for operators (logs, console), never for the patient
+            await self.bot.send_message(chat_id, t(lang, "failed.text"))
         else:
             raise ValueError(f"unknown outbox kind {kind}")
 
@@ -152,7 +157,8 @@ class OutboxSender:
             await self.bot.send_media_group(chat_id, media[:10])
         in_review = case.status == CaseStatus.in_review.value
         await self.bot.send_message(chat_id, result_text(lang, differential, case.urgency or "routine",
-                                                         in_review=in_review),
+                                                         in_review=in_review,
+                                                         flags=(chosen.flags or []) if chosen is not None else []),
                                     reply_markup=result_buttons(lang, case.id))
 
     async def _clinician(self, session: Session, chat_id: int, lang: str, kind: str, payload: dict[str, Any],
@@ -165,13 +171,6 @@ class OutboxSender:
         if kind == "request_info":
             await self.bot.send_message(chat_id, t(lang, "request_info.text", note=note or ""))
             return
-        lines = [t(lang, "final.title")]
-        if task.decision_condition_code:
-            lines.append(t(lang, "final.condition", name=condition_name(lang, task.decision_condition_code)))
-        if task.decision_urgency:
-            lines.append(t(lang, f"urgency.{task.decision_urgency}"))
-        if task.recommendation:
-            lines.append(t(lang, "final.recommendation", recommendation=task.recommendation))
-        if note:
-            lines.append(t(lang, "final.note", note=note))
-        await self.bot.send_message(chat_id, "\n\n".join(lines))
+        await self.bot.send_message(chat_id, final_text(
+            lang, condition_code=task.decision_condition_code, urgency=task.decision_urgency,
+            recommendation=task.recommendation, note=note))

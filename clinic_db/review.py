@@ -128,13 +128,45 @@ class DecisionError(ValueError):
         self.code = code
 
 
-def valid_recommendation(value: str | None) -> bool:
-    if value in SIMPLE_RECOMMENDATIONS:
-        return True
+# The patient reads one action with one timeframe (bot.render.action_text), so a recommendation may
+# only go with the urgencies whose timeframe it does not contradict: "see a dermatologist within 7
+# days" cannot be urgent (24 hours), self-care cannot be anything but routine.
+RECOMMENDATION_URGENCIES = {
+    "self_care": ("routine",),
+    "see_gp": ("urgent", "soon", "routine"),
+    "urgent_in_person": ("emergency", "urgent"),
+}
+# dermatologist_within_days:N fits the urgency whose timeframe N days lies in (24 h, 3 days, longer)
+WITHIN_DAYS_BY_URGENCY = {"urgent": (1, 1), "soon": (2, 3), "routine": (4, MAX_WITHIN_DAYS)}
+
+
+def within_days(value: str | None) -> int | None:
+    """N of "dermatologist_within_days:N" (1..MAX_WITHIN_DAYS), else None."""
     if value and value.startswith(WITHIN_DAYS_PREFIX):
         days = value[len(WITHIN_DAYS_PREFIX):]
-        return days.isdigit() and 1 <= int(days) <= MAX_WITHIN_DAYS
-    return False
+        if days.isdigit() and 1 <= int(days) <= MAX_WITHIN_DAYS:
+            return int(days)
+    return None
+
+
+def valid_recommendation(value: str | None) -> bool:
+    return value in SIMPLE_RECOMMENDATIONS or within_days(value) is not None
+
+
+def recommendation_fits(urgency: str | None, recommendation: str | None) -> bool:
+    """True when the recommendation's timeframe is the urgency's (see RECOMMENDATION_URGENCIES)."""
+    if recommendation in RECOMMENDATION_URGENCIES:
+        return urgency in RECOMMENDATION_URGENCIES[recommendation]
+    days = within_days(recommendation)
+    if days is None or urgency not in WITHIN_DAYS_BY_URGENCY:
+        return False
+    low, high = WITHIN_DAYS_BY_URGENCY[urgency]
+    return low <= days <= high
+
+
+def urgency_for_days(days: int) -> str:
+    """The urgency whose timeframe "within N days" belongs to."""
+    return next(u for u, (low, high) in WITHIN_DAYS_BY_URGENCY.items() if low <= days <= high)
 
 
 def _known_condition(code: str) -> bool:
@@ -174,14 +206,14 @@ def decide(
 ) -> ReviewTask:
     """Record a dermatologist's decision on a claimed task, in the caller's transaction.
 
-    accept/amend sign the case (in_review -> final / amended), publish FHIR and write the outbox
+    accept/amend sign the case (in_review -> final; final -> amended), publish FHIR and write the outbox
     "final" message; request_info parks the task as waiting_patient (still held by this
     dermatologist) and writes a "request_info" message. The caller commits, so state, FHIR and
     the patient's message land together or not at all.
     """
     from clinic_db import outbox
     from clinic_db.cases import transition
-    from clinic_db.models import AIResult
+    from clinic_db.models import AIResult, CaseMessage
     from clinic_db.states import CaseStatus
 
     now = utcnow()
@@ -211,6 +243,11 @@ def decide(
             raise DecisionError("not_claimed", "the task changed meanwhile; reload it")
         session.refresh(task)
         clinic.vault.set_text(session, task, "note", note, owner=case.patient_id)
+        # the request is part of the case's conversation, before the patient's reply
+        asked = CaseMessage(case_id=case.id, patient_id=case.patient_id, role="clinician", flags=["request_info"])
+        asked.ensure_id()
+        clinic.vault.set_text(session, asked, "text", note, owner=case.patient_id)
+        session.add(asked)
         outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="request_info",
                        dedup_key=f"request_info:{task.id}:{uuid.uuid4().hex}",
                        payload={"case_id": str(case.id), "task_id": str(task.id)})
@@ -233,6 +270,12 @@ def decide(
         raise DecisionError("bad_urgency", f"urgency must be one of {', '.join(URGENCY_PRIORITY)}")
     if not valid_recommendation(recommendation):
         raise DecisionError("bad_recommendation", "choose a recommendation")
+    if not recommendation_fits(urgency, recommendation):
+        days = within_days(recommendation)
+        hint = (f"a dermatologist within {days} days is {urgency_for_days(days)}" if days is not None
+                else f"it fits {' or '.join(RECOMMENDATION_URGENCIES[recommendation or ''])}")
+        raise DecisionError("recommendation_conflict",
+                            f"the recommendation contradicts urgency {urgency} ({hint}); change one of them")
 
     won = session.execute(
         update(ReviewTask)
@@ -250,7 +293,9 @@ def decide(
 
     if case.status == CaseStatus.preliminary.value:  # review asked for before the pipeline handed over
         transition(session, case, CaseStatus.in_review, actor, reason="review")
-    target = CaseStatus.final if decision == "accept" and case.status == CaseStatus.in_review.value else CaseStatus.amended
+    # the first signature makes the report final, whether the AI was accepted or amended; FHIR R4's
+    # "amended" only follows a final (a later decision on an already signed case)
+    target = CaseStatus.final if case.status == CaseStatus.in_review.value else CaseStatus.amended
     transition(session, case, target, actor, reason=f"review.{decision}")
     case.condition_code = condition_code
     case.urgency = urgency

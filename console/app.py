@@ -21,6 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from bot.render import action_text
 from clinic_db import audit, cases, clinicians, explainer_review, review
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
@@ -301,7 +302,9 @@ def build_router() -> APIRouter:
             "condition_code": top or "",
             "urgency": case.urgency,
             "recommendation": "",
-            "days": "14",
+            # a number of days that fits the urgency (review.WITHIN_DAYS_BY_URGENCY)
+            "days": str(review.WITHIN_DAYS_BY_URGENCY.get(case.urgency or "", (1, 1))[1]) if case.urgency != "routine"
+            else "14",
             "note": "",
         }
         return _render(
@@ -315,6 +318,12 @@ def build_router() -> APIRouter:
             options=conditions.options(differential_codes + [case.condition_code or ""], LANG),
             vocabulary=conditions.available(), urgencies=list(review.URGENCY_PRIORITY),
             recommendations=RECOMMENDATIONS, error=error, form=default_form | (form or {}),
+            # which recommendation fits which urgency: the form offers only those (console.js), decide() checks
+            fits={key: review.RECOMMENDATION_URGENCIES.get(key, tuple(review.WITHIN_DAYS_BY_URGENCY))
+                  for key in RECOMMENDATIONS},
+            days_by_urgency=review.WITHIN_DAYS_BY_URGENCY,
+            decided_action=action_text(LANG, task.decision_urgency, task.recommendation)
+            if task.status == "decided" and task.recommendation else None,
         )
 
     @router.get("/tasks/{task_id}", name="case_page")

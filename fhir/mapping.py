@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from bot.render import action_text
 from fhir import terms
 from fhir.terms import AIAST, condition
 
@@ -90,6 +91,7 @@ class CaseData:
     urgency: str
     created_at: datetime
     body_site: str | None = None
+    history: dict[str, Any] = field(default_factory=dict)  # the patient's answers (clinic_db.cases.history)
     photos: list[PhotoData] = field(default_factory=list)
     ai_results: list[AIData] = field(default_factory=list)  # oldest first
     decisions: list[DecisionData] = field(default_factory=list)  # signing decisions, oldest first
@@ -318,9 +320,11 @@ def conclusion(case: CaseData) -> tuple[str, list[dict[str, Any]]]:
     if decision is not None:
         code = decision_condition(case, decision)
         parts = [f"Dermatologist's assessment ({decision.clinician.display_name}):"]
-        parts.append(condition(code).name if code else "see note")
-        if decision.recommendation:
-            parts.append(f"Recommendation: {decision.recommendation}.")
+        parts.append(f"{condition(code).name}." if code else "see note.")
+        if decision.urgency:
+            parts.append(f"Urgency: {decision.urgency}.")
+        if decision.recommendation:  # the same words the patient reads (bot.render), never the stored code
+            parts.append(f"Recommendation: {action_text('en', decision.urgency, decision.recommendation)}")
         if decision.note:
             parts.append(f"Note: {decision.note}")
         return " ".join(parts), ([condition(code).concept()] if code else [])

@@ -96,7 +96,7 @@ def load_case(clinic: Clinic, session: Session, case_id: uuid.UUID | str) -> Cas
     return CaseData(
         case_id=str(case.id), patient_id=str(owner), patient_name=vault.get_text(session, patient, "name"),
         patient_language=patient.language, patient_active=patient.has_consent, status=case.status,
-        urgency=case.urgency, created_at=case.created_at, body_site=history.get("body_site"),
+        urgency=case.urgency, created_at=case.created_at, body_site=history.get("body_site"), history=history,
         photos=photos, ai_results=ai_results, decisions=decisions, explanations=explanations,
     )
 

@@ -10,8 +10,12 @@ import io
 
 from fpdf import FPDF
 
+from console.labels import HISTORY_LABELS
 from fhir.mapping import DISCLAIMER, CaseData, conclusion, decision_condition, report_status
 from fhir.terms import condition
+
+SIGNED_NOTE = ("Signed by a dermatologist: the conclusion above is the dermatologist's. The AI candidates are "
+               "listed for reference only; they are not a diagnosis.")
 
 
 def _latin1(text: str) -> str:
@@ -51,6 +55,16 @@ def render(case: CaseData) -> bytes:
         code = decision_condition(case, decision)
         line(f"Signed by {decision.clinician.display_name} on {decision.decided_at:%Y-%m-%d %H:%M} UTC"
              + (f" - diagnosis: {condition(code).name}" if code else ""), 9)
+    urgency = decision.urgency if decision is not None and decision.urgency else case.urgency
+    if urgency:
+        line(f"Urgency: {urgency}" + ("" if decision is not None else " (triage, preliminary)"), 10, "B")
+    answers = [(label, case.history[key]) for key, label in HISTORY_LABELS.items()
+               if case.history.get(key) not in (None, "")]
+    if answers:
+        pdf.ln(1)
+        line("History (the patient's answers)", 11, "B", 6)
+        for label, value in answers:
+            line(f"  {label}: {value}", 10)
     pdf.ln(2)
     for ai in case.latest_ai:
         line(f"AI candidates ({ai.engine}: {ai.model_id} {ai.model_version}) - AI-generated, not a diagnosis",
@@ -65,7 +79,8 @@ def render(case: CaseData) -> bytes:
         _image(pdf, ex.png, f"AI-generated illustration of {condition(ex.condition_code).name} "
                             "(synthetic example, NOT the patient's skin)")
     pdf.ln(3)
-    line(DISCLAIMER, 8, "I", 4.5)
+    # a signed report must not end calling itself preliminary
+    line(SIGNED_NOTE if decision is not None else DISCLAIMER, 8, "I", 4.5)
     return bytes(pdf.output())
 
 

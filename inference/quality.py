@@ -46,6 +46,8 @@ DARK_LEVEL, BRIGHT_LEVEL = 16, 250
 
 REJECTION_CODES = ("not_an_image", "unsupported_format", "too_large", "too_many_pixels", "corrupt", "too_small")
 PROBLEM_CODES = ("blurry", "too_dark", "too_bright", "too_small")
+# problems that are advice to retake, not a reason to refuse the photo (HAM10000 exports are 200x150)
+ADVISORY_CODES = ("too_small",)
 
 
 class PhotoRejected(Exception):
@@ -61,9 +63,13 @@ class PhotoRejected(Exception):
 
 @dataclass
 class QualityReport:
-    ok: bool
+    ok: bool  # False only for problems that make the photo unusable (not for ADVISORY_CODES)
     problems: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def advisories(self) -> list[str]:
+        return [p for p in self.problems if p in ADVISORY_CODES]
 
 
 # --- format sniffing --------------------------------------------------------------------------
@@ -217,7 +223,8 @@ def _laplacian_var(a: np.ndarray) -> float:
 
 
 def assess(clean: CleanImage) -> QualityReport:
-    """Is this (already sanitized) photo good enough to analyse? Problems are codes for :func:`tip`."""
+    """Is this (already sanitized) photo good enough to analyse? Problems are codes for :func:`tip`;
+    ``ok`` stays True when the only problems are advisory (a small photo is stored, with a retake tip)."""
     with Image.open(io.BytesIO(clean.data)) as img:
         img.load()
         width, height = img.size
@@ -234,7 +241,7 @@ def assess(clean: CleanImage) -> QualityReport:
         problems.append("blurry")
     if min(width, height) < MIN_SIDE:
         problems.append("too_small")
-    return QualityReport(ok=not problems, problems=problems, metrics=metrics)
+    return QualityReport(ok=all(p in ADVISORY_CODES for p in problems), problems=problems, metrics=metrics)
 
 
 # --- advice ---------------------------------------------------------------------------------------
@@ -261,16 +268,16 @@ _TIPS: dict[str, dict[str, str]] = {
               "einen guten Teil des Bildes füllt, und senden Sie es als normales Foto, nicht als Vorschaubild.",
     },
     "not_an_image": {
-        "en": "This file is not a photo. Please send a picture taken with your phone camera (JPEG, PNG or HEIC).",
-        "de": "Diese Datei ist kein Foto. Bitte senden Sie ein mit der Handykamera aufgenommenes Bild (JPEG, PNG oder HEIC).",
+        "en": "This file is not a photo. Please send a picture taken with your phone camera (JPEG, PNG, WebP or HEIC).",
+        "de": "Diese Datei ist kein Foto. Bitte senden Sie ein mit der Handykamera aufgenommenes Bild (JPEG, PNG, WebP oder HEIC).",
     },
     "unsupported_format": {
         "en": "This image format is not supported. Please send a JPEG, PNG, WebP or HEIC photo.",
         "de": "Dieses Bildformat wird nicht unterstützt. Bitte senden Sie ein JPEG-, PNG-, WebP- oder HEIC-Foto.",
     },
     "too_large": {
-        "en": "This file is larger than 20 MB. Please send a normal phone photo.",
-        "de": "Diese Datei ist größer als 20 MB. Bitte senden Sie ein normales Handyfoto.",
+        "en": "This file is too large (over 20 MB). Please send a normal phone photo.",
+        "de": "Diese Datei ist zu groß (über 20 MB). Bitte senden Sie ein normales Handyfoto.",
     },
     "too_many_pixels": {
         "en": "This image has too many pixels to be processed safely. Please send a normal phone photo.",

@@ -280,3 +280,28 @@ def decide(
     urgency = details[0].urgency
     reasons = list(dict.fromkeys(d.code for d in details))
     return TriageDecision(review=True, urgency=urgency, reasons=reasons, details=details)
+
+
+def driving_condition(differential: Sequence[Mapping[str, Any]], urgency: str, flags: Iterable[str] = (),
+                      vocab: Vocabulary | None = None, rules: Rules | None = None) -> str | None:
+    """The candidate condition whose rule raised the case to ``urgency``, for advice about it.
+
+    Among the candidates at or above their suspicion / serious-condition threshold (or flagged by
+    the model's own operating point) the one with the most urgent rule wins, then the likelier one.
+    None when no condition rule fired at ``urgency`` (then a red flag, low confidence, ... set it).
+    """
+    vocab = vocab or load_vocabulary()
+    rules = rules or default_rules()
+    flagged = {f.removeprefix("suspect:") for f in flags if f.startswith("suspect:")}
+    fired: list[tuple[int, float, str]] = []
+    for entry in differential:
+        code, prob = str(entry.get("code")), _prob(entry)
+        if code not in vocab:
+            continue
+        for rule in (rules.suspicion(code, vocab.get(code).category), rules.serious(code)):
+            if rule and (prob >= rule[0] or code in flagged):
+                fired.append((URGENCY_PRIORITY[rule[1]], -prob, code))
+    fired.sort()
+    if fired and fired[0][0] == URGENCY_PRIORITY.get(urgency):
+        return fired[0][2]
+    return None

@@ -209,9 +209,11 @@ def test_the_same_update_twice_makes_one_case(clinic, emulator: str, bot: BotPro
     chat.expect_text("New case started")
     chat.text("/help")  # processed after both copies: by now the duplicate has been seen and dropped
     chat.expect_text("/history - your cases")
-    assert count(clinic, Case) == 1
     opened = [m for m in chat.messages() if "New case started" in (m.get("text") or "")]
     assert len(opened) == 1
+    chat.photo(lesion_photo(7))  # the case row comes with its first stored photo: one case
+    chat.expect_text("Photo saved (1 in this case)")
+    assert count(clinic, Case) == 1
 
 
 def test_telegram_429_is_retried(clinic, emulator: str, bot: BotProcess) -> None:  # type: ignore[no-untyped-def]

@@ -148,7 +148,7 @@ def test_review_workflow_in_the_browser(browser, site, clinic) -> None:  # type:
     with clinic.session() as s:
         case = s.get(Case, ids["urgent_case"])
         task = s.get(ReviewTask, ids["urgent"])
-        assert (case.status, case.condition_code, case.urgency) == ("amended", "nevus", "routine")
+        assert (case.status, case.condition_code, case.urgency) == ("final", "nevus", "routine")
         assert (task.decision, task.recommendation) == ("amend", "dermatologist_within_days:30")
         final = s.scalar(select(OutboxMessage).where(OutboxMessage.kind == "final"))
         assert outbox.payload(clinic, s, final) == {"case_id": str(case.id), "task_id": str(task.id)}

@@ -189,15 +189,17 @@ def test_claim_amend_sign_over_http(world: World) -> None:
     rc = world.cases[2]
     token = _csrf(ada.get("/console/queue").text)
     assert ada.post(f"/console/tasks/{rc.task_id}/claim", data={"csrf_token": token}).status_code == 303
-    r = ada.post(f"/console/tasks/{rc.task_id}/decision", data={
-        "csrf_token": token, "decision": "amend", "condition_code": "actinic_keratosis", "urgency": "soon",
-        "recommendation": "dermatologist_within_days", "days": "21", "note": "Not urgent, but have it looked at.",
-    })
+    form = {"csrf_token": token, "decision": "amend", "condition_code": "actinic_keratosis", "urgency": "soon",
+            "recommendation": "dermatologist_within_days", "days": "21", "note": "Not urgent, but have it looked at."}
+    # "soon" (3 days) with "within 21 days" would tell the patient two timeframes: refused, form kept
+    r = ada.post(f"/console/tasks/{rc.task_id}/decision", data=form)
+    assert r.status_code == 400 and "contradicts urgency soon" in r.text and "Not urgent, but have" in r.text
+    r = ada.post(f"/console/tasks/{rc.task_id}/decision", data=form | {"urgency": "routine"})
     assert r.status_code == 303 and r.headers["location"] == "/console/queue?done=signed"
     with world.clinic.session() as s:
         case = s.get(Case, rc.case_id)
         task = s.get(ReviewTask, rc.task_id)
-        assert (case.status, case.condition_code) == ("amended", "actinic_keratosis")
+        assert (case.status, case.condition_code) == ("final", "actinic_keratosis")  # first signature: final
         assert task.recommendation == "dermatologist_within_days:21"
         assert s.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.kind == "final")) == 1
     # signing again is refused: the task is decided

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from clinic_db import clinicians, outbox, review
-from clinic_db.models import AuditEvent, Case, Clinician, FhirResource, OutboxMessage, ReviewTask, utcnow
+from clinic_db.models import AuditEvent, Case, CaseMessage, Clinician, FhirResource, OutboxMessage, ReviewTask, utcnow
 from console import demo
 from console.cli import clinician_command
 
@@ -153,8 +153,39 @@ def test_amend_needs_a_vocabulary_condition_and_a_recommendation(any_clinic) -> 
                       recommendation="dermatologist_within_days:30")
         s.commit()
         case = s.get(Case, rc.case.id)
-        assert (case.status, case.condition_code, case.urgency) == ("amended", "nevus", "routine")
+        # the first signature is final even when it amends the AI (FHIR: amended only follows a final)
+        assert (case.status, case.condition_code, case.urgency) == ("final", "nevus", "routine")
         assert s.get(ReviewTask, rc.task.id).recommendation == "dermatologist_within_days:30"
+        # a later decision on the signed case (e.g. after a red-flag follow-up) amends it
+        again = review.open_task(s, case, urgency="soon", reasons=["red_flag"])
+        s.commit()
+        assert review.claim(s, again.id, ada.id)
+        s.refresh(again)
+        review.decide(clinic, s, again, ada, "amend", condition_code="melanoma", urgency="soon",
+                      recommendation="dermatologist_within_days:3")
+        s.commit()
+        assert s.get(Case, rc.case.id).status == "amended"
+
+
+def test_a_recommendation_that_contradicts_the_urgency_is_refused(any_clinic) -> None:  # type: ignore[no-untyped-def]
+    clinic = any_clinic
+    with clinic.session() as s:
+        ada = _derm(clinic, s)
+        rc = _melanoma_case(clinic, s)
+        s.commit()
+        review.claim(s, rc.task.id, ada.id)
+        s.refresh(rc.task)
+        for urgency, recommendation in (("urgent", "dermatologist_within_days:7"), ("soon", "self_care"),
+                                        ("routine", "urgent_in_person"), ("emergency", "see_gp"),
+                                        ("soon", "dermatologist_within_days:14")):
+            with pytest.raises(review.DecisionError) as bad:
+                review.decide(clinic, s, rc.task, ada, "accept", urgency=urgency, recommendation=recommendation)
+            assert bad.value.code == "recommendation_conflict", (urgency, recommendation)
+            assert urgency in str(bad.value)
+        assert s.get(ReviewTask, rc.task.id).status == "open"  # nothing was signed
+        review.decide(clinic, s, rc.task, ada, "accept", urgency="urgent", recommendation="dermatologist_within_days:1")
+        s.commit()
+        assert s.get(Case, rc.case.id).status == "final"
 
 
 def test_deciding_needs_a_live_claim(any_clinic) -> None:  # type: ignore[no-untyped-def]
@@ -202,7 +233,12 @@ def test_request_info_parks_the_task_and_it_returns_to_the_same_dermatologist(an
         review.decide(clinic, s, task, ada, "amend", condition_code="nevus", urgency="routine",
                       recommendation="see_gp")
         s.commit()
-        assert s.get(Case, rc.case.id).status == "amended"
+        assert s.get(Case, rc.case.id).status == "final"
+        # the request is in the case's conversation, in the asker's words
+        conversation = s.scalars(select(CaseMessage).where(CaseMessage.case_id == rc.case.id)).all()
+        assert [(m.role, m.flags) for m in conversation] == [("clinician", ["request_info"])]
+        assert clinic.vault.get_text(s, conversation[0], "text", owner=rc.case.patient_id) == \
+            "Please send a close-up with a ruler."
 
 
 def test_service_figures(clinic) -> None:  # type: ignore[no-untyped-def]

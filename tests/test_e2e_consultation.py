@@ -176,7 +176,7 @@ def test_patient_to_dermatologist_to_ehr(clinic, system: System, shared_data: Pa
     report = httpx.get(f"{ehr.fhir}/DiagnosticReport/{case.id}", headers=headers)
     assert report.status_code == 200, report.text
     dr = report.json()
-    assert dr["status"] == "amended"
+    assert dr["status"] == "final"  # the first signature, though it amended the AI
     assert dr["resultsInterpreter"] == [{"reference": f"Practitioner/{ada_id}"}]
     codes = {c["code"] for concept in dr.get("conclusionCode", []) for c in concept.get("coding", [])}
     assert vocab.get(amended_code).snomed in codes

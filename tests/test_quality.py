@@ -61,6 +61,8 @@ def test_real_dermoscopy_photos_are_sharp_and_well_exposed(shared_data):
     for path in _sample(shared_data / "ham10000" / "images", 8, seed=2):
         report = assess(sanitize(path.read_bytes()))
         assert report.problems == ["too_small"], (path.name, report)
+        # ... which is advice to retake, not a refusal: the photo is usable (docs/triage.md)
+        assert report.ok and report.advisories == ["too_small"], (path.name, report)
 
 
 def test_blurred_copy_fails_as_blurry(shared_data):
@@ -76,7 +78,7 @@ def test_dark_and_overexposed_copies_are_flagged(shared_data):
     path = _sample(shared_data / "dermnet" / "images", 1, seed=4)[0]
     img = Image.open(path).convert("RGB")
     dark = assess(sanitize(_jpeg(ImageEnhance.Brightness(img).enhance(0.15))))
-    assert dark.problems == ["too_dark"]
+    assert dark.problems == ["too_dark"] and not dark.ok
     bright = assess(sanitize(_jpeg(Image.new("RGB", (640, 480), (252, 250, 251)))))
     assert "too_bright" in bright.problems and not bright.ok
 
@@ -84,7 +86,7 @@ def test_dark_and_overexposed_copies_are_flagged(shared_data):
 def test_small_photo_is_flagged_with_advice():
     img = Image.effect_noise((200, 160), 60).convert("RGB")  # sharp noise, but only 160 px
     report = assess(sanitize(_jpeg(img)))
-    assert report.problems == ["too_small"]
+    assert report.problems == ["too_small"] and report.ok
     assert "10-15 cm" in tip("too_small", "en") and "10-15 cm" in tip("too_small", "de")
 
 

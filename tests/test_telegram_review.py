@@ -223,16 +223,19 @@ def test_amend_to_a_typed_condition(clinic, emulator: str, bot: BotProcess) -> N
     assert [b["text"] for r in found["reply_markup"]["inline_keyboard"] for b in r][0] == "Psoriasis"
     ada.tap(found, f"cr:cond:{task_id.hex}:0")
     urgency = ada.expect_text("Condition: Psoriasis. Urgency?")
-    ada.tap(urgency, f"cr:urg:{task_id.hex}:soon")
+    ada.tap(urgency, f"cr:urg:{task_id.hex}:routine")
     rec = ada.expect_text("Recommendation for the patient?")
+    offered = [b["text"] for r in rec["reply_markup"]["inline_keyboard"] for b in r]
+    assert offered == ["Self-care (advice only)", "See a general practitioner", "Dermatologist within 7 days",
+                       "Dermatologist within 14 days", "Dermatologist within 30 days", "Cancel"]  # what fits routine
     ada.tap(rec, f"cr:rec:{task_id.hex}:d14")
     confirm = ada.expect_text("Amend the assessment")
     assert "Psoriasis" in confirm["text"] and "within 14 days" in confirm["text"]
     ada.tap(confirm, "cr:sign:")
-    ada.expect_text(f"Signed {ref(task_id)}: Psoriasis, soon")
+    ada.expect_text(f"Signed {ref(task_id)}: Psoriasis, routine")
 
     case, task = row(clinic, Case, case_id), row(clinic, ReviewTask, task_id)
-    assert (case.status, case.condition_code, case.urgency) == ("amended", "psoriasis", "soon")
+    assert (case.status, case.condition_code, case.urgency) == ("final", "psoriasis", "routine")
     assert (task.decision, task.decision_condition_code, task.recommendation) == \
         ("amend", "psoriasis", "dermatologist_within_days:14")
     assert count(clinic, OutboxMessage, OutboxMessage.case_id == case_id, OutboxMessage.kind == "final") == 1

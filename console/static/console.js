@@ -14,6 +14,32 @@ document.addEventListener("DOMContentLoaded", () => {
   form.querySelectorAll("input[name=decision]").forEach((el) => el.addEventListener("change", sync));
   sync();
 
+  // The recommendation list follows the urgency (the server refuses a pair that contradicts itself).
+  const urgency = document.getElementById("urgency");
+  const recommendation = document.getElementById("recommendation");
+  const days = document.getElementById("days");
+  const follow = () => {
+    if (!urgency || !recommendation) return;
+    for (const option of recommendation.options) {
+      if (!option.value) continue;
+      const fits = option.dataset.urgencies.split(" ").includes(urgency.value);
+      option.hidden = !fits;
+      option.disabled = !fits;
+      if (!fits && option.selected) recommendation.value = "";
+    }
+    if (days && days.dataset.ranges) {
+      const range = JSON.parse(days.dataset.ranges)[urgency.value];
+      if (range) {
+        days.min = range[0];
+        days.max = range[1];
+        const n = Number(days.value);
+        if (!(n >= range[0] && n <= range[1])) days.value = range[0] === range[1] ? range[0] : Math.max(range[0], Math.min(14, range[1]));
+      }
+    }
+  };
+  if (urgency) urgency.addEventListener("change", follow);
+  follow();
+
   // Condition search against the vocabulary (server-side, same origin, session cookie).
   const search = document.getElementById("condition-search");
   const select = document.getElementById("condition-select");
