@@ -134,7 +134,13 @@ def test_review_workflow_in_the_browser(browser, site, clinic) -> None:  # type:
     ada.wait_for_function("() => [...document.querySelectorAll('#condition-select option')]"
                           ".some(o => o.value === 'nevus')")
     ada.select_option("#condition-select", "nevus")
+    # the recommendation list follows the urgency: nothing on offer contradicts it
+    ada.select_option("select[name=urgency]", "urgent")
+    assert ada.eval_on_selector("#recommendation option[value=self_care]", "o => o.disabled")
+    assert not ada.eval_on_selector("#recommendation option[value=urgent_in_person]", "o => o.disabled")
+    assert ada.get_attribute("input[name=days]", "max") == "1"
     ada.select_option("select[name=urgency]", "routine")
+    assert ada.eval_on_selector("#recommendation option[value=urgent_in_person]", "o => o.disabled")
     ada.select_option("#recommendation", "dermatologist_within_days")
     ada.fill("input[name=days]", "30")
     ada.fill("textarea[name=note]", "A benign mole. Have it checked within a month.")
