@@ -115,6 +115,22 @@ def any_clinic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, db_url: str) -> 
 
 
 @pytest.fixture
+def clinic_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator:  # type: ignore[type-arg]
+    """A factory: ``clinic_on(url)`` migrates the database at ``url`` (e.g. a server the test started
+    itself) and returns the process-wide Clinic on it, like the ``clinic`` fixture."""
+    opened: list[Iterator[Clinic]] = []
+
+    def make(url: str) -> Clinic:
+        handle = _open_clinic(monkeypatch, tmp_path, url)
+        opened.append(handle)
+        return next(handle)
+
+    yield make
+    for handle in opened:
+        handle.close()
+
+
+@pytest.fixture
 def pg_clinic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_url: str) -> Iterator[Clinic]:
     yield from _open_clinic(monkeypatch, tmp_path, pg_url)
 

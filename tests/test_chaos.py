@@ -4,8 +4,9 @@ Real parts only: the Telegram emulator (in this process), the bot and a Celery w
 processes with tiny models, on the embedded shape (SQLite + the filesystem broker) and on the
 production shape (PostgreSQL + Redis). Several patients go through consent, photo and the eight
 history questions at once, each in its own thread, while the test SIGKILLs the bot and the whole
-worker (pool and beat) mid-load, or restarts the Redis broker (a server the test starts on its own
-port, with no persistence: every queued task is gone). Each scenario reports lost (no result),
+worker (pool and beat) mid-load, restarts the Redis broker (a server the test starts on its own
+port, with no persistence: every queued task is gone), crashes and restarts PostgreSQL (a cluster the
+test makes with initdb), or rotates the master key with --retire. Each scenario reports lost (no result),
 duplicated (more than one result message) and stuck cases (not preliminary/in review) — all must be 0 —
 and the time from the restart to the last result, written to test-artifacts/chaos-*.json.
 """
@@ -17,6 +18,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -228,3 +230,69 @@ def test_production_broker_restart_loses_no_case(pg_clinic, production) -> None:
         return repair
 
     _run(pg_clinic, system, 5300, "production-broker-restart", chaos)
+
+
+# --- a PostgreSQL restart ---------------------------------------------------------------------------
+class OwnPostgres:
+    """A PostgreSQL cluster of this test's own (initdb + pg_ctl as the postgres user, its own port and
+    folder), so the test can crash and restart it without touching the machine's server."""
+
+    def __init__(self) -> None:
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        runuser = shutil.which("runuser")
+        if not bins or runuser is None:
+            from tests.conftest import service_missing
+
+            service_missing("PostgreSQL server binaries (initdb, pg_ctl)", "not installed")
+        self.bin = bins[-1].parent
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="sb-chaos-pg-"))
+        shutil.chown(self.folder, "postgres")
+        self.data = self.folder / "data"
+        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+
+    def _as_postgres(self, *argv: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "log"), "-w",
+                          "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1", "start")
+
+    def crash(self) -> None:
+        """Immediate shutdown: no checkpoint, every connection cut, as in a crash."""
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(Exception):
+            self.crash()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    server = OwnPostgres()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+def test_postgres_crash_and_restart_mid_load(clinic_on, own_postgres: OwnPostgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    clinic = clinic_on(own_postgres.url)
+    env = {**tiny_model_env(tmp_path / "models", clinic), **FAST_SWEEPER}
+    with running_system(tmp_path, env, web=False) as system:
+        def chaos() -> Callable[[], None]:
+            own_postgres.crash()
+
+            def repair() -> None:
+                time.sleep(3.0)
+                own_postgres.start()
+
+            return repair
+
+        _run(clinic, system, 5500, "postgres-restart", chaos)
