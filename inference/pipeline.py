@@ -11,15 +11,20 @@ done, so a redelivered task, a re-enqueued chain or a second worker never double
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from celery import chain
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from clinic_db import audit, cases, outbox, review
 from clinic_db.audit import Actor
-from clinic_db.db import get_clinic
-from clinic_db.models import Case
+from clinic_db.db import Clinic, get_clinic
+from clinic_db.models import Case, utcnow
 from clinic_db.states import CaseStatus
+from inference import leases
 from inference.triage import PATIENT_REQUESTED
+from skinbridge.settings import get_settings
 
 
 def case_chain(case_id: uuid.UUID | str):  # type: ignore[no-untyped-def]
@@ -35,8 +40,22 @@ def case_chain(case_id: uuid.UUID | str):  # type: ignore[no-untyped-def]
     )
 
 
+def publish_chain(clinic: Clinic, session: Session, case_id: uuid.UUID) -> None:
+    """Commit ``session`` together with a hand-off lease on the case, publish its chain, release the lease.
+
+    Should the publish fail (broker down) or this process die before it, the lease expires unreleased
+    and the sweeper re-sends the chain (inference.leases): the commit and the message cannot part ways.
+    """
+    task_id = f"handoff-{uuid.uuid4()}"
+    leases.take(session, case_id, task_id, "handoff", get_settings().stuck_after_s)
+    session.commit()
+    case_chain(case_id).apply_async()
+    leases.release(clinic, task_id)
+
+
 def submit_case(case_id: uuid.UUID | str, actor: Actor | None = None) -> None:
-    """Queue a received case for analysis. Safe to call twice: only the first call moves it."""
+    """Queue a received case for analysis. Safe to call twice, and from the bot and the sweeper at
+    once: only the first call moves it."""
     clinic = get_clinic()
     with clinic.session() as session:
         case = session.get(Case, uuid.UUID(str(case_id)))
@@ -46,13 +65,36 @@ def submit_case(case_id: uuid.UUID | str, actor: Actor | None = None) -> None:
             return  # already submitted; the sweeper looks after lost work
         if not case.images:
             raise ValueError("a case needs at least one photo before it is submitted")
-        cases.transition(session, case, CaseStatus.queued, actor or Actor("patient", str(case.patient_id)))
+        try:
+            cases.transition(session, case, CaseStatus.queued, actor or Actor("patient", str(case.patient_id)),
+                             expect=CaseStatus.received)
+        except cases.StaleCase:
+            return  # another submitter moved it first
         outbox.enqueue(
             clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
             dedup_key=f"progress:{case.id}:received", payload={"case_id": str(case.id), "stage": "received"},
         )
-        session.commit()
-    case_chain(case_id).apply_async()
+        publish_chain(clinic, session, case.id)
+
+
+def mark_history_complete(session: Session, case: Case) -> None:
+    """Record that the patient answered the last history question (the bot calls this in the transaction
+    that saves that answer, then submits). A case marked so that is still ``received`` after
+    ``stuck_after_s`` (the bot died in between) is submitted by the sweeper."""
+    if case.history_completed_at is None:
+        case.history_completed_at = utcnow()
+
+
+def submit_completed(clinic: Clinic, *, before: datetime) -> int:
+    """Submit cases with photos whose history was completed before ``before`` but that stayed ``received``."""
+    with clinic.session() as session:
+        ids = session.scalars(select(Case.id).where(
+            Case.status == CaseStatus.received.value, Case.history_completed_at.is_not(None),
+            Case.history_completed_at < before, Case.images.any(),
+        )).all()
+    for case_id in ids:
+        submit_case(case_id, Actor.system("sweeper"))
+    return len(ids)
 
 
 def submit_followup(case_id: uuid.UUID | str, message_id: uuid.UUID | str) -> None:

@@ -19,13 +19,14 @@ from datetime import timedelta
 from typing import Any
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import task_postrun, worker_process_init
 from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from clinic_db import cases, explainer_review, outbox, review
+from inference import leases
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import AIResult, Case, CaseMessage, ExplanationImage, OutboxMessage, utcnow
@@ -66,13 +67,15 @@ class PoisonCase(Exception):
 @contextlib.contextmanager
 def case_step(task, case_id: str, allowed: set[CaseStatus]) -> Iterator[tuple[Clinic, Session, Case]]:  # type: ignore[no-untyped-def]
     """Open the case in a session; stop the chain if the case is not in an ``allowed`` state;
-    turn errors into a retry (transient) or a failed case (poison)."""
+    turn errors into a retry (transient) or a failed case (poison). While the step runs, this process
+    holds a lease on the case (inference.leases), released after the task in :func:`_release_lease`."""
     clinic = get_clinic()
     session = clinic.session()
     try:
         case = session.get(Case, uuid.UUID(case_id))
         if case is None or CaseStatus(case.status) not in allowed:
             raise Ignore()
+        _hold_lease(clinic, task, case.id)
         yield clinic, session, case
         session.commit()
     except (Ignore, IntegrityError) as exc:
@@ -98,6 +101,25 @@ def case_step(task, case_id: str, allowed: set[CaseStatus]) -> Iterator[tuple[Cl
         raise Ignore() from None
     finally:
         session.close()
+
+
+_held: dict[str, leases.Held] = {}  # task id -> the lease this process renews for it
+
+
+def _hold_lease(clinic: Clinic, task, case_id: uuid.UUID) -> None:  # type: ignore[no-untyped-def]
+    task_id = task.request.id  # None when called as a plain function: no broker, nothing to lose
+    if task_id is not None and task_id not in _held:  # an eager retry runs inside its first try
+        _held[task_id] = leases.Held(clinic, case_id, task_id, task.name, get_settings().stuck_after_s)
+
+
+@task_postrun.connect
+def _release_lease(task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+    """After the task, when Celery has already published the chain's next step: a case is never
+    without either a lease or a message in the broker. A step waiting for its retry (held in a worker's
+    memory until its countdown, at most 60 s) keeps its lease until then plus stuck_after_s."""
+    held = _held.pop(task_id, None) if task_id else None
+    if held is not None:
+        held.release(keep_s=60 + held.ttl_s if state == "RETRY" else None)
 
 
 def _fail(case_id: str, reason: str) -> None:
@@ -419,30 +441,55 @@ def deliver_subscriptions() -> None:
 # --- the sweeper: the case row is the source of truth ------------------------------------------
 @app.task(name="skinbridge.sweep", queue="cpu")
 def sweep() -> dict[str, int]:
-    """Re-enqueue cases stuck in the pipeline (their task was lost with a dead worker) and re-send
-    results whose notification never got written. Safe to run anywhere, any time."""
-    from inference.pipeline import case_chain
+    """Redo lost work; never fail a case for waiting. Safe to run anywhere, any time.
+
+    * a case whose lease expired unreleased (its worker died mid-step, or the process handing it to the
+      broker died or met a broker outage) goes back to ``queued`` and its chain is re-sent; the re-run
+      counts as a pipeline attempt, so a case that keeps killing workers ends ``too_many_attempts``;
+    * a case held by a live lease is left alone however long its step takes;
+    * a case waiting in the queue is re-sent (no attempt counted) only when the broker's pipeline queues
+      are empty and no worker held or finished a step for ``stuck_after_s``: then its message was lost
+      inside the broker (a Redis restart without persistence, say). A backlog is never re-sent;
+    * a case whose photos and history are complete but which was never submitted is submitted;
+    * a result whose patient message was never written gets it.
+    """
+    from inference.pipeline import publish_chain, submit_completed
 
     settings = get_settings()
     clinic = get_clinic()
-    cutoff = utcnow() - timedelta(seconds=settings.stuck_after_s)
-    requeued = notified = 0
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.stuck_after_s)
+    requeued = resent = notified = 0
+    sweeper = Actor.system("sweeper")
     with clinic.session() as session:
-        stuck = session.scalars(
-            select(Case).where(Case.status.in_([s.value for s in PIPELINE_STATES]), Case.status_changed_at < cutoff)
-        ).all()
-        for case in stuck:
+        view = leases.survey(session, now)
+        handled = set(view.held) | set(view.lost)
+        for case_id, task_ids in view.lost.items():
+            case = session.get(Case, case_id)
+            if case_id in view.held or case is None or CaseStatus(case.status) not in PIPELINE_STATES:
+                leases.settle(session, task_ids, now)  # someone else redoes it, or it finished before dying
+                session.commit()
+                continue
             try:
                 if case.status == CaseStatus.analysing.value:
-                    cases.transition(session, case, CaseStatus.queued, Actor.system("sweeper"), reason="stuck")
-                else:
-                    case.status_changed_at = utcnow()  # re-arm the timer for a queued case
-                session.commit()
+                    cases.transition(session, case, CaseStatus.queued, sweeper, reason="worker_lost")
+                leases.settle(session, task_ids, now)
+                publish_chain(clinic, session, case.id)
             except cases.StaleCase:
                 session.rollback()
                 continue
-            case_chain(case.id).apply_async()
             requeued += 1
+        if view.idle_since(cutoff) and _messages_waiting() == 0:
+            waiting = session.scalars(select(Case).where(
+                Case.status.in_([s.value for s in PIPELINE_STATES]), Case.status_changed_at < cutoff,
+            )).all()
+            for case in (c for c in waiting if c.id not in handled):
+                case.status_changed_at = now  # once per stuck_after_s, should no worker consume it
+                publish_chain(clinic, session, case.id)
+                resent += 1
+        leases.prune(session, now - 2 * timedelta(seconds=settings.stuck_after_s))
+        session.commit()
+        submitted = submit_completed(clinic, before=cutoff)
         # a crash between assemble_report and notify leaves a result without its message
         recent = session.scalars(
             select(Case).where(
@@ -454,8 +501,28 @@ def sweep() -> dict[str, int]:
         sent_keys = set(session.scalars(
             select(OutboxMessage.dedup_key).where(OutboxMessage.dedup_key.in_([f"result:{c.id}" for c in recent]))
         )) if recent else set()
-        unnotified = [c for c in recent if f"result:{c.id}" not in sent_keys]
+        unnotified = [c for c in recent if f"result:{c.id}" not in sent_keys and c.id not in view.held]
         for case in unnotified:
             notify.delay(str(case.id))
             notified += 1
-    return {"requeued": requeued, "notified": notified}
+    if requeued or resent or submitted:
+        log.warning("sweeper: %d lost cases re-queued, %d waiting cases re-sent, %d complete cases submitted",
+                    requeued, resent, submitted)
+    return {"requeued": requeued, "resent": resent, "submitted": submitted, "notified": notified}
+
+
+def _messages_waiting() -> int | None:
+    """Messages ready in the pipeline queues, as the broker counts them; None when it cannot say."""
+    total = 0
+    try:
+        with app.connection_for_read() as conn:
+            for queue in app.conf.task_queues:
+                with conn.channel() as channel:
+                    try:
+                        total += channel.queue_declare(queue=queue.name, passive=True).message_count
+                    except conn.channel_errors:
+                        pass  # the queue does not exist yet (Redis, AMQP): nothing waits in it
+    except Exception:  # noqa: BLE001 - unknown is not empty: re-send nothing this time
+        log.warning("sweeper: the broker did not say how many messages wait", exc_info=True)
+        return None
+    return total

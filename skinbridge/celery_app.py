@@ -39,7 +39,9 @@ def configure(app: Celery, settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         beat_schedule={
-            "sweep-stuck-cases": {"task": "skinbridge.sweep", "schedule": settings.sweeper_interval_s},
+            # a sweep not started within its interval is dropped: the next one is on its way
+            "sweep-stuck-cases": {"task": "skinbridge.sweep", "schedule": settings.sweeper_interval_s,
+                                  "options": {"expires": settings.sweeper_interval_s}},
             "deliver-fhir-subscriptions": {"task": "skinbridge.deliver_subscriptions", "schedule": 5.0},
         },
     )

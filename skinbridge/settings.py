@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = 600
     task_time_limit: int = 660
     sweeper_interval_s: float = 30.0
-    stuck_after_s: float = 900.0  # longer than task_time_limit: only a lost task looks stuck
+    # a pipeline lease not renewed for this long (renewed every stuck_after_s / 4, at most 30 s) is lost;
+    # waiting in the queue is never lost (inference.leases)
+    stuck_after_s: float = 120.0
     max_pipeline_attempts: int = 3
     explanation_images: int = 2
     # Fault injection for the crash tests: the diagnose step sleeps this long first. Refused in production.
