@@ -309,6 +309,11 @@ async def on_history_answer(update: Update, context: ContextTypes.DEFAULT_TYPE) 
         if answer != "skip":
             cases.set_history(c, session, case, **{field: answer})
             audit.record(session, Actor("patient", str(case.patient_id)), "case.history", "Case", case.id, field=field)
+        if index + 1 == len(QUESTIONS):
+            from inference import pipeline
+
+            # with the last answer: a bot that dies before submitting leaves the sweeper a case to submit
+            pipeline.mark_history_complete(session, case)
         session.commit()
     await query.answer()
     await query.edit_message_text(

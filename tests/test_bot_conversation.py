@@ -120,6 +120,7 @@ def test_consent_album_history_and_submission(clinic, emulator: str, bot: BotPro
 
     case = only_case(clinic)
     assert case.status == "queued"
+    assert case.history_completed_at is not None  # what the sweeper needs had the bot died before submitting
     with clinic.session() as session:
         stored = clinic_cases.history(clinic, session, session.get(Case, case.id))
     assert stored == {k: v for k, v in HISTORY.items() if v != "skip"}
