@@ -96,11 +96,11 @@ def action_text(lang: str, urgency: str | None, recommendation: str | None = Non
 
 
 def _advice_fits(code: str | None, urgency: str) -> bool:
-    """A condition's self-care advice fits an urgency no higher than the condition's own (advice for a
-    harmless mole beside "see a doctor within 24 hours" would play the urgency down)."""
+    """A condition's advice is written for its own default urgency: beside a higher one it plays the
+    urgency down ("no treatment is needed" next to "within 24 hours"), beside a lower one it pushes
+    ("a dermatologist should examine it" next to "this does not look urgent")."""
     found = condition(code)
-    return found is not None and (urgency == "routine" or
-                                  review.URGENCY_PRIORITY[found.default_urgency] <= review.URGENCY_PRIORITY[urgency])
+    return found is not None and found.default_urgency == urgency
 
 
 def _advice(lang: str, code: str | None) -> str | None:
@@ -142,9 +142,9 @@ def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, 
         lines.append(t(lang, "result.reason", name=condition_name(lang, driver)))
         advice_code = driver
     elif driver is None and not _advice_fits(top["code"], urgency):
-        # raised by a red flag, low confidence, ...: the top guess's self-care advice would play it down
-        lines.append(t(lang, "result.reason_other"))
-        advice_code = None
+        if urgency != "routine":  # raised by a red flag, an AI warning sign, ...: say so
+            lines.append(t(lang, "result.reason_other"))
+        advice_code = None  # the top guess's advice is written for another urgency
     advice = _advice(lang, advice_code)
     if advice and advice_code != top["code"]:  # only a candidate: its advice applies if it is that
         lines.append(t(lang, "result.advice_if", name=condition_name(lang, advice_code), advice=advice))

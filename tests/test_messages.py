@@ -126,6 +126,12 @@ def test_advice_is_about_the_condition_that_drives_the_urgency() -> None:
     # raised by something that is not a condition (e.g. a red flag): no self-care advice playing it down
     raised = result_text("en", [{"code": "seborrheic_keratosis", "probability": 0.9}], "urgent")
     assert "No treatment is needed" not in raised and "because of your answers" in raised
+    # a cancer below its review threshold: no "needs treatment" advice beside "does not look urgent"
+    low = result_text("en", [{"code": "basal_cell_carcinoma", "probability": 0.2}], "routine")
+    assert "This does not look urgent" in low and "needs treatment" not in low and "because of" not in low
+    # a signed self-care decision never comes with advice that sends the patient to a dermatologist
+    signed = final_text("en", condition_code="melanoma", urgency="routine", recommendation="self_care", note=None)
+    assert "You can look after this yourself" in signed and "A dermatologist should examine it" not in signed
 
 
 def test_every_condition_advice_is_free_of_timeframes() -> None:
