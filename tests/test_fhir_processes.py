@@ -1,0 +1,89 @@
+"""Several API processes serve one deployment: `skinbridge api --workers N` processes on two ports,
+sharing only the database. A client assertion replayed against the other process is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from fhir.smart import register_client
+from tests.support import free_port, wait_for
+from tests.test_fhir_support import ASSERTION_TYPE, make_case, rsa_key
+
+REPO = Path(__file__).resolve().parent.parent
+PUBLIC = "https://skinbridge.example.org"
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def api_process(workers: int, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SKINBRIDGE_PUBLIC_BASE_URL": PUBLIC}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "skinbridge", "api", "--port", str(port),
+                                 "--workers", str(workers)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(base + "/healthz", timeout=2).status_code == 200
+        return False
+
+    try:
+        wait_for(ready, timeout=90, interval=0.2, message=f"skinbridge api on {port}")
+        yield base, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_api_processes_share_the_replay_cache_and_tokens(clinic, tmp_path):
+    key = rsa_key()
+    client_id = register_client(clinic, "EHR", {"keys": [key.public_jwk]}, ["system/*.rs"])
+    with clinic.session() as s:
+        case = make_case(clinic, s, 4001)
+    with api_process(2, tmp_path / "a.log") as (a, proc_a), api_process(1, tmp_path / "b.log") as (b, _):
+        wait_for(lambda: len(_children(proc_a.pid)) >= 2, timeout=60, message="two worker processes")
+        # one assertion, addressed to the public token URL that both processes answer for
+        assertion = key.assertion(client_id, PUBLIC + "/auth/token")
+        form = {"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": assertion, "scope": "system/*.rs"}
+        first = httpx.post(a + "/auth/token", data=form, timeout=30)
+        assert first.status_code == 200, first.text
+        replay = httpx.post(b + "/auth/token", data=form, timeout=30)
+        assert replay.status_code == 401 and "replay" in replay.json()["error_description"], replay.text
+        # ... and again at the first process, whichever of its workers answers
+        again = httpx.post(a + "/auth/token", data=form, timeout=30)
+        assert again.status_code == 401, again.text
+
+        # a token from one process works at the other (signing key derived from the shared key ring)
+        h = {"Authorization": f"Bearer {first.json()['access_token']}"}
+        read = httpx.get(f"{b}/fhir/DiagnosticReport/{case.id}", headers=h, timeout=30)
+        assert read.status_code == 200 and read.json()["id"] == str(case.id)
+        bundle = httpx.get(f"{a}/fhir/DiagnosticReport", headers=h, timeout=30).json()
+        assert bundle["entry"][0]["fullUrl"] == f"{PUBLIC}/fhir/DiagnosticReport/{case.id}"
+    started = (tmp_path / "a.log").read_text()
+    assert started.count("Started server process") >= 2, started[-2000:]
