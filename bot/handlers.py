@@ -200,6 +200,15 @@ async def on_photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     me = _who(update)
     if await _need_consent(update, me):
         return
+    # one photo of a user at a time: the first stored photo opens the case, the next must find it
+    async with _photo_locks.setdefault(me.patient.id, asyncio.Lock()):  # type: ignore[union-attr]
+        await _take(update, context, me, message)
+
+
+_photo_locks: dict[uuid.UUID, asyncio.Lock] = {}  # per patient, in memory (a few hundred bytes each)
+
+
+async def _take(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, message: Message) -> None:
     user_data: dict = context.user_data  # type: ignore[assignment]
     info_case = None
     case_id = _current_case_for_photos(me, user_data)
