@@ -21,8 +21,9 @@ class Family:
 
 
 FAMILIES = {
-    # PaliGemma: the processor places the image tokens and BOS itself; trained on one image per prompt
-    "paligemma": Family("paligemma", 1, "{prompt}\n"),
+    # PaliGemma: "<image>...<bos>prefix\n"; the processor adds BOS after the image tokens and the newline;
+    # trained on one image per prompt
+    "paligemma": Family("paligemma", 1, "{prompt}"),
     # BLIP-2 / InstructBLIP: one image through the Q-Former; OPT/Flan-T5 style question prompt
     "blip-2": Family("blip-2", 1, "Question: {prompt} Answer:"),
     "instructblip": Family("instructblip", 1, "{prompt}"),
@@ -51,8 +52,10 @@ def build_inputs(processor: Any, family: Family, images: list[Image.Image], prom
     photos = [img.convert("RGB") for img in images]
     tokenizer = getattr(processor, "tokenizer", processor)
     if family.plain_prompt is not None or getattr(processor, "chat_template", None) is None:
-        text = (family.plain_prompt or "{prompt}").format(prompt=prompt)
-        if family.name == "paligemma":  # one list of photos per prompt (a flat list reads as one per prompt)
+        text = (family.plain_prompt or "{prompt}").format(prompt=prompt.strip())
+        if family.name == "paligemma":  # image tokens first; one list of photos per prompt (a flat list reads
+            # as one photo per prompt: "Received 2 images for 1 prompts")
+            text = processor.image_token * len(photos) + text
             return processor(images=[photos] if photos else None, text=[text], return_tensors="pt")
         return processor(images=photos or None, text=text, return_tensors="pt")
     content: list[dict[str, Any]] = [{"type": "image"} for _ in photos]

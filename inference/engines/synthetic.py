@@ -37,32 +37,46 @@ def _corpus(extra: list[str] | None = None) -> list[str]:
     return texts + list(extra or [])
 
 
-def train_tokenizer(extra_texts: list[str] | None = None, vocab_size: int = 600, model_max_length: int = 2048) -> Any:
-    """A byte-level BPE tokenizer (encodes any text losslessly) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(extra_texts: list[str] | None = None, vocab_size: int = 600, model_max_length: int = 2048, *,
+                    special_tokens: list[str] | None = None, bos: str = "<s>", eos: str = "</s>", pad: str = "<pad>",
+                    unk: str = "<unk>", add_bos: bool = False, extra_special_tokens: dict[str, str] | None = None,
+                    chat_template: str | None = CHAT_TEMPLATE) -> Any:
+    """A byte-level BPE tokenizer (encodes any text losslessly) with a chat template.
+
+    The keyword arguments give it another family's special tokens (Gemma's ``<bos>``/``<start_of_turn>``,
+    Llama 3's ``<|begin_of_text|>``, ...), a BOS that encoding adds, as such tokenizers do (``add_bos``), and that
+    family's template (``None``: none, as PaliGemma and BLIP-2 processors have)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    extra = {"image_token": "<image>"} if extra_special_tokens is None else extra_special_tokens
+    specials = list(dict.fromkeys([pad, bos, eos, unk, *(special_tokens or SPECIAL_TOKENS[4:]), *extra.values()]))
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(extra_texts), trainer=trainer)
+    if add_bos:
+        bos_id = tok.token_to_id(bos)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, bos_id)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=extra,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_template is not None:
+        fast.chat_template = chat_template
     return fast
 
 
