@@ -166,6 +166,11 @@ def claim_drawing(session: Session, digest: str, stale_after: timedelta, now: da
     return True
 
 
+def note_drawing_alive(session: Session, digest: str) -> None:
+    """A worker is on it (stepping aside for patients): the request is not lost."""
+    _note(session, digest, progress_at=utcnow().isoformat())
+
+
 def note_drawing_problem(session: Session, digest: str, problem: str) -> None:
     _note(session, digest, problem=problem)
 

@@ -2,23 +2,30 @@
 
 The worker that serves patients' pictures loads the explainer anyway, so it draws the samples too,
 exactly as patients would get them (inference.engines: serving settings, captions), and keeps them in
-the clinic database by the explainer's subject digest (clinic_db.explainer_review). One task draws one
-condition and then queues the next, so a patient's case queued meanwhile waits for one condition's
-pictures at most, never for all of them.
+the clinic database by the explainer's subject digest (clinic_db.explainer_review). Patients go first:
+one task draws one condition and then queues the next, and while a case is in the pipeline the task
+steps aside (queues itself a few seconds later), so a case step waits for one condition's pictures at
+most, never for all of them.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from clinic_db import explainer_review
 from clinic_db.db import get_clinic
+from clinic_db.models import Case, utcnow
+from clinic_db.states import PIPELINE_STATES
 from skinbridge.celery_app import app
 from skinbridge.settings import get_settings
 
 log = logging.getLogger(__name__)
+STEP_ASIDE_S = 3.0  # how long the drawing waits when a patient's case is in the pipeline
 
 
 def request(digest: str) -> None:
@@ -45,6 +52,11 @@ def draw_review_pictures(digest: str) -> str | None:
             explainer_review.note_drawing_problem(session, digest, problem)
             session.commit()
             return None
+        if _case_in_pipeline(session):  # patients first
+            explainer_review.note_drawing_alive(session, digest)
+            session.commit()
+            draw_review_pictures.apply_async(args=[digest], countdown=STEP_ASIDE_S)
+            return None
         drawn = explainer_review.drawn_counts(session, digest)
     todo = [c for c in explainer.review_subject.codes if drawn.get(c, 0) < explainer_review.REVIEW_PICTURES]
     if not todo:
@@ -61,3 +73,10 @@ def draw_review_pictures(digest: str) -> str | None:
     if len(todo) > 1:
         draw_review_pictures.apply_async(args=[digest])
     return code
+
+
+def _case_in_pipeline(session: Session) -> bool:
+    """A case queued or being analysed (not one stuck there: the sweeper deals with those)."""
+    recent = utcnow() - timedelta(seconds=get_settings().stuck_after_s)
+    return session.scalar(select(Case.id).where(Case.status.in_([s.value for s in PIPELINE_STATES]),
+                                                Case.status_changed_at > recent).limit(1)) is not None

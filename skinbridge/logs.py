@@ -19,6 +19,7 @@ CHATTY = (
     "uvicorn.access",  # every HTTP request, the bot's getUpdates polls of the sandbox emulator included
     "celery.beat",  # "Scheduler: Sending due task" every 5 s
     "celery.worker.strategy",  # "Task ... received"
+    "celery.worker.request",  # "Discarding revoked task" (an expired periodic sweep while the worker was busy)
     "celery.app.trace",  # "Task ... succeeded in"; failures are ERROR and still shown; case steps: below
     "apscheduler",  # the bot's job queue runs
 )

@@ -31,6 +31,7 @@ from tests.e2e_support import (
     dermnet_photos,
     running_system,
 )
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +81,11 @@ def test_real_photo_gets_an_assessment_and_approved_example_pictures_from_the_sh
     # a dermatologist looks at the shipped generator's naevus pictures in the console and approves them
     derm = console_login(system.web, "ada", "correct horse battery")
     page = derm.get("/console/explainer").text
-    assert derm.get("/console/explainer/pictures/nevus/0").headers["content-type"] == "image/png"
     subject = re.search(r'name="subject" value="([^"]+)"', page).group(1)
+    # the worker draws the review pictures one condition per task, between patients' cases
+    wait_for(lambda: derm.get(f"/console/explainer/progress/{subject}").json()["counts"].get("nevus") == 4,
+             timeout=600, message="the worker drew the naevus review pictures")
+    assert derm.get(f"/console/explainer/pictures/{subject}/nevus/0").headers["content-type"] == "image/png"
     signed = derm.post("/console/explainer/review", data={"csrf_token": csrf_token(page), "subject": subject,
                                                           "decision-nevus": "approve"})
     assert signed.status_code == 303, signed.text

@@ -18,8 +18,10 @@ from fastapi import FastAPI
 from PIL import Image
 from sqlalchemy import select
 
-from clinic_db import clinicians, explainer_review
-from clinic_db.models import AuditEvent, Clinician, ExplainerReview
+from clinic_db import cases, clinicians, explainer_review, patients
+from clinic_db.audit import Actor
+from clinic_db.models import AuditEvent, Case, Clinician, ExplainerReview
+from clinic_db.states import CaseStatus
 from console.app import build_router
 from inference.engines.base import read_ai_marker
 from inference.engines.clinical_review import ReviewSubject, generator_subject
@@ -222,6 +224,26 @@ def test_dermatologist_signs_off_pictures_drawn_by_a_worker(console: Console, cl
     with clinic.session() as s:
         assert explainer_review.approved_codes(s, subject) == {"melanoma", "nevus"}
         assert explainer_review.in_force(s, subject).rejected == {"acne": "looks like a burn"}
+
+
+def test_drawing_steps_aside_while_a_patients_case_is_in_the_pipeline(console: Console, clinic) -> None:  # type: ignore[no-untyped-def]
+    digest = explainer_review.subject_digest(generator_subject(console.generator))
+    with clinic.session() as s:
+        patient = patients.register(clinic, s, 4242, consent_version="test")
+        case = cases.open_case(clinic, s, patient)
+        cases.transition(s, case, CaseStatus.queued, Actor.system("test"))
+        s.commit()
+    assert draw_review_pictures.run(digest) is None  # the case goes first
+    with clinic.session() as s:
+        assert explainer_review.drawn_counts(s, digest) == {}
+        assert "progress_at" in explainer_review.drawing_state(s, digest)  # not taken for a lost request
+        cases.transition(s, s.get(Case, case.id), CaseStatus.analysing, Actor.system("test"))
+        s.commit()
+    assert draw_review_pictures.run(digest) is None
+    with clinic.session() as s:
+        cases.transition(s, s.get(Case, case.id), CaseStatus.preliminary, Actor.system("test"))
+        s.commit()
+    assert draw_review_pictures.run(digest) == "melanoma"  # the case is through: drawing goes on
 
 
 def test_a_worker_serving_another_generator_says_so_on_the_page(  # type: ignore[no-untyped-def]
