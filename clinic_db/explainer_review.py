@@ -143,7 +143,7 @@ def store_pictures(session: Session, digest: str, code: str, pngs: Sequence[byte
     """Keep one condition's pictures (added to the session) and note the progress."""
     for position, png in enumerate(pngs):
         session.merge(ExplainerReviewPicture(subject_digest=digest, condition_code=code, position=position, png=png))
-    _note(session, digest, progress_at=utcnow().isoformat())
+    _note(session, digest, progress_at=utcnow().isoformat(), problem=None)  # drawn: an earlier problem is over
 
 
 def drawing_state(session: Session, digest: str) -> dict[str, Any]:

@@ -260,6 +260,9 @@ def test_a_worker_serving_another_generator_says_so_on_the_page(  # type: ignore
     problem = ada.get(f"/console/explainer/progress/{digest}").json()["problem"]
     assert problem.startswith("the gpu worker serves tiny-generator@test with other weights or settings")
     assert "SKINBRIDGE_GENERATOR_PATH" in ada.get("/console/explainer").text
+    # once a worker with the right generator draws, the problem is over
+    assert draw_review_pictures.run(digest) == "melanoma"
+    assert ada.get(f"/console/explainer/progress/{digest}").json()["problem"] is None
 
 
 def test_a_sign_off_is_refused_when_the_generator_changed_since_the_page_was_read(  # type: ignore[no-untyped-def]
