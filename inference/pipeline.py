@@ -119,6 +119,8 @@ def request_review(case_id: uuid.UUID | str, reason: str = PATIENT_REQUESTED, *,
         actor = Actor("patient", str(case.patient_id)) if reason == PATIENT_REQUESTED else Actor.system("triage")
         if case.status == CaseStatus.preliminary.value:
             cases.transition(session, case, CaseStatus.in_review, actor, reason=reason)
+        elif case.status in (CaseStatus.final.value, CaseStatus.amended.value):
+            pass  # already signed: a new task in the queue; the dermatologist's decision amends the report
         elif case.status not in (CaseStatus.in_review.value,):
             # not analysed yet: remember the wish; assemble_report routes it when the AI result is in
             audit.record(session, actor, "review.requested_early", "Case", case.id, reason=reason)

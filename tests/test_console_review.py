@@ -297,3 +297,29 @@ def test_telegram_digest_is_phi_free_and_only_for_linked_dermatologists(clinic) 
     for rc in made:  # nothing identifying or clinical leaves for Telegram
         assert str(rc.case.id)[:8] not in text and str(rc.task.id)[:8] not in text
     assert "melanoma" not in text.lower() and "acne" not in text.lower()
+
+
+def test_a_red_flag_after_signing_reaches_the_queue_and_amends(any_clinic) -> None:  # type: ignore[no-untyped-def]
+    """A follow-up with a red flag on a signed case opens a new urgent task; deciding it amends the report."""
+    from inference.pipeline import request_review
+    from inference.triage import RED_FLAG
+
+    clinic = any_clinic
+    with clinic.session() as s:
+        ada = _derm(clinic, s)
+        rc = _melanoma_case(clinic, s)
+        s.commit()
+        assert review.claim(s, rc.task.id, ada.id)
+        s.refresh(rc.task)
+        review.decide(clinic, s, rc.task, ada, "accept", urgency="urgent", recommendation="urgent_in_person")
+        s.commit()
+    request_review(rc.case.id, RED_FLAG, urgency="emergency")
+    with clinic.session() as s:
+        task = s.scalar(select(ReviewTask).where(ReviewTask.case_id == rc.case.id, ReviewTask.status != "decided"))
+        assert task is not None and task.urgency == "emergency" and RED_FLAG in task.reasons
+        assert s.scalar(select(OutboxMessage).where(OutboxMessage.kind == "review_requested")) is not None
+        assert review.claim(s, task.id, ada.id)
+        s.refresh(task)
+        review.decide(clinic, s, task, ada, "accept", urgency="emergency", recommendation="urgent_in_person")
+        s.commit()
+        assert s.get(Case, rc.case.id).status == "amended"
