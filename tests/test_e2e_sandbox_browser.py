@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from bot.i18n import t
 from clinic_db import patients
-from clinic_db.models import Case
+from clinic_db.models import Case, CaseMessage
 from clinic_db.states import CaseStatus
 from tests.e2e_support import CHROMIUM, CHROMIUM_ARGS, HISTORY, System, dermnet_photos, running_system, tiny_model_env
 from tests.conftest import service_missing
@@ -104,5 +104,57 @@ def test_consultation_in_the_sandbox_page(clinic, system: System, shared_data: P
             page.set_viewport_size({"width": 440, "height": min(MAX_SCREENSHOT_PX, 900 + int(extra))})
             page.eval_on_selector("#chat", "chat => { chat.scrollTop = 0; }")
             page.screenshot(path=str(DOCS_IMG / "sandbox-consultation.png"))
+        finally:
+            browser.close()
+
+
+def test_german_patient_in_the_sandbox_page(clinic, system: System, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
+    """A German-speaking patient: every message in German, a note typed between the questions is kept
+    and acknowledged, the result has one timeframe, one disclaimer and no internal code."""
+    from playwright.sync_api import expect, sync_playwright
+
+    photo = dermnet_photos(shared_data, "melanocytic-naevus/3152.jpg")[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 440, "height": 900})
+            page_errors: list[str] = []
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(system.emulator + "/")
+            page.select_option("#language", "de")
+            bot_says = lambda text: page.locator("li.msg.bot", has_text=text).last  # noqa: E731
+
+            page.fill("#first-name", "Lena")
+            page.fill("#text", "/start")
+            page.click("#send")
+            bot_says("Sind Sie einverstanden?").get_by_role("button", name=t("de", "start.accept")).click()
+            expect(bot_says(t("de", "start.accepted"))).to_be_visible()
+
+            page.set_input_files("#files", [str(photo)])
+            bot_says("Foto gespeichert").get_by_role("button", name=t("de", "photo.continue")).click()
+            fields = list(HISTORY.items())
+            for i, (field, value) in enumerate(fields):
+                question = bot_says(t("de", f"history.q.{field}"))
+                if i == 1:  # the patient types instead of tapping: kept as a note, the question stays
+                    page.fill("#text", "Es ist am linken Unterarm und juckt nachts.")
+                    page.click("#send")
+                    expect(bot_says(t("de", "note.saved_history"))).to_be_visible()
+                question.get_by_role("button", name=t("de", f"history.a.{value}"), exact=True).click()
+                expect(question.get_by_role("button")).to_have_count(0)
+            expect(bot_says(t("de", "history.done"))).to_be_visible()
+
+            result = page.locator("li.msg.bot[data-kind=text]", has_text="Am wahrscheinlichsten:")
+            expect(result).to_be_visible(timeout=PIPELINE_MS)
+            text = result.inner_text()
+            assert text.count("KEINE Diagnose") == 1
+            assert "_" not in text and "Most likely" not in text  # no internal code, nothing in English
+            expect(result.get_by_role("button", name=t("de", "button.doctor"))).to_be_visible()
+            assert page_errors == []
+            with clinic.session() as session:  # the note is on the case, encrypted
+                case = session.scalars(select(Case)).one()
+                notes = session.scalars(select(CaseMessage).where(CaseMessage.case_id == case.id,
+                                                                  CaseMessage.role == "patient")).all()
+                assert notes and b"Unterarm" not in notes[0].text_enc
+                assert clinic.vault.get_text(session, notes[0], "text", owner=case.patient_id).startswith("Es ist")
         finally:
             browser.close()
