@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Collection
 from pathlib import Path
 from string import Template
@@ -29,7 +30,9 @@ CAPTIONS = {
     "en": "AI-generated example of $name - not your photo, not a diagnosis",
     "de": "KI-generiertes Beispiel: $name - nicht Ihr Foto, keine Diagnose",
 }
-LORA_DIR = "loras"  # <sd_path>/loras/<condition code>/pytorch_lora_weights.safetensors
+LORA_DIR = "loras"  # <sd_path>/loras/<condition code>/: a diffusers/kohya LoRA file or a PEFT adapter folder
+PEFT_PARTS = ("", "unet", "text_encoder")  # where a PEFT adapter_config.json may sit in loras/<code>/
+log = logging.getLogger(__name__)
 
 
 def _condition_name(vocabulary: Any | None, code: str, lang: str) -> str:
@@ -167,7 +170,18 @@ class StableDiffusionExplainer:
         self.vocabulary = vocabulary if vocabulary is not None else _default_vocabulary()
         self.num_inference_steps = num_inference_steps or int(self.prompts.get("num_inference_steps", 30))
         self.image_size = image_size
-        self._loaded: set[str] = set()
+        # every adapter is loaded now: a condition is offered (for review, then to patients) only if its LoRA
+        # really loaded; the reason for each one left out is logged and kept in ``unusable``
+        self.unusable: dict[str, str] = {}
+        self._loaded: list[str] = []
+        for code in self.adapter_folders():
+            try:
+                load_lora(self.pipe, self.path / LORA_DIR / code, code)
+                self._loaded.append(code)
+            except Exception as exc:  # noqa: BLE001 - a broken adapter must not stop the worker
+                self.unusable[code] = f"{type(exc).__name__}: {exc}"
+                log.warning("explanation pictures of %s not offered: its LoRA in %s did not load (%s)",
+                            code, self.path / LORA_DIR / code, self.unusable[code])
         self.model_id = f"sd:{self.path.name}"
         self.weights_sha256 = model_sha256(self.path)
         # the prompts and sizes shape the pictures as much as the weights: a review is bound to them too
@@ -181,14 +195,18 @@ class StableDiffusionExplainer:
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "StableDiffusionExplainer":
         return cls(path, device, **kwargs)
 
-    @property
-    def codes(self) -> list[str]:
+    def adapter_folders(self) -> list[str]:
         root = self.path / LORA_DIR
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
 
+    @property
+    def codes(self) -> list[str]:
+        """Conditions whose LoRA adapter loaded (an empty or broken ``loras/<code>/`` is not one of them)."""
+        return list(self._loaded)
+
     def knows(self, code: str) -> bool:
-        """Only conditions with their own adapter (the base model alone is no medical illustration)."""
-        return (self.path / LORA_DIR / code).is_dir()
+        """Only conditions with their own working adapter (the base model alone is no medical illustration)."""
+        return code in self._loaded
 
     def prompt_for(self, code: str) -> str:
         specific = self.prompts.get("conditions", {}).get(code)
@@ -197,17 +215,15 @@ class StableDiffusionExplainer:
         return Template(self.prompts["template"]).substitute(name=_condition_name(self.vocabulary, code, "en"))
 
     def _activate(self, code: str) -> None:
-        if not (self.path / LORA_DIR / code).is_dir():
-            raise KeyError(f"no LoRA adapter for {code!r} under {self.path / LORA_DIR}")
         if code not in self._loaded:
-            self.pipe.load_lora_weights(str(self.path / LORA_DIR / code), adapter_name=code)
-            self._loaded.add(code)
+            why = self.unusable.get(code, "no adapter folder")
+            raise KeyError(f"no usable LoRA adapter for {code!r} under {self.path / LORA_DIR} ({why})")
         self.pipe.set_adapters([code], adapter_weights=[float(self.prompts.get("lora_scale", 1.0))])
 
     def generate(self, condition_code: str, n: int, seed: int, lang: str = "en", *,
                  approved: Collection[str]) -> list[bytes]:
         """Captioned, provenance-marked PNGs for a patient: only classes it ``knows`` that are ``approved``."""
-        _check_patient_ready(self, condition_code, approved, "no LoRA adapter")
+        _check_patient_ready(self, condition_code, approved, "no LoRA adapter that loads")
         return self.render(condition_code, n, seed, lang)
 
     def render(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
@@ -227,6 +243,59 @@ class StableDiffusionExplainer:
         )
         caption = caption_for(self.vocabulary, condition_code, lang)
         return [mark_ai_generated(img, caption, generator=self.model_id) for img in result.images]
+
+
+def load_lora(pipe: Any, folder: Path, name: str) -> None:
+    """Load the LoRA in ``folder`` into ``pipe`` as adapter ``name``, or raise saying why it cannot be used.
+
+    Two layouts: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as
+    ``PeftModel.save_pretrained`` writes it; at the top for the UNet, or in ``unet/`` and ``text_encoder/``)
+    and a diffusers or kohya LoRA file (``pytorch_lora_weights.safetensors`` or one ``*.safetensors``), which
+    diffusers converts. Either way at least one layer must have received the adapter's weights."""
+    parts = [part for part in PEFT_PARTS if (folder / part / "adapter_config.json").exists()]
+    try:
+        if parts:
+            for part in parts:
+                _load_peft_adapter(getattr(pipe, part or "unet"), folder / part, name)
+        else:
+            if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+                raise FileNotFoundError("the folder holds no adapter (no adapter_config.json, no *.safetensors)")
+            pipe.load_lora_weights(str(folder), adapter_name=name)
+        if not any(_lora_layers(getattr(pipe, part), name) for part in ("unet", "text_encoder")):
+            raise ValueError("no layer of the model took the adapter's weights (key names match no layer)")
+    except Exception:
+        try:  # leave the pipeline as it was: no half-loaded adapter
+            pipe.delete_adapters(name)
+        except Exception:  # noqa: BLE001 - nothing was registered
+            pass
+        raise
+
+
+def _lora_layers(model: Any, name: str) -> int:
+    return sum(1 for module in model.modules() if name in getattr(module, "lora_A", {}))
+
+
+def _load_peft_adapter(model: Any, folder: Path, name: str) -> None:
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    config = LoraConfig.from_pretrained(str(folder))
+    if (folder / "adapter_model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(folder / "adapter_model.safetensors")
+    elif (folder / "adapter_model.bin").exists():
+        state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder} has adapter_config.json but no adapter_model.safetensors")
+    prefix = "base_model.model."  # PeftModel.save_pretrained's key prefix
+    state = {key.removeprefix(prefix): value for key, value in state.items()}
+    model.add_adapter(config, adapter_name=name)
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+    if unexpected or missing:
+        raise ValueError(f"adapter weights do not fit the model: {len(unexpected)} unexpected, {len(missing)} "
+                         f"missing (e.g. {(unexpected or missing)[0]})")
 
 
 def load_explainer(path: str | Path, device: str = "auto", **kwargs: Any) -> ClassConditionalExplainer | StableDiffusionExplainer:
