@@ -27,7 +27,7 @@ from fastapi.exception_handlers import http_exception_handler, request_validatio
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from sqlalchemy import select, tuple_
+from sqlalchemy import and_, false, literal, select, tuple_
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -36,7 +36,7 @@ from clinic_db import audit
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.keys import KeyUnavailable
-from clinic_db.models import FhirResource
+from clinic_db.models import FhirResource, PatientKey
 from fhir import mapping, search, smart
 from fhir.publish import row_bytes
 from fhir.smart import Grant, OAuthError
@@ -148,18 +148,30 @@ def _check_accept(request: Request, *, binary: bool = False) -> bool:
     raise FhirError(406, "not-supported", f"cannot produce {accept!r}; use application/fhir+json")
 
 
-def require_grant(clinic: Clinic, request: Request, session: Session | None = None) -> Grant:
-    """The access token's grant (401 OperationOutcome without a valid one)."""
+def require_grant(clinic: Clinic, request: Request, session: Session | None = None, *,
+                  check_client: bool = True) -> Grant:
+    """The access token's grant (401 OperationOutcome without a valid one). ``check_client=False``: the
+    caller's own query checks smart.client_active (then it must call :func:`disabled` when false)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise FhirError(401, "login", "a bearer access token from /auth/token is required",
                         {"WWW-Authenticate": 'Bearer realm="skinbridge-fhir"'})
     try:
-        return smart.verify_access_token(clinic, token.strip(), smart.fhir_base(request), session)
+        return smart.verify_access_token(clinic, token.strip(), smart.fhir_base(request), session,
+                                         check_client=check_client)
     except OAuthError as exc:
-        raise FhirError(401, "login", exc.description,
-                        {"WWW-Authenticate": f'Bearer realm="skinbridge-fhir", error="{exc.error}"'}) from exc
+        raise _unauthorised(exc) from exc
+
+
+def _unauthorised(exc: OAuthError) -> FhirError:
+    return FhirError(401, "login", exc.description,
+                     {"WWW-Authenticate": f'Bearer realm="skinbridge-fhir", error="{exc.error}"'})
+
+
+def disabled() -> FhirError:
+    """401 for a token whose client was disabled (see smart.client_active)."""
+    return _unauthorised(smart.client_disabled())
 
 
 def authorise(clinic: Clinic, grant: Grant, rtype: str, perm: str, action: str, session: Session | None = None) -> None:
@@ -373,13 +385,24 @@ def _read(request: Request, rtype: str, rid: str, version: int | None) -> Respon
     clinic = get_clinic()
     action = "fhir.read" if version is None else "fhir.vread"
     with clinic.session() as session:  # one transaction: token's client, the row, its audit record
-        grant = require_grant(clinic, request, session)
-        authorise(clinic, grant, rtype, "r", action, session)
-        row = None
-        if FHIR_ID.fullmatch(rid):
-            where = [FhirResource.resource_type == rtype, FhirResource.id == rid]
-            where.append(FhirResource.is_current.is_(True) if version is None else FhirResource.version_id == version)
-            row = session.scalar(select(FhirResource).where(*where))
+        grant = require_grant(clinic, request, session, check_client=False)
+        if not grant.allows(rtype, "r"):
+            require_grant(clinic, request, session)  # a disabled client hears 401 before 403
+            authorise(clinic, grant, rtype, "r", action, session)
+        # One round trip: is the client active, the row, and its patient's data key (into the session,
+        # where Vault.data_key finds it).
+        match = [FhirResource.resource_type == rtype, FhirResource.id == rid,
+                 FhirResource.is_current.is_(True) if version is None else FhirResource.version_id == version]
+        if not FHIR_ID.fullmatch(rid):
+            match = [false()]
+        found = session.execute(
+            select(smart.client_active(grant).label("active"), FhirResource, PatientKey)
+            .select_from(select(literal(1).label("one")).subquery())
+            .outerjoin(FhirResource, and_(*match))
+            .outerjoin(PatientKey, PatientKey.patient_id == FhirResource.patient_id)).first()
+        if found is None or not found.active:
+            raise disabled()
+        row = found.FhirResource
         if row is None:
             audit_access(session, grant, action, rtype, rid if FHIR_ID.fullmatch(rid) else None, outcome="failure",
                          status=404)
@@ -447,11 +470,16 @@ def _search(request: Request, rtype: str, params: list[tuple[str, str]]) -> Resp
     clinic = get_clinic()
     base = smart.fhir_base(request)
     with clinic.session() as session:
-        grant = require_grant(clinic, request, session)
-        authorise(clinic, grant, rtype, "s", "fhir.search", session)
+        grant = require_grant(clinic, request, session, check_client=False)
+        if not grant.allows(rtype, "s"):
+            require_grant(clinic, request, session)  # a disabled client hears 401 before 403
+            authorise(clinic, grant, rtype, "s", "fhir.search", session)
         strict = "handling=strict" in request.headers.get("prefer", "").replace(" ", "")
         q = search.parse(rtype, params, strict=strict)  # SearchError -> OperationOutcome in FhirRoute
-        page = search.run(session, q)
+        active, snapshot = session.execute(select(smart.client_active(grant), search.snapshot_column())).one()
+        if not active:
+            raise disabled()
+        page = search.run(session, q, snapshot)
         parse = bool(q.includes or q.summary or q.elements)  # otherwise the stored bytes go out untouched
         entries: list[dict[str, Any]] = []
         matches: list[dict[str, Any]] = []

@@ -270,7 +270,12 @@ def snapshot_select(resource_type: str, snapshot: int) -> Select[tuple[FhirResou
 
 
 def current_snapshot(session: Session) -> int:
-    return int(session.scalar(select(func.max(FhirResource.seq))) or 0)
+    return int(session.scalar(select(snapshot_column())) or 0)
+
+
+def snapshot_column() -> Any:
+    """The highest seq (0 when nothing is published) as a scalar subquery, to fold into another query."""
+    return select(func.coalesce(func.max(FhirResource.seq), 0)).scalar_subquery()
 
 
 def filtered(q: Query, snapshot: int) -> Select[tuple[FhirResource]]:
@@ -300,28 +305,46 @@ class Page:
     total: int
     snapshot: int
     next_page: str | None
+    keys: list[Any] = field(default_factory=list)  # the rows' PatientKeys: held so the session keeps them
 
 
-def run(session: Session, q: Query) -> Page:
-    snapshot = q.snapshot if q.snapshot is not None else current_snapshot(session)
+def run(session: Session, q: Query, snapshot: int | None = None) -> Page:
+    """One page of matches. Round trips: the first page of a search is one query (rows, their patients'
+    data keys for decryption, and the total via a window count); later pages add a count query.
+    ``snapshot``: the current highest seq when the caller already read it."""
+    if q.snapshot is not None:
+        snapshot = q.snapshot
+    elif snapshot is None:
+        snapshot = current_snapshot(session)
     stmt = filtered(q, snapshot)
-    total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
-    if q.count == 0 or q.summary == "count":
-        return Page([], total, snapshot, None)
+    first_page = q.after is None and q.offset == 0
+    if q.count == 0 or q.summary == "count" or not first_page:
+        total = int(session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+        if q.count == 0 or q.summary == "count":
+            return Page([], total, snapshot, None)
     if q.sort:
-        order = [SORTS[k].desc() if desc else SORTS[k].asc() for k, desc in q.sort] + [FhirResource.seq.asc()]
-        rows = list(session.scalars(stmt.order_by(*order).offset(q.offset).limit(q.count + 1)))
-        more = len(rows) > q.count
-        rows = rows[: q.count]
-        nxt = encode_page(snapshot, offset=q.offset + q.count) if more else None
+        stmt = stmt.order_by(*[SORTS[k].desc() if desc else SORTS[k].asc() for k, desc in q.sort],
+                             FhirResource.seq.asc()).offset(q.offset)
     else:
         if q.after is not None:
             stmt = stmt.where(FhirResource.seq > q.after)
-        rows = list(session.scalars(stmt.order_by(FhirResource.seq.asc()).limit(q.count + 1)))
-        more = len(rows) > q.count
-        rows = rows[: q.count]
+        stmt = stmt.order_by(FhirResource.seq.asc())
+    # the patients' data keys come along (into the session, where Vault.data_key finds them)
+    stmt = stmt.outerjoin(PatientKey, PatientKey.patient_id == FhirResource.patient_id).add_columns(PatientKey)
+    if first_page:
+        stmt = stmt.add_columns(func.count().over().label("total"))
+    result = session.execute(stmt.limit(q.count + 1)).all()
+    if first_page:
+        total = int(result[0].total) if result else 0
+    rows = [r[0] for r in result]
+    keys = [r[1] for r in result]
+    more = len(rows) > q.count
+    rows = rows[: q.count]
+    if q.sort:
+        nxt = encode_page(snapshot, offset=q.offset + q.count) if more else None
+    else:
         nxt = encode_page(snapshot, after=rows[-1].seq) if more and rows else None
-    return Page(rows, total, snapshot, nxt)
+    return Page(rows, total, snapshot, nxt, keys)
 
 
 def references(resource: dict[str, Any], param: str) -> list[str]:

@@ -272,9 +272,11 @@ def issue_token(clinic: Clinic, form: dict[str, str], *, audiences: list[str], r
     return {"access_token": token, "token_type": "bearer", "expires_in": TOKEN_TTL_S, "scope": " ".join(granted)}
 
 
-def verify_access_token(clinic: Clinic, token: str, resource_base: str, session: Session | None = None) -> Grant:
+def verify_access_token(clinic: Clinic, token: str, resource_base: str, session: Session | None = None,
+                        *, check_client: bool = True) -> Grant:
     """Check a bearer token; raises OAuthError (401) when it is not valid here and now. ``session``:
-    the caller's, so the client check shares the request's one transaction."""
+    the caller's, so the client check shares the request's one transaction. ``check_client=False``:
+    the caller checks ``client_active_column`` in its own query (one round trip less)."""
     try:
         claims = jwt.decode(token, _signing_key(clinic), algorithms=[ACCESS_TOKEN_ALG], audience=resource_base,
                             options={"require": ["sub", "exp", "scope"]})
@@ -282,15 +284,28 @@ def verify_access_token(clinic: Clinic, token: str, resource_base: str, session:
             raise jwt.InvalidTokenError("sub and scope must be strings")
     except jwt.PyJWTError as exc:
         raise OAuthError("invalid_token", f"access token rejected: {exc}", 401) from exc
-    query = select(FhirClient.active).where(FhirClient.client_id == claims["sub"])
+    grant = Grant(client_id=claims["sub"], scopes=tuple(claims["scope"].split()))
+    if not check_client:
+        return grant
+    query = select(client_active(grant))
     if session is not None:
         active = session.scalar(query)
     else:
         with clinic.session() as own:
             active = own.scalar(query)
     if not active:
-        raise OAuthError("invalid_token", "client disabled", 401)
-    return Grant(client_id=claims["sub"], scopes=tuple(claims["scope"].split()))
+        raise client_disabled()
+    return grant
+
+
+def client_disabled() -> OAuthError:
+    return OAuthError("invalid_token", "client disabled", 401)
+
+
+def client_active(grant: Grant) -> Any:
+    """A scalar subquery: true while the grant's client is registered and active (a disabled client's
+    live tokens stop working at once)."""
+    return select(FhirClient.active).where(FhirClient.client_id == grant.client_id).scalar_subquery()
 
 
 # --- HTTP -------------------------------------------------------------------------------------
