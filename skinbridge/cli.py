@@ -234,9 +234,10 @@ def _register_components() -> None:
     from fhir.subscriptions import fhir_subscription_command
     from inference.bench import bench_command
     from inference.training.cli import train_command
+    from inference.models_cli import models_command
 
     for command in (bot_command, sandbox_command, clinician_command, fhir_client_command, fhir_subscription_command,
-                    bench_command, train_command):
+                    bench_command, train_command, models_command):
         main.add_command(command)
     from fhir.bench import bench_fhir
 
