@@ -31,7 +31,7 @@ from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import AIResult, Case, CaseMessage, ExplanationImage, OutboxMessage, utcnow
 from clinic_db.states import PIPELINE_STATES, CaseStatus
-from skinbridge.celery_app import app
+from skinbridge.celery_app import PIPELINE_QUEUES, SWEEPER_QUEUE, app
 from skinbridge.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ def deliver_subscriptions() -> None:
 
 
 # --- the sweeper: the case row is the source of truth ------------------------------------------
-@app.task(name="skinbridge.sweep", queue="cpu")
+@app.task(name="skinbridge.sweep", queue=SWEEPER_QUEUE)
 def sweep() -> dict[str, int]:
     """Redo lost work; never fail a case for waiting. Safe to run anywhere, any time.
 
@@ -451,7 +451,7 @@ def sweep() -> dict[str, int]:
       are empty and no worker held or finished a step for ``stuck_after_s``: then its message was lost
       inside the broker (a Redis restart without persistence, say). A backlog is never re-sent;
     * a case whose photos and history are complete but which was never submitted is submitted;
-    * a result whose patient message was never written gets it.
+    * a result whose patient message was never written gets it (by the same rule as a waiting case).
     """
     from inference.pipeline import publish_chain, submit_completed
 
@@ -469,6 +469,9 @@ def sweep() -> dict[str, int]:
             if case_id in view.held or case is None or CaseStatus(case.status) not in PIPELINE_STATES:
                 leases.settle(session, task_ids, now)  # someone else redoes it, or it finished before dying
                 session.commit()
+                if case is not None and case_id not in view.held and case.status in RESULT_STATES:
+                    notify.delay(str(case_id))  # died in notify, or right after: idempotent
+                    notified += 1
                 continue
             try:
                 if case.status == CaseStatus.analysing.value:
@@ -479,7 +482,9 @@ def sweep() -> dict[str, int]:
                 session.rollback()
                 continue
             requeued += 1
-        if view.idle_since(cutoff) and _messages_waiting() == 0:
+        # nothing held, nothing finished lately, nothing in the broker: what still waits was lost there
+        quiet = view.idle_since(cutoff) and _messages_waiting() == 0
+        if quiet:
             waiting = session.scalars(select(Case).where(
                 Case.status.in_([s.value for s in PIPELINE_STATES]), Case.status_changed_at < cutoff,
             )).all()
@@ -490,11 +495,10 @@ def sweep() -> dict[str, int]:
         leases.prune(session, now - 2 * timedelta(seconds=settings.stuck_after_s))
         session.commit()
         submitted = submit_completed(clinic, before=cutoff)
-        # a crash between assemble_report and notify leaves a result without its message
-        recent = session.scalars(
+        # a result without its patient message (the notify message lost), once nothing else is going on
+        recent = [] if not quiet else session.scalars(
             select(Case).where(
-                Case.status.in_([CaseStatus.preliminary.value, CaseStatus.in_review.value]),
-                Case.status_changed_at < cutoff,
+                Case.status.in_(RESULT_STATES), Case.status_changed_at < cutoff,
                 Case.status_changed_at > cutoff - timedelta(days=1),
             )
         ).all()
@@ -511,15 +515,18 @@ def sweep() -> dict[str, int]:
     return {"requeued": requeued, "resent": resent, "submitted": submitted, "notified": notified}
 
 
+RESULT_STATES = (CaseStatus.preliminary.value, CaseStatus.in_review.value)
+
+
 def _messages_waiting() -> int | None:
     """Messages ready in the pipeline queues, as the broker counts them; None when it cannot say."""
     total = 0
     try:
         with app.connection_for_read() as conn:
-            for queue in app.conf.task_queues:
+            for queue in PIPELINE_QUEUES:
                 with conn.channel() as channel:
                     try:
-                        total += channel.queue_declare(queue=queue.name, passive=True).message_count
+                        total += channel.queue_declare(queue=queue, passive=True).message_count
                     except conn.channel_errors:
                         pass  # the queue does not exist yet (Redis, AMQP): nothing waits in it
     except Exception:  # noqa: BLE001 - unknown is not empty: re-send nothing this time

@@ -18,6 +18,11 @@ from skinbridge import fs_broker
 from skinbridge.settings import Settings, get_settings
 
 
+PIPELINE_QUEUES = ("gpu", "cpu")
+# the sweeper has a queue of its own, consumed by the worker that runs beat: a backlog on `cpu` never delays it
+SWEEPER_QUEUE = "sweeper"
+
+
 def configure(app: Celery, settings: Settings) -> Celery:
     """(Re)apply settings to the app; tests call it again after changing the environment."""
     conf: dict = dict(
@@ -31,7 +36,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
         task_default_queue="cpu",
-        task_queues=(Queue("gpu"), Queue("cpu")),
+        task_queues=tuple(Queue(name) for name in (*PIPELINE_QUEUES, SWEEPER_QUEUE)),
         task_send_sent_event=True,
         worker_send_task_events=True,
         task_serializer="json",
@@ -39,9 +44,7 @@ def configure(app: Celery, settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         beat_schedule={
-            # a sweep not started within its interval is dropped: the next one is on its way
-            "sweep-stuck-cases": {"task": "skinbridge.sweep", "schedule": settings.sweeper_interval_s,
-                                  "options": {"expires": settings.sweeper_interval_s}},
+            "sweep-stuck-cases": {"task": "skinbridge.sweep", "schedule": settings.sweeper_interval_s},
             "deliver-fhir-subscriptions": {"task": "skinbridge.deliver_subscriptions", "schedule": 5.0},
         },
     )

@@ -159,7 +159,10 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
         f"--concurrency={concurrency or settings.worker_concurrency}", "-E",
         f"--hostname=skinbridge-{queues.replace(',', '-')}@%h",
     ]
-    if beat:
+    if beat:  # the beat worker also consumes the sweeper's own queue (skinbridge.celery_app.SWEEPER_QUEUE)
+        from skinbridge.celery_app import SWEEPER_QUEUE
+
+        argv[argv.index("-Q") + 1] = f"{queues},{SWEEPER_QUEUE}"
         argv += ["-B", f"--schedule={settings.resolved_var_dir / 'celerybeat-schedule'}"]
     app.worker_main(argv)
 
@@ -242,6 +245,9 @@ def _register_components() -> None:
     from fhir.bench import bench_fhir
 
     bench_command.add_command(bench_fhir)  # skinbridge bench fhir
+    from skinbridge.soak import soak_command
+
+    bench_command.add_command(soak_command)  # skinbridge bench soak
 
 
 _register_components()

@@ -260,7 +260,15 @@ def test_a_backlog_longer_than_three_stuck_windows_completes_without_a_failure(c
         attempts = s.scalars(select(Case.pipeline_attempts).where(Case.id.in_(everything))).all()
     assert sorted(set(attempts)) == [1] and _results(clinic, everything) == len(everything)
     assert worker.proc.poll() is None
-    print(f"backlog of {len(everything)} cases drained in {elapsed:.1f} s with stuck_after_s={stuck_s}")
+    with clinic.session() as s:  # never-submitted cases: from the last answer to the sweeper's submit
+        waits = [(s.scalar(select(AuditEvent.at).where(AuditEvent.entity_id == str(c),
+                                                       AuditEvent.detail["to_status"].as_string() == "queued"))
+                  - s.get(Case, c).history_completed_at).total_seconds() for c in never_submitted]
+        assert all(s.scalar(select(AuditEvent.actor_id).where(
+            AuditEvent.entity_id == str(c), AuditEvent.detail["to_status"].as_string() == "queued")) == "sweeper"
+            for c in never_submitted)
+    print(f"backlog of {len(everything)} cases drained in {elapsed:.1f} s with stuck_after_s={stuck_s}; "
+          f"never-submitted cases submitted by the sweeper {min(waits):.1f}-{max(waits):.1f} s after their last answer")
 
 
 @pytest.mark.slow
@@ -286,3 +294,23 @@ def _live_step(clinic, case_id: uuid.UUID) -> str | None:
     with clinic.session() as s:
         return s.scalar(select(TaskLease.step).where(TaskLease.case_id == case_id, TaskLease.released_at.is_(None),
                                                      TaskLease.expires_at > utcnow()))
+
+
+def test_a_result_waiting_for_its_message_is_not_flooded_with_notifies(swept):
+    """A backlog of notify steps is not a loss either (the sweeper used to add one notify per sweep)."""
+    case_id = _case(swept, CaseStatus.analysing)
+    with swept.session() as s:
+        case = s.get(Case, case_id)
+        cases.transition(s, case, CaseStatus.preliminary, Actor.system("test"))
+        s.commit()
+        s.execute(update(Case).where(Case.id == case_id).values(status_changed_at=utcnow() - timedelta(hours=1)))
+        s.commit()
+    other = _case(swept, CaseStatus.analysing)
+    _lease(swept, other, expires_in_s=30)  # the worker is busy: the notify is somewhere in the queue
+    assert [sweep()["notified"] for _ in range(3)] == [0, 0, 0]
+    with swept.session() as s:
+        s.execute(update(TaskLease).values(released_at=utcnow() - timedelta(hours=1),
+                                           renewed_at=utcnow() - timedelta(hours=1)))
+        s.commit()
+    assert sweep()["notified"] == 1  # quiet, broker empty: the notify was lost
+    assert sweep()["notified"] == 0  # the one just sent waits in the broker
