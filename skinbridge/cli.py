@@ -242,6 +242,9 @@ def _register_components() -> None:
     for command in (bot_command, sandbox_command, clinician_command, fhir_client_command, fhir_subscription_command,
                     bench_command, train_command, models_command):
         main.add_command(command)
+    from inference.bench_pipeline import bench_pipeline
+
+    bench_command.add_command(bench_pipeline)  # skinbridge bench pipeline
     from fhir.bench import bench_fhir
 
     bench_command.add_command(bench_fhir)  # skinbridge bench fhir

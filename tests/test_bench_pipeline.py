@@ -1,0 +1,62 @@
+"""`skinbridge bench pipeline` end to end: real emulator, bot and worker processes, two patients at once.
+
+Tiny models keep it short; the numbers are not checked (no timing assertions), the record is: every
+case has one result and its pictures, the timestamps follow the chain's order, and the stages cut the
+patient's whole wait without gaps or overlaps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inference.bench_pipeline import _segments
+from tests.e2e_support import REPO, pythonpath_env, tiny_model_env
+
+
+def _bench(tmp_path: Path, *args: str) -> dict:
+    import os
+
+    out = tmp_path / "out.json"
+    env = {**os.environ, **tiny_model_env(tmp_path / "models"), **pythonpath_env()}
+    proc = subprocess.run([sys.executable, "-m", "skinbridge", "bench", "pipeline", "--patients", "2",
+                           "--json", str(out), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "last_answer_to_result" in proc.stdout  # the printed report
+    return json.loads(out.read_text())
+
+
+def _check(report: dict) -> None:
+    assert report["schema"] == "skinbridge.bench.pipeline/1"
+    assert report["summary"]["with_result"] == report["summary"]["with_pictures"] == 2
+    assert report["summary"]["duplicated_results"] == 0
+    assert len(report["machine"]["loadavg_at_start"]) == 3
+    for case in report["cases"]:
+        t = case["t"]
+        assert case["result_messages"] == 1, case
+        assert t["last_answer"] <= t["inbox_stored"] <= t["status_queued"] <= t["status_analysing"] \
+            <= t["result_delivered"], t
+        assert t["pictures_delivered"] is not None
+        assert {"diagnose", "explain"} <= {s["step"] for s in case["steps"]}
+        segments = _segments(case)
+        assert "task: diagnose" in segments
+        # consecutive stages: together they are the whole wait, last answer to the last message
+        last = max(t["result_delivered"], t["pictures_delivered"])
+        assert sum(segments.values()) == pytest.approx(last - t["last_answer"], abs=1e-3)
+    stages = report["summary"]["stages_s"]
+    assert stages["task: diagnose"]["n"] == 2 and stages["task: diagnose"]["p50"] >= 0
+
+
+def test_bench_pipeline_embedded(tmp_path: Path) -> None:
+    _check(_bench(tmp_path, "--shape", "embedded"))
+
+
+@pytest.mark.slow
+def test_bench_pipeline_redis(tmp_path: Path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import PG_ADMIN_URL
+
+    _check(_bench(tmp_path, "--shape", "redis", "--postgres-url", PG_ADMIN_URL))
