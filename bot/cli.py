@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import sys
 from urllib.parse import urlparse
@@ -35,9 +34,10 @@ def bot_command(listen: str, port: int) -> None:
     """Run the Telegram bot for patients (webhook if SKINBRIDGE_WEBHOOK_URL is set, else polling)."""
     from bot.app import Webhook, build_application, connection, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # every poll would be logged, token included
+    from skinbridge import logs
     from skinbridge.cli import checked_settings
+
+    logs.setup()  # polls and per-request lines (with the token in the URL) only at DEBUG
 
     settings = checked_settings()
     if settings.webhook_url:  # checked before anything is opened or registered
