@@ -22,7 +22,7 @@ STOCK = "kombu.transport.filesystem:Transport"
 PROJECT = "skinbridge.fs_broker:Transport"
 
 
-def _options(folder: Path) -> dict[str, Any]:
+def transport_options(folder: Path) -> dict[str, Any]:
     return {"data_folder_in": str(folder / "out"), "data_folder_out": str(folder / "out"),
             "control_folder": str(folder / "control"), "processed_folder": str(folder / "processed"),
             "polling_interval": 0.005}
@@ -38,7 +38,7 @@ def produce(transport: str, folder: Path, producer: int, count: int) -> None:
     from kombu import Connection, Producer
 
     queue = _queue()
-    with Connection("filesystem://", transport=transport, transport_options=_options(folder)) as conn:
+    with Connection("filesystem://", transport=transport, transport_options=transport_options(folder)) as conn:
         producer_ = Producer(conn.default_channel)
         for i in range(count):
             producer_.publish({"id": f"{producer}:{i}", "pad": "x" * 512}, exchange=queue.exchange,
@@ -55,7 +55,7 @@ def consume(transport: str, folder: Path, out: Path, stop: Path) -> None:
         message.ack()
 
     try:
-        with Connection("filesystem://", transport=transport, transport_options=_options(folder)) as conn:
+        with Connection("filesystem://", transport=transport, transport_options=transport_options(folder)) as conn:
             with Consumer(conn, [_queue()], callbacks=[on_message], accept=["json"]):
                 while True:
                     try:

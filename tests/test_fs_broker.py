@@ -13,13 +13,13 @@ import pytest
 from kombu import Connection
 
 from skinbridge import fs_broker
-from tests.fs_hammer import PROJECT, STOCK, _options, hammer
+from tests.fs_hammer import PROJECT, STOCK, transport_options, hammer
 
 
 def _channel(transport: str, folder: Path, **extra):  # type: ignore[no-untyped-def]
     for sub in ("out", "control", "processed"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    conn = Connection("filesystem://", transport=transport, transport_options={**_options(folder), **extra})
+    conn = Connection("filesystem://", transport=transport, transport_options={**transport_options(folder), **extra})
     return conn, conn.default_channel
 
 
