@@ -141,9 +141,10 @@ def _outcome(clinic: Any, submitted: dict[uuid.UUID, float]) -> dict[str, Any]:
     }
 
 
-def run_soak(minutes: float, rate_per_min: float, drain_s: float, var_dir: Path,
+def run_soak(minutes: float, rate_per_min: float, drain_s: float, var_dir: Path, burst: int = 0,
              progress=lambda m: None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """Soak the embedded worker in ``var_dir`` (made empty first); return the report."""
+    """Soak the embedded worker in ``var_dir`` (made empty first); return the report. ``burst`` cases are
+    submitted at once first: a backlog (SKINBRIDGE_STUCK_AFTER_S in the environment reaches the worker)."""
     import celery
     import kombu
 
@@ -176,9 +177,13 @@ def run_soak(minutes: float, rate_per_min: float, drain_s: float, var_dir: Path,
     t0 = time.monotonic()
     try:
         worker.start()
+        for n in range(burst):
+            submitted[_submit_one(clinic, n)] = time.monotonic()
+        if burst:
+            progress(f"{burst} cases submitted at once")
         interval = 60.0 / rate_per_min
-        next_at = t0
-        n = 0
+        next_at = time.monotonic()
+        n = burst
         while time.monotonic() - t0 < minutes * 60:
             worker.check()
             if time.monotonic() >= next_at:
@@ -217,6 +222,9 @@ def run_soak(minutes: float, rate_per_min: float, drain_s: float, var_dir: Path,
         "minutes": minutes,
         "stream_s": round(stream_s, 1),
         "rate_per_min": rate_per_min,
+        "burst": burst,
+        "settings": {"stuck_after_s": settings.stuck_after_s, "sweeper_interval_s": settings.sweeper_interval_s,
+                     "max_pipeline_attempts": settings.max_pipeline_attempts},
         "broker": "filesystem:// (skinbridge.fs_broker)",
         "worker": "skinbridge worker --queues gpu,cpu --beat (embedded profile, shipped models)",
         "worker_crashes": len(worker.crashes),
@@ -234,19 +242,22 @@ def run_soak(minutes: float, rate_per_min: float, drain_s: float, var_dir: Path,
 @click.option("--rate", "rate_per_min", type=float, default=12.0, show_default=True, help="Cases submitted per minute.")
 @click.option("--drain", "drain_s", type=float, default=300.0, show_default=True,
               help="Seconds to wait for the queue to drain after the stream.")
+@click.option("--burst", type=int, default=0, show_default=True,
+              help="Cases submitted at once before the stream: a backlog (try with SKINBRIDGE_STUCK_AFTER_S=5).")
 @click.option("--var-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Scratch var dir, emptied first (default: a new temporary folder, removed afterwards).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here (default: print it).")
-def soak_command(minutes: float, rate_per_min: float, drain_s: float, var_dir: Path | None,
+def soak_command(minutes: float, rate_per_min: float, drain_s: float, burst: int, var_dir: Path | None,
                  json_path: Path | None) -> None:
     """The embedded worker under a steady stream of cases: worker crashes, lost and duplicated results.
     Exits 1 when anything was lost, duplicated or crashed."""
-    if minutes <= 0 or rate_per_min <= 0:
-        raise click.BadParameter("--minutes and --rate must be positive")
+    if minutes <= 0 or rate_per_min <= 0 or burst < 0:
+        raise click.BadParameter("--minutes and --rate must be positive, --burst not negative")
     scratch = var_dir or Path(tempfile.mkdtemp(prefix="skinbridge-soak-"))
     try:
-        report = run_soak(minutes, rate_per_min, drain_s, scratch, progress=lambda m: click.echo(m, err=True))
+        report = run_soak(minutes, rate_per_min, drain_s, scratch, burst,
+                          progress=lambda m: click.echo(m, err=True))
     finally:
         if var_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
