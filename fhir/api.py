@@ -13,6 +13,7 @@ need to look inside.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import re
@@ -178,7 +179,7 @@ def authorise(clinic: Clinic, grant: Grant, rtype: str, perm: str, action: str, 
     """403 (audited as denied) unless the grant's scopes allow ``perm`` on ``rtype``."""
     if grant.allows(rtype, perm):
         return
-    with (session if session is not None else clinic.session()) as s:
+    with contextlib.nullcontext(session) if session is not None else clinic.session() as s:
         audit.record(s, Actor("client", grant.client_id), action, rtype, None, outcome="denied",
                      scope_needed=f"system/{rtype}.{perm}")
         s.commit()

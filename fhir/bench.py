@@ -224,6 +224,33 @@ def search_plan(seeded: dict[str, Any]) -> list[str]:
         return [row[0] for row in session.execute(text("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + sql))]
 
 
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput against clients, one line per operation, load average written at each point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for op in (READ, SEARCH):
+        points = [r for r in report["results"] if r["operation"] == op]
+        xs, ys = [r["clients"] for r in points], [r["req_per_s"] for r in points]
+        ax.plot(xs, ys, marker="o", label=f"{op} (p99 at {xs[-1]}: {points[-1]['p99_ms']:.0f} ms)")
+        for r in points:
+            ax.annotate(f"load {r['load_average_1m']:.1f}", (r["clients"], r["req_per_s"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests / s")
+    ax.set_title(f"FHIR API, {report['database']}, {report['size']} reports, {report['workers']} API processes",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 @click.command("fhir")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results here as JSON.")
@@ -237,8 +264,10 @@ def search_plan(seeded: dict[str, Any]) -> list[str]:
               help="An EMPTY database to seed (it is migrated and filled with synthetic patients). "
                    "Default: a new SQLite file in a temporary folder.")
 @click.option("--port", type=int, default=None, help="Port for the API (default: a free one).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw throughput against clients into this PNG.")
 def bench_fhir(json_path: Path | None, size: int, seconds: float, clients: str, workers: int | None,
-               database_url: str | None, port: int | None) -> None:
+               database_url: str | None, port: int | None, plot_path: Path | None) -> None:
     """Benchmark the FHIR API: reads of DiagnosticReport/{id} and searches by patient and date range."""
     import socket
 
@@ -265,6 +294,12 @@ def bench_fhir(json_path: Path | None, size: int, seconds: float, clients: str, 
                 raise click.UsageError("--database-url must name an empty database (it gets synthetic data)")
         t0 = time.monotonic()
         seeded = seed(size)
+        if clinic_db.get_clinic().engine.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            with clinic_db.get_clinic().engine.connect() as conn:  # statistics, as autovacuum would gather
+                conn.execute(text("ANALYZE"))
+                conn.commit()
         click.echo(f"seeded {size} reports for {len(seeded['patients'])} patients in {time.monotonic() - t0:.1f} s",
                    err=True)
         plan = search_plan(seeded)
@@ -302,3 +337,6 @@ def bench_fhir(json_path: Path | None, size: int, seconds: float, clients: str, 
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        plot(report, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)

@@ -256,16 +256,23 @@ def _patient_ids(raw: str) -> list[uuid.UUID]:
 
 
 # --- SQL ----------------------------------------------------------------------------------------
+_NEWER = aliased(FhirResource, name="newer")  # built once: a fresh alias re-adapts every column it touches
+
+
 def snapshot_select(resource_type: str, snapshot: int) -> Select[tuple[FhirResource]]:
     """Each resource of the type at its newest version with seq <= snapshot (not deleted, not erased)."""
-    newer = aliased(FhirResource)
+    newer = _NEWER
     return select(FhirResource).where(
         FhirResource.resource_type == resource_type,
         FhirResource.seq <= snapshot,
         FhirResource.deleted.is_(False),
         ~exists().where(newer.resource_type == FhirResource.resource_type, newer.id == FhirResource.id,
                         newer.seq > FhirResource.seq, newer.seq <= snapshot),
-        or_(FhirResource.patient_id.is_(None), FhirResource.patient_id.in_(select(PatientKey.patient_id))),
+        # not erased: a correlated EXISTS probes patient_keys' primary key per row (an IN over the
+        # whole table made PostgreSQL hash all of patient_keys for every search)
+        or_(FhirResource.patient_id.is_(None),
+            select(PatientKey.patient_id).where(PatientKey.patient_id == FhirResource.patient_id)
+            .correlate_except(PatientKey).exists()),
     )
 
 
