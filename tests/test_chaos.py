@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 PATIENTS = 6
 DONE = {CaseStatus.preliminary.value, CaseStatus.in_review.value}
 RECOVERY_S = 240.0  # worker restart (torch import, tiny models) plus the sweeper, on a busy 2-core machine
-# short sweeper clock so a lost step is found within seconds, not the production quarter of an hour
+# short sweeper clock so a lost step is found within seconds, not the production default (120 s)
 FAST_SWEEPER = {"SKINBRIDGE_SWEEPER_INTERVAL_S": "1", "SKINBRIDGE_STUCK_AFTER_S": "6"}
 
 
