@@ -29,6 +29,9 @@ from clinic_db.models import Case, CaseMessage, KeyValue, OutboxMessage, Patient
 from clinic_db.states import CaseStatus
 
 log = logging.getLogger(__name__)
+# The pipeline's messages are written by worker processes: the sender looks for due ones this often (one
+# indexed query) and goes on at once while there are more; a failed round waits ``interval_s``.
+POLL_S = 0.1
 
 
 class OutboxSender:
@@ -40,12 +43,13 @@ class OutboxSender:
     async def run(self) -> None:
         while True:
             try:
-                await self.deliver_due()
+                pause = 0.0 if await self.deliver_due() else POLL_S
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the loop must survive a bad message or a DB hiccup
                 log.exception("outbox delivery round failed")
-            await asyncio.sleep(self.interval_s)
+                pause = self.interval_s
+            await asyncio.sleep(pause)
 
     async def deliver_due(self) -> int:
         with self.clinic.session() as session:
@@ -99,6 +103,8 @@ class OutboxSender:
             await self._progress(session, chat_id, lang, payload["case_id"], payload["stage"])
         elif kind == "result":
             await self._result(session, chat_id, lang, case)
+        elif kind == "pictures":
+            await self._pictures(session, chat_id, lang, case)
         elif kind == "followup_answer":
             row = session.get(CaseMessage, uuid.UUID(payload["message_id"]))
             if row is None or row.patient_id != patient.id:
@@ -148,6 +154,16 @@ class OutboxSender:
             differential = self.clinic.vault.get_json(session, chosen, "differential", owner=case.patient_id) or []
             audit.record(session, Actor("patient", str(case.patient_id)), "ai_result.read", "AIResult", chosen.id,
                          case=str(case.id))
+        in_review = case.status == CaseStatus.in_review.value
+        await self.bot.send_message(chat_id, result_text(lang, differential, case.urgency or "routine",
+                                                         in_review=in_review,
+                                                         flags=(chosen.flags or []) if chosen is not None else []),
+                                    reply_markup=result_buttons(lang, case.id))
+
+    async def _pictures(self, session: Session, chat_id: int, lang: str, case: Case | None) -> None:
+        """The AI-generated example pictures: their own message, after the result (drawn after it)."""
+        if case is None:
+            raise LookupError("pictures for a case that is gone")
         media = []
         for image in case.explanation_images:
             data = self.clinic.vault.decrypt(session, image, "data", owner=case.patient_id)
@@ -155,11 +171,6 @@ class OutboxSender:
             media.append(InputMediaPhoto(data, caption=caption))
         if media:
             await self.bot.send_media_group(chat_id, media[:10])
-        in_review = case.status == CaseStatus.in_review.value
-        await self.bot.send_message(chat_id, result_text(lang, differential, case.urgency or "routine",
-                                                         in_review=in_review,
-                                                         flags=(chosen.flags or []) if chosen is not None else []),
-                                    reply_markup=result_buttons(lang, case.id))
 
     async def _clinician(self, session: Session, chat_id: int, lang: str, kind: str, payload: dict[str, Any],
                          patient: Patient) -> None:

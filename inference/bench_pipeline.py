@@ -283,7 +283,9 @@ def _case_record(clinic: Any, user_id: int, patient: Patient, delivered: dict[st
     from sqlalchemy import select
 
     from clinic_db import patients
-    from clinic_db.models import AuditEvent, Case, InboxUpdate, OutboxMessage, TaskLease
+    from sqlalchemy import func
+
+    from clinic_db.models import AIResult, AuditEvent, Case, InboxUpdate, OutboxMessage, TaskLease
 
     with clinic.session() as session:
         row = patients.find_by_telegram(clinic, session, user_id)
@@ -308,6 +310,8 @@ def _case_record(clinic: Any, user_id: int, patient: Patient, delivered: dict[st
                 "inbox_stored": _epoch(inbox.received_at) if inbox else None,
                 "inbox_handled": _epoch(inbox.handled_at) if inbox else None,
                 **{f"status_{k}": v for k, v in transitions.items()},
+                "ai_result_stored": _epoch(session.scalar(select(func.min(AIResult.created_at))
+                                                          .where(AIResult.case_id == case.id))),
                 "result_delivered": min(delivered["result"], default=None),
                 "pictures_delivered": min(delivered["pictures"], default=None),
             },
@@ -330,12 +334,21 @@ def _segments(case: dict[str, Any]) -> dict[str, float]:
     put("bot: handle + submit", t.get("inbox_stored"), t.get("status_queued"))
     cursor = t.get("status_queued")
     result_at = t.get("result_delivered")
+    # the step that writes the result message ends, for the patient, at that commit
+    written = (case.get("outbox") or {}).get("result", {}).get("created")
     for step in case["steps"]:
-        if step["step"] == "handoff" or step["start"] is None or (result_at and step["start"] > result_at):
+        if step["step"] == "handoff" or step["start"] is None or (written and step["start"] >= written):
             continue
+        end = min(step["end"], written) if step["end"] and written else step["end"]
         put("broker wait (hops)", cursor, step["start"])
-        put(f"task: {step['step']}", step["start"], step["end"])
-        cursor = step["end"] or cursor
+        if step["step"] == "analyse" and t.get("status_analysing") and t.get("ai_result_stored"):
+            # one task, three transactions: the gate commits 'analysing', the models their result
+            put("task: analyse / quality gate", step["start"], t["status_analysing"])
+            put("task: analyse / models", t["status_analysing"], t["ai_result_stored"])
+            put("task: analyse / report + result", t["ai_result_stored"], end)
+        else:
+            put(f"task: {step['step']}", step["start"], end)
+        cursor = end or cursor
     put("outbox: wait + send result", cursor, result_at)
     put("pictures after the result", result_at, t.get("pictures_delivered"))
     return out

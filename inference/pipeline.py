@@ -1,8 +1,8 @@
 """The case pipeline as the rest of the system sees it: submit a case, a follow-up, a review request.
 
-The chain (see inference/tasks.py):
+The chain (see inference/tasks.py), one broker hop from the bot to the result message:
 
-    quality_gate (cpu) -> diagnose (gpu) -> explain (gpu) -> assemble_report (cpu) -> notify (cpu)
+    analyse (gpu: quality gate -> models -> report + result message) -> explain (gpu: example pictures)
 
 Every step re-reads the case row (the source of truth) and does nothing if its work is already
 done, so a redelivered task, a re-enqueued chain or a second worker never doubles a result.
@@ -31,13 +31,7 @@ def case_chain(case_id: uuid.UUID | str):  # type: ignore[no-untyped-def]
     from inference import tasks
 
     cid = str(case_id)
-    return chain(
-        tasks.quality_gate.si(cid),
-        tasks.diagnose.si(cid),
-        tasks.explain.si(cid),
-        tasks.assemble_report.si(cid),
-        tasks.notify.si(cid),
-    )
+    return chain(tasks.analyse.si(cid), tasks.explain.si(cid))
 
 
 def publish_chain(clinic: Clinic, session: Session, case_id: uuid.UUID) -> None:

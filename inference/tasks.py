@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+from celery import chain
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.signals import task_postrun, worker_process_init
 from PIL import Image as PILImage
@@ -33,6 +34,11 @@ from clinic_db.models import AIResult, Case, CaseMessage, ExplanationImage, Outb
 from clinic_db.states import PIPELINE_STATES, CaseStatus
 from skinbridge.celery_app import PIPELINE_QUEUES, SWEEPER_QUEUE, app
 from skinbridge.settings import get_settings
+
+# OpenMP's idle threads spin by default; beside the bot, the database and other workers on a few cores the
+# spinning threads take the CPU from the ones with work (measured: 2 example pictures 32 s instead of 2.2 s
+# on the 2-core machine under load). Read when torch first loads, which is after this import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger(__name__)
 WORKER = Actor.system("worker")
@@ -142,10 +148,12 @@ def _next_states(case: Case) -> frozenset[CaseStatus]:
     return TRANSITIONS[CaseStatus(case.status)]
 
 
-def _photos(clinic: Clinic, session: Session, case: Case) -> list[PILImage.Image]:
+def _photos(clinic: Clinic, session: Session, case: Case, read: dict[uuid.UUID, bytes] | None = None,
+            ) -> list[PILImage.Image]:
+    """The case's photos; ``read`` holds the ones this task already decrypted (and audited) for the gate."""
     photos = []
     for image in case.images:
-        data = cases.image_bytes(clinic, session, image, WORKER, purpose="treatment")
+        data = (read or {}).get(image.id) or cases.image_bytes(clinic, session, image, WORKER, purpose="treatment")
         photos.append(PILImage.open(io.BytesIO(data)).convert("RGB"))
     if not photos:
         raise PoisonCase("no_photos")
@@ -160,8 +168,36 @@ TASK_OPTS: dict[str, Any] = dict(bind=True, acks_late=True, reject_on_worker_los
 
 
 # --- the chain ------------------------------------------------------------------------------
+# inference.pipeline.case_chain sends two tasks per case, both to the gpu queue:
+#   analyse: quality gate -> models -> report; the report's transaction also writes the result message,
+#            so the patient hears as soon as it is committed (one broker hop from the bot's submit);
+#   explain: the example pictures, a message of their own that follows the result (never delays it).
+# Each step still runs in its own transaction, re-reads the case and skips work already done. The
+# one-step tasks below stay registered for chains already in a broker and for the sweeper.
+@app.task(name="skinbridge.analyse", queue="gpu", **TASK_OPTS)
+def analyse(self, case_id: str) -> None:
+    try:
+        read: dict[uuid.UUID, bytes] = {}
+        _quality_gate(self, case_id, read)
+        _diagnose(self, case_id, read)
+        _assemble_report(self, case_id, with_result=True)
+    except Ignore:
+        if _status(case_id) not in RESULT_STATES:
+            raise  # failed, withdrawn or gone: the chain stops here
+        # a redelivery after the report was committed: its result message went with it; explain goes on
+
+
+def _status(case_id: str) -> str | None:
+    with get_clinic().session() as session:
+        return session.scalar(select(Case.status).where(Case.id == uuid.UUID(case_id)))
+
+
 @app.task(name="skinbridge.quality_gate", queue="cpu", **TASK_OPTS)
 def quality_gate(self, case_id: str) -> None:
+    _quality_gate(self, case_id)
+
+
+def _quality_gate(self, case_id: str, read: dict[uuid.UUID, bytes] | None = None) -> None:  # type: ignore[no-untyped-def]
     from inference.quality import assess
     from clinic_db.cases import CleanImage
 
@@ -174,6 +210,8 @@ def quality_gate(self, case_id: str) -> None:
         for image in case.images:
             if image.quality is None:
                 data = cases.image_bytes(clinic, session, image, WORKER)
+                if read is not None:
+                    read[image.id] = data
                 report = assess(CleanImage(data=data, mime=image.mime, width=image.width, height=image.height))
                 image.quality = {"ok": report.ok, "problems": list(report.problems), **report.metrics}
         outbox.enqueue(
@@ -184,6 +222,10 @@ def quality_gate(self, case_id: str) -> None:
 
 @app.task(name="skinbridge.diagnose", queue="gpu", **TASK_OPTS)
 def diagnose(self, case_id: str) -> None:
+    _diagnose(self, case_id)
+
+
+def _diagnose(self, case_id: str, read: dict[uuid.UUID, bytes] | None = None) -> None:  # type: ignore[no-untyped-def]
     retry_vlm: BaseException | None = None
     with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
         delay = get_settings().fault_delay_s
@@ -191,7 +233,7 @@ def diagnose(self, case_id: str) -> None:
             time.sleep(delay)
         done = set(session.scalars(select(AIResult.engine).where(AIResult.case_id == case.id)))
         eng = engines()
-        photos = _photos(clinic, session, case)
+        photos = _photos(clinic, session, case, read)
         if "classifier" not in done:
             per_photo = eng.classifier.predict(photos, "clinical")
             _store_prediction(clinic, session, case, _merge_photo_predictions(per_photo))
@@ -260,45 +302,77 @@ def _merge_photo_predictions(per_photo: list) -> Any:  # type: ignore[type-arg]
 
 @app.task(name="skinbridge.explain", queue="gpu", **TASK_OPTS)
 def explain(self, case_id: str) -> None:
+    """Example pictures of the case's top condition, then the message that brings them (and, once the
+    result is out, the FHIR report again with them, and the progress message 'ready')."""
     settings = get_settings()
     retry_explainer: BaseException | None = None
-    with case_step(self, case_id, {CaseStatus.analysing}) as (clinic, session, case):
-        preferred = cases.preferred_result(session, case)
-        top = preferred.top_condition_code if preferred is not None else None
-        if top is None or settings.explanation_images <= 0:
-            return
-        have = session.scalar(
-            select(ExplanationImage.id).where(ExplanationImage.case_id == case.id,
-                                              ExplanationImage.condition_code == top).limit(1)
-        )
-        explainer = engines().explainer
-        if have is not None or explainer is None or not explainer.knows(top):
-            return
-        # patients get pictures only of conditions a dermatologist approved for these weights and settings
-        approved = explainer_review.approved_codes(session, explainer.review_subject)
-        if top not in approved:
-            return
-        seed = _seed(case.id)
-        try:
-            pngs = explainer.generate(top, settings.explanation_images, seed, approved=approved)
-        except Exception as exc:  # noqa: BLE001 - pictures are optional: the result goes out without them
-            pngs = []
-            if _retry_model_error(self, exc):
-                retry_explainer = exc
-            else:
-                from inference.engines.base import FLAG_EXPLAINER_ERROR
+    allowed = {CaseStatus.analysing, CaseStatus.preliminary, CaseStatus.in_review}
+    with case_step(self, case_id, allowed) as (clinic, session, case):
+        planned = _pictures_planned(session, case)
+        if planned is not None:
+            top, explainer, approved = planned
+            seed = _seed(case.id)
+            try:
+                pngs = explainer.generate(top, settings.explanation_images, seed, approved=approved)
+            except Exception as exc:  # noqa: BLE001 - pictures are optional: the result goes out without them
+                pngs = []
+                if _retry_model_error(self, exc):
+                    retry_explainer = exc
+                else:
+                    from inference.engines.base import FLAG_EXPLAINER_ERROR
 
-                log.warning("explainer failed on case %s (%s); no example pictures", case_id, type(exc).__name__)
-                preferred.flags = [*preferred.flags, FLAG_EXPLAINER_ERROR]  # shown in the console, counted by admin
-        for i, png in enumerate(pngs):
-            cases.add_explanation_image(clinic, session, case, condition_code=top, png=png,
-                                        model_id=explainer.model_id, seed=seed + i)
+                    log.warning("explainer failed on case %s (%s); no example pictures", case_id, type(exc).__name__)
+                    preferred = cases.preferred_result(session, case)
+                    preferred.flags = [*preferred.flags, FLAG_EXPLAINER_ERROR]  # shown in the console, counted by admin
+            for i, png in enumerate(pngs):
+                cases.add_explanation_image(clinic, session, case, condition_code=top, png=png,
+                                            model_id=explainer.model_id, seed=seed + i)
+        if retry_explainer is None:
+            _pictures_out(clinic, session, case)
     if retry_explainer is not None:
         raise self.retry(exc=retry_explainer, countdown=min(60, 2 ** self.request.retries))
 
 
+def _pictures_planned(session: Session, case: Case) -> tuple[str, Any, set[str]] | None:
+    """(condition, explainer, approved codes) when this case gets example pictures not drawn yet."""
+    settings = get_settings()
+    preferred = cases.preferred_result(session, case)
+    top = preferred.top_condition_code if preferred is not None else None
+    if top is None or settings.explanation_images <= 0:
+        return None
+    have = session.scalar(
+        select(ExplanationImage.id).where(ExplanationImage.case_id == case.id,
+                                          ExplanationImage.condition_code == top).limit(1)
+    )
+    explainer = engines().explainer
+    if have is not None or explainer is None or not explainer.knows(top):
+        return None
+    # patients get pictures only of conditions a dermatologist approved for these weights and settings
+    approved = explainer_review.approved_codes(session, explainer.review_subject)
+    return (top, explainer, approved) if top in approved else None
+
+
+def _pictures_out(clinic: Clinic, session: Session, case: Case) -> None:
+    """The pictures' own message (when there are any); after the result also the FHIR report with them
+    and the progress message's last word. A chain from before (explain ahead of the report) leaves those
+    to assemble_report and notify."""
+    drawn = session.scalar(select(ExplanationImage.id).where(ExplanationImage.case_id == case.id).limit(1))
+    if drawn is not None:
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="pictures",
+                       dedup_key=f"pictures:{case.id}", payload={"case_id": str(case.id)})
+    if case.status in RESULT_STATES:
+        if drawn is not None:
+            _publish(clinic, session, case)
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
+                       dedup_key=f"progress:{case.id}:ready", payload={"case_id": str(case.id), "stage": "ready"})
+
+
 @app.task(name="skinbridge.assemble_report", queue="cpu", **TASK_OPTS)
 def assemble_report(self, case_id: str) -> None:
+    _assemble_report(self, case_id, with_result=False)  # a chain from before: notify follows
+
+
+def _assemble_report(self, case_id: str, *, with_result: bool) -> None:  # type: ignore[no-untyped-def]
     from inference.pipeline import pending_review_wishes
     from inference.triage import AI_UNUSABLE, PATIENT_REQUESTED, decide
 
@@ -321,6 +395,8 @@ def assemble_report(self, case_id: str) -> None:
             cases.transition(session, case, CaseStatus.in_review, Actor.system("triage"), reason=",".join(reasons)[:200])
             review.open_task(session, case, urgency=decision.urgency, reasons=reasons)
         _publish(clinic, session, case)
+        if with_result:  # committed with the status change: nothing can come between them
+            _enqueue_result(clinic, session, case, pictures=_pictures_planned(session, case) is not None)
 
 
 def _predictions_from_db(clinic: Clinic, session: Session, case: Case) -> list[Any]:
@@ -354,12 +430,15 @@ def notify(self, case_id: str) -> None:
         _enqueue_result(clinic, session, case)
 
 
-def _enqueue_result(clinic: Clinic, session: Session, case: Case) -> None:
+def _enqueue_result(clinic: Clinic, session: Session, case: Case, *, pictures: bool = False) -> None:
+    """The result message; the progress message says 'drawing example pictures' while they are drawn
+    (explain then says 'ready'), else 'ready' at once."""
     payload = {"case_id": str(case.id)}
-    outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
-                   dedup_key=f"progress:{case.id}:ready", payload=payload | {"stage": "ready"})
     outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="result",
                    dedup_key=f"result:{case.id}", payload=payload)
+    stage = "pictures" if pictures else "ready"
+    outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="progress",
+                   dedup_key=f"progress:{case.id}:{stage}", payload=payload | {"stage": stage})
 
 
 # --- follow-up questions --------------------------------------------------------------------
@@ -470,7 +549,8 @@ def sweep() -> dict[str, int]:
                 leases.settle(session, task_ids, now)  # someone else redoes it, or it finished before dying
                 session.commit()
                 if case is not None and case_id not in view.held and case.status in RESULT_STATES:
-                    notify.delay(str(case_id))  # died in notify, or right after: idempotent
+                    # died in notify or explain, or right after: both idempotent
+                    chain(notify.si(str(case_id)), explain.si(str(case_id))).apply_async()
                     notified += 1
                 continue
             try:

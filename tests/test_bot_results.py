@@ -76,6 +76,8 @@ def publish_ai_result(clinic, case_id: uuid.UUID) -> None:  # type: ignore[no-un
                        dedup_key=f"progress:{case.id}:ready", payload=payload | {"stage": "ready"})
         outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="result",
                        dedup_key=f"result:{case.id}", payload=payload)
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="pictures",
+                       dedup_key=f"pictures:{case.id}", payload=payload)
         session.commit()
 
 

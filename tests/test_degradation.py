@@ -58,7 +58,7 @@ def _new_case(clinic) -> str:  # type: ignore[no-untyped-def]
 
 
 def _run_chain(case_id: str) -> None:
-    for task in (tasks.quality_gate, tasks.diagnose, tasks.explain, tasks.assemble_report, tasks.notify):
+    for task in (tasks.analyse, tasks.explain):  # inference.pipeline.case_chain
         task.apply(args=[case_id])
 
 

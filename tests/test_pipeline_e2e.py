@@ -97,7 +97,10 @@ def _counts(clinic, case_id: str) -> dict[str, int]:
 
 
 def _finished(clinic, case_id: str) -> bool:
-    return _status(clinic, case_id) in DONE and _counts(clinic, case_id)["results"] == 1
+    """The result, and the example pictures that follow it (inference.tasks.explain)."""
+    counts = _counts(clinic, case_id)
+    return _status(clinic, case_id) in DONE and counts["results"] == 1 \
+        and counts["explanations"] == get_settings().explanation_images
 
 
 def _check_outcome(clinic, case_id: str) -> None:

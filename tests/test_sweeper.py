@@ -90,8 +90,8 @@ def _lease(clinic, case_id: uuid.UUID, *, expires_in_s: float, released_ago_s: f
 
 
 def _published() -> int:
-    """Chains in the embedded broker (each starts with quality_gate on the cpu queue)."""
-    return len([n for n in os.listdir(get_settings().broker_folder / "out") if n.endswith(".cpu.msg")])
+    """Chains in the embedded broker (each starts with analyse on the gpu queue)."""
+    return len([n for n in os.listdir(get_settings().broker_folder / "out") if n.endswith(".gpu.msg")])
 
 
 def _get(clinic, case_id: uuid.UUID) -> Case:
@@ -278,7 +278,8 @@ def test_a_worker_killed_mid_step_is_still_recovered(clinic, worker_env):
     case_id = _case(clinic)
     submit_case(case_id)
     wait_for(lambda: _get(clinic, case_id).status == "analysing", 120, message="analysis to start")
-    wait_for(lambda: _live_step(clinic, case_id) == "skinbridge.diagnose", 60, message="diagnose to hold the case")
+    # the fault delay sits in the models' step of analyse (quality gate -> models -> report)
+    wait_for(lambda: _live_step(clinic, case_id) == "skinbridge.analyse", 60, message="analyse to hold the case")
     worker.kill_all()  # SIGKILL the whole worker: the step is lost with it, its lease stops being renewed
     killed = time.monotonic()
     worker_env(SKINBRIDGE_FAULT_DELAY_S="0", SKINBRIDGE_STUCK_AFTER_S=str(stuck_s)).start()
