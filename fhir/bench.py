@@ -89,7 +89,8 @@ def seed(size: int, patients_per_report: float = 0.25, batch: int = 500) -> dict
 
 
 # --- the server ----------------------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
+def child_processes(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -114,7 +115,7 @@ def api_server(workers: int, port: int, log: Path):  # type: ignore[no-untyped-d
                 raise click.ClickException(f"the API did not start:\n{log.read_text()[-3000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(base + "/healthz", timeout=2).status_code == 200 and \
-                        (workers == 1 or len(_children(proc.pid)) >= workers):
+                        (workers == 1 or len(child_processes(proc.pid)) >= workers):
                     break
             if time.monotonic() > deadline:
                 raise click.ClickException("the API did not answer within 120 s")
@@ -311,7 +312,7 @@ def bench_fhir(json_path: Path | None, size: int, seconds: float, clients: str, 
         results: list[dict[str, Any]] = []
         with api_server(workers, port, Path(tmp) / "api.log") as (base, proc):
             token = access_token(base)
-            processes = 1 + len(_children(proc.pid))
+            processes = 1 + len(child_processes(proc.pid))
             paths = {READ: [f"/fhir/DiagnosticReport/{r}" for r in seeded["reports"]],
                      SEARCH: _search_paths(seeded)}
             for op in (READ, SEARCH):

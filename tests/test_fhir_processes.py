@@ -8,29 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
+from fhir.bench import child_processes
 from fhir.smart import register_client
 from tests.support import free_port, wait_for
 from tests.test_fhir_support import ASSERTION_TYPE, make_case, rsa_key
 
 REPO = Path(__file__).resolve().parent.parent
 PUBLIC = "https://skinbridge.example.org"
-
-
-def _children(pid: int) -> list[int]:
-    """Direct child processes of ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
 
 
 @contextlib.contextmanager
@@ -66,7 +55,7 @@ def test_two_api_processes_share_the_replay_cache_and_tokens(clinic, tmp_path):
     with clinic.session() as s:
         case = make_case(clinic, s, 4001)
     with api_process(2, tmp_path / "a.log") as (a, proc_a), api_process(1, tmp_path / "b.log") as (b, _):
-        wait_for(lambda: len(_children(proc_a.pid)) >= 2, timeout=60, message="two worker processes")
+        wait_for(lambda: len(child_processes(proc_a.pid)) >= 2, timeout=60, message="two worker processes")
         # one assertion, addressed to the public token URL that both processes answer for
         assertion = key.assertion(client_id, PUBLIC + "/auth/token")
         form = {"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
