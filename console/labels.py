@@ -10,6 +10,10 @@ REASON_LABELS = {
     "urgent_condition": "serious condition likely",
     "engines_disagree": "AI engines disagree",
     "ai_urgency_hint": "AI saw a warning sign",
+    # model failures the case went on without (inference.tasks flags)
+    "vlm_error": "vision-language model failed (classifier result used)",
+    "explainer_error": "example pictures could not be drawn",
+    "followup_vlm_error": "follow-up answered without the vision-language model",
 }
 HISTORY_LABELS = {
     "body_site": "Body site", "duration": "Duration", "itch": "Itch", "bleeding": "Bleeding", "growth": "Growth",
