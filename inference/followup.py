@@ -79,13 +79,22 @@ def answer_question(clinic: Clinic, session: Session, case: Case, question: str,
                                                            purpose="treatment"))).convert("RGB")
                 for img in case.images]
 
-    return answer(question, _differential(clinic, session, case), lang, vlm=vlm, photos=photos,
-                  history=cases.history(clinic, session, case))
+    from inference.triage import driving_condition
+
+    differential = _differential(clinic, session, case)
+    result = cases.preferred_result(session, case)
+    # the condition that set the case's urgency (e.g. melanoma above its operating point), which the result
+    # message names even when it is not among the listed candidates: a cancer question must not contradict it
+    driver = driving_condition(differential, case.urgency or "routine", result.flags if result is not None else ())
+    return answer(question, differential, lang, vlm=vlm, photos=photos,
+                  history=cases.history(clinic, session, case), suspected=[driver] if driver else [])
 
 
 def answer(question: str, differential: Sequence[dict[str, Any]], lang: str = "en", *, vlm: Any | None = None,
            photos: Callable[[], list[PILImage.Image]] = list, history: dict[str, Any] | None = None,
-           vocabulary: Vocabulary | None = None, rails: GuardRails | None = None) -> FollowupAnswer:
+           vocabulary: Vocabulary | None = None, rails: GuardRails | None = None,
+           suspected: Sequence[str] = ()) -> FollowupAnswer:
+    """``suspected``: conditions the result message says cannot be ruled out (they set its urgency)."""
     rails = rails or load_guardrails()
     vocab = vocabulary or load_vocabulary()
     red_flags = rails.red_flags_in(question)
@@ -97,7 +106,7 @@ def answer(question: str, differential: Sequence[dict[str, Any]], lang: str = "e
     if not ranked:
         return FollowupAnswer(rails.text("no_answer", lang), ["no_answer"])
     if rails.asks_about_cancer(question):
-        return _cancer_answer(ranked, lang, vocab, rails)
+        return _cancer_answer(ranked, lang, vocab, rails, suspected)
     if vlm is None:
         return _answer_from_vocabulary(ranked, lang, vocab)
     context = {
@@ -120,7 +129,8 @@ def listed(ranked: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for i, d in enumerate(ranked[:LISTED]) if i == 0 or float(d["probability"]) >= MIN_LISTED_PROBABILITY]
 
 
-def _cancer_answer(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabulary, rails: GuardRails) -> FollowupAnswer:
+def _cancer_answer(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabulary, rails: GuardRails,
+                   suspected: Sequence[str] = ()) -> FollowupAnswer:
     shown = listed(ranked)
 
     def names(items: list[dict[str, Any]]) -> str:
@@ -133,6 +143,11 @@ def _cancer_answer(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabular
         parts.append(Template(rails.text("cancer_listed", lang)).substitute(names=names(cancers)))
     if precancers:
         parts.append(Template(rails.text("precancer_listed", lang)).substitute(names=names(precancers)))
+    named = {d["code"] for d in cancers}
+    not_ruled_out = [c for c in suspected if c in vocab and vocab.get(c).malignant and c not in named]
+    if not_ruled_out:
+        parts.insert(0, Template(rails.text("cancer_not_ruled_out", lang)).substitute(
+            names=", ".join(vocab.get(c).name(lang) for c in not_ruled_out)))
     if not parts:
         parts.append(Template(rails.text("cancer_not_listed", lang)).substitute(names="", top=names(shown[:1])))
     return FollowupAnswer("\n\n".join(parts), [FLAG_CANCER_QUESTION])

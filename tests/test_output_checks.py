@@ -183,3 +183,18 @@ def test_cancer_question_gets_a_plain_answer_and_one_disclaimer(vlm: VLMEngine, 
         assert text not in answer
     message = t(lang, "followup.answer", text=answer.text)
     assert message.count("not a diagnosis" if lang == "en" else "keine Diagnose") == 1
+
+
+@pytest.mark.parametrize("lang", ["en", "de"])
+def test_cancer_question_on_a_case_raised_by_an_unlisted_cancer_does_not_contradict_the_result(lang: str) -> None:
+    """The result said the AI 'cannot rule out melanoma' (it set the urgency below the listed candidates'
+    threshold): the cancer answer says so too, instead of 'none of the listed conditions is a cancer'."""
+    from inference.followup import answer
+    from inference.vocabulary import load_vocabulary
+
+    differential = [{"code": "nevus", "probability": 0.9}, {"code": "melanoma", "probability": 0.03}]
+    reply = answer("Is this cancer?" if lang == "en" else "Ist das Krebs?", differential, lang,
+                   suspected=["melanoma"])
+    assert load_vocabulary().get("melanoma").name(lang) in reply
+    assert ("cannot rule out" if lang == "en" else "nicht ausschließen") in reply
+    assert ("None of the conditions" if lang == "en" else "Keine der") not in reply
