@@ -309,6 +309,10 @@ def explain(self, case_id: str) -> None:
     allowed = {CaseStatus.analysing, CaseStatus.preliminary, CaseStatus.in_review}
     with case_step(self, case_id, allowed) as (clinic, session, case):
         planned = _pictures_planned(session, case)
+        if planned is not None and case.status in RESULT_STATES and _results_waiting(session):
+            # results first: go to the back of the queue, behind the cases that wait for their analysis
+            explain.apply_async(args=[case_id])
+            return
         if planned is not None:
             top, explainer, approved = planned
             seed = _seed(case.id)
@@ -331,6 +335,13 @@ def explain(self, case_id: str) -> None:
             _pictures_out(clinic, session, case)
     if retry_explainer is not None:
         raise self.retry(exc=retry_explainer, countdown=min(60, 2 ** self.request.retries))
+
+
+def _results_waiting(session: Session) -> bool:
+    """A case queued for analysis (not one stuck there: the sweeper deals with those)."""
+    recent = utcnow() - timedelta(seconds=get_settings().stuck_after_s)
+    return session.scalar(select(Case.id).where(Case.status == CaseStatus.queued.value,
+                                                Case.status_changed_at > recent).limit(1)) is not None
 
 
 def _pictures_planned(session: Session, case: Case) -> tuple[str, Any, set[str]] | None:
@@ -582,13 +593,20 @@ def sweep() -> dict[str, int]:
                 Case.status_changed_at > cutoff - timedelta(days=1),
             )
         ).all()
+        keys = [k for c in recent for k in (f"result:{c.id}", f"progress:{c.id}:pictures", f"progress:{c.id}:ready")]
         sent_keys = set(session.scalars(
-            select(OutboxMessage.dedup_key).where(OutboxMessage.dedup_key.in_([f"result:{c.id}" for c in recent]))
+            select(OutboxMessage.dedup_key).where(OutboxMessage.dedup_key.in_(keys))
         )) if recent else set()
         unnotified = [c for c in recent if f"result:{c.id}" not in sent_keys and c.id not in view.held]
         for case in unnotified:
             notify.delay(str(case.id))
             notified += 1
+        # pictures announced ('drawing example pictures') but never finished: their explain message was lost
+        for case in recent:
+            if f"progress:{case.id}:pictures" in sent_keys and f"progress:{case.id}:ready" not in sent_keys \
+                    and case.id not in view.held:
+                explain.delay(str(case.id))
+                notified += 1
     if requeued or resent or submitted:
         log.warning("sweeper: %d lost cases re-queued, %d waiting cases re-sent, %d complete cases submitted",
                     requeued, resent, submitted)

@@ -159,7 +159,9 @@ class ClassifierEngine:
         alpha = (np.asarray(heat, dtype=np.float32)[..., None] / 255.0) * 0.55
         blended = np.asarray(rgb, dtype=np.float32) * (1 - alpha) + colour * alpha
         out = io.BytesIO()
-        Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(out, format="PNG")
+        # a photo-sized overlay hardly compresses (1.09 MB at level 1, 1.12 MB at the default 6), and level 1
+        # encodes 3x faster: 66 instead of 225 ms for a 900x700 photo, most of a case's model step (issue 25)
+        Image.fromarray(blended.clip(0, 255).astype(np.uint8)).save(out, format="PNG", compress_level=1)
         return out.getvalue()
 
 
