@@ -8,7 +8,8 @@ worker (pool and beat) mid-load, restarts the Redis broker (a server the test st
 port, with no persistence: every queued task is gone), crashes and restarts PostgreSQL (a cluster the
 test makes with initdb), or rotates the master key with --retire. Each scenario reports lost (no result),
 duplicated (more than one result message) and stuck cases (not preliminary/in review) — all must be 0 —
-and the time from the restart to the last result, written to test-artifacts/chaos-*.json.
+and the time from the restart to the last result, written to test-artifacts/chaos-*.json. Last, the
+API is SIGKILLed right after answering an EHR's reads: every answered read has its audit record.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy import select
 from clinic_db import patients
 from clinic_db.models import Case, OutboxMessage, Patient
 from clinic_db.states import CaseStatus
-from tests.e2e_support import HISTORY, REPO, BotProcess, Chat, System, answer_history, consent, running_system, \
+from tests.e2e_support import HISTORY, REPO, Chat, System, answer_history, consent, running_system, \
     tiny_model_env
 from tests.support import free_port, wait_for
 from tests.test_bot_conversation import lesion_photo
@@ -296,3 +297,40 @@ def test_postgres_crash_and_restart_mid_load(clinic_on, own_postgres: OwnPostgre
             return repair
 
         _run(clinic, system, 5500, "postgres-restart", chaos)
+
+
+# --- the API ------------------------------------------------------------------------------------
+def test_api_killed_after_answering_loses_no_audit_record(clinic, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An EHR pulls reports; the API process is SIGKILLed right after answering. Every read it answered
+    has its audit record (written in the read's own transaction before the answer), and a new API
+    process serves the same token."""
+    import httpx
+
+    from clinic_db.models import AuditEvent
+    from fhir.smart import register_client
+    from tests.test_fhir_processes import PUBLIC, api_process
+    from tests.test_fhir_support import ASSERTION_TYPE, make_case, rsa_key
+
+    key = rsa_key()
+    client_id = register_client(clinic, "EHR", {"keys": [key.public_jwk]}, ["system/*.rs"])
+    with clinic.session() as s:
+        case = make_case(clinic, s, 4101)
+    form = {"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
+            "client_assertion": key.assertion(client_id, PUBLIC + "/auth/token"), "scope": "system/*.rs"}
+    answered = 0
+    with api_process(1, tmp_path / "api-1.log") as (base, proc):
+        token = httpx.post(base + "/auth/token", data=form, timeout=30).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as ehr:
+            for _ in range(25):
+                assert ehr.get(f"/fhir/DiagnosticReport/{case.id}").status_code == 200
+                answered += 1
+        proc.kill()  # SIGKILL: no shutdown hook, nothing flushed after the last answer
+        proc.wait(timeout=10)
+    with clinic.session() as s:
+        audited = s.scalars(select(AuditEvent).where(AuditEvent.action == "fhir.read",
+                                                     AuditEvent.entity_id == str(case.id))).all()
+    assert len(audited) >= answered, (len(audited), answered)
+    with api_process(1, tmp_path / "api-2.log") as (base, _):
+        again = httpx.get(f"{base}/fhir/DiagnosticReport/{case.id}", headers=headers, timeout=30)
+        assert again.status_code == 200 and again.json()["id"] == str(case.id)
