@@ -131,6 +131,14 @@ class Patient:
 
 
 # --- processes ------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the benchmark dies, even by SIGKILL (Linux), so nothing is left running."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,7 +154,8 @@ class Processes:
     def start(self, name: str, *argv: str) -> subprocess.Popen:
         log = (self.folder / f"{name}.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "skinbridge", *argv], cwd=self.folder, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         self.procs[name] = proc
         return proc
 
@@ -202,7 +211,11 @@ def _backing_services(shape: str, admin_url: str, redis_url: str, folder: Path) 
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     base = redis_url.rstrip("/")
-    db = next((n for n in range(14, 0, -1) if redis.Redis.from_url(f"{base}/{n}").dbsize() == 0), None)
+    # claim an empty db number atomically: two benchmarks started at once must not share a broker
+    claim = secrets.token_hex(8)
+    db = next((n for n in range(14, 0, -1) if redis.Redis.from_url(f"{base}/{n}").dbsize() == 0
+               and redis.Redis.from_url(f"{base}/{n}").set("skinbridge:bench:claim", claim, nx=True, ex=7200)),
+              None)
     if db is None:
         raise click.ClickException(f"no empty Redis database number at {base} (1..14)")
     try:
@@ -542,3 +555,50 @@ def bench_pipeline(patients: int, shape: str, json_path: Path | None, workers: i
         click.echo(f"wrote {json_path}")
     if report["summary"]["with_result"] < report["patients"]:
         sys.exit(1)
+
+
+# --- the picture of where the time goes ---------------------------------------------------------------
+def plot_stages(reports: list[tuple[str, dict[str, Any]]], out: Path) -> None:
+    """A stacked bar per run: the median of each stage, last answer -> result -> pictures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: list[str] = []
+    for _, report in reports:
+        for name in report["summary"]["stages_s"]:
+            if name not in names:
+                names.append(name)
+    # the chain's order: the bot, the broker and the tasks, the outbox, then the pictures
+    first = ("bot: fetch + store update", "bot: handle + submit", "broker wait (hops)")
+    last = ("outbox: wait + send result", "pictures after the result")
+    names = [n for n in first if n in names] + [n for n in names if n not in first + last] \
+        + [n for n in last if n in names]
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.7 * len(reports)))
+    colours = plt.get_cmap("tab20").colors
+    for row, (label, report) in enumerate(reports):
+        left = 0.0
+        for i, name in enumerate(names):
+            value = (report["summary"]["stages_s"].get(name) or {}).get("p50") or 0.0
+            ax.barh(row, value, left=left, color=colours[i % len(colours)], label=name if row == 0 else None,
+                    edgecolor="white", linewidth=0.5)
+            left += value
+        e2e = report["summary"]["end_to_end_s"]
+        after = e2e["result_to_pictures"]["p50"]
+        pictures = f"pictures +{after} s" if after and after > 0 else "pictures sent with it"
+        ax.text(left, row, f"  result {e2e['last_answer_to_result']['p50']} s, {pictures} (p50)", va="center",
+                fontsize=8)
+    ax.set_yticks(range(len(reports)), [label for label, _ in reports])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds after the patient's last answer (the median of each stage, stacked)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130, bbox_inches="tight")
+
+
+if __name__ == "__main__":  # python -m inference.bench_pipeline plot OUT.png LABEL=run.json ...
+    if len(sys.argv) < 4 or sys.argv[1] != "plot":
+        raise SystemExit("usage: python -m inference.bench_pipeline plot OUT.png LABEL=run.json [LABEL=run.json ...]")
+    runs = [(label, json.loads(Path(path).read_text())) for label, _, path in (a.partition("=") for a in sys.argv[3:])]
+    plot_stages(runs, Path(sys.argv[2]))
