@@ -334,6 +334,25 @@ def _case_record(clinic: Any, user_id: int, patient: Patient, delivered: dict[st
         }
 
 
+def _bot_intake(clinic: Any, since: float) -> dict[str, Any]:
+    """How the bot's one consumer kept up with the crowd: every update stored after ``since``."""
+    from sqlalchemy import select
+
+    from clinic_db.models import InboxUpdate
+
+    with clinic.session() as session:
+        rows = [(_epoch(a), _epoch(b)) for a, b in session.execute(
+            select(InboxUpdate.received_at, InboxUpdate.handled_at)) if _epoch(a) and _epoch(a) >= since]
+    done = [(a, b) for a, b in rows if b is not None]
+    if not done:
+        return {"updates": len(rows)}
+    span = max(b for _, b in done) - min(a for a, _ in done)
+    waits = [b - a for a, b in done]
+    return {"updates": len(rows), "handled": len(done), "span_s": round(span, 3),
+            "handled_per_s": round(len(done) / span, 1) if span > 0 else None,
+            "stored_to_handled_s": {"p50": _pct(waits, 50), "p95": _pct(waits, 95)}}
+
+
 def _segments(case: dict[str, Any]) -> dict[str, float]:
     """The case's wait cut into consecutive stages (seconds), last answer to pictures delivered.
 
@@ -440,7 +459,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     _wait(lambda: _deliveries(emulator).get(WARMUP_USER, {}).get("pictures"), timeout_s,
                           "the warm-up patient's pictures", procs)
                 echo(f"{patients} patient(s) at once")
-                load_start = os.getloadavg()
+                load_start, load_start_at = os.getloadavg(), time.time()
                 crowd = [Patient(emulator, FIRST_USER + i, lesion_photo(i + 1), poll_s) for i in range(patients)]
                 threads = [threading.Thread(target=p.consult, daemon=True) for p in crowd]
                 for thread in threads:
@@ -465,6 +484,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                 empty: dict[str, list[float]] = {"result": [], "pictures": [], "progress": []}
                 records = [_case_record(get_clinic(), p.user_id, p, seen.get(p.user_id, empty)) for p in crowd]
                 warm_record = _case_record(get_clinic(), WARMUP_USER, warm, seen.get(WARMUP_USER, empty))
+                intake = _bot_intake(get_clinic(), load_start_at)
             finally:
                 procs.stop()
                 from clinic_db.db import get_clinic
@@ -488,6 +508,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     "loadavg_at_end": [round(x, 2) for x in load_end]},
         "models": _models(),
         "summary": summarise(records),
+        "bot_intake": intake,
         "warmup": {"segments": _segments(warm_record) if "t" in warm_record else {}, **warm_record},
         "cases": records,
     }
@@ -521,6 +542,10 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
          f"duplicated results: {s['duplicated_results']}")
     for name, v in e2e.items():
         echo(f"  {name:28s} p50 {v['p50']} s  p95 {v['p95']} s")
+    intake = report.get("bot_intake") or {}
+    if intake.get("handled_per_s"):
+        echo(f"  bot: {intake['handled']} updates at {intake['handled_per_s']}/s, stored -> handled p50 "
+             f"{intake['stored_to_handled_s']['p50']} s, p95 {intake['stored_to_handled_s']['p95']} s")
     echo("  stage                          p50 s    p95 s")
     for name, v in s["stages_s"].items():
         echo(f"  {name:30s} {v['p50']!s:>7}  {v['p95']!s:>7}")
