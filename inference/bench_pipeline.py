@@ -406,8 +406,13 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
     for case in ok:
         for name, seconds in _segments(case).items():
             stages.setdefault(name, []).append(seconds)
+    # the pipeline's pace: cases analysed per minute, first case queued -> last result written
+    written = [c["outbox"]["result"]["created"] for c in ok if (c.get("outbox") or {}).get("result")]
+    queued = [c["t"]["status_queued"] for c in ok if c["t"].get("status_queued")]
+    span = max(written) - min(queued) if written and queued else 0.0
     return {
         "cases": len(cases), "with_result": len(ok), "with_pictures": len(pictures),
+        "results_per_minute": round(60 * len(written) / span, 1) if span > 0 and len(written) > 1 else None,
         "duplicated_results": sum(max(0, c.get("result_messages", 0) - 1) for c in cases),
         "end_to_end_s": {
             "last_answer_to_result": {"p50": _pct(e2e, 50), "p95": _pct(e2e, 95), "max": _pct(e2e, 100)},
@@ -539,7 +544,7 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
          f"load average at start {m['loadavg_at_start'][0]}, at end {m['loadavg_at_end'][0]} "
          f"({m['usable_cpus']} CPUs)")
     echo(f"cases with a result: {s['with_result']}/{s['cases']}, with pictures: {s['with_pictures']}, "
-         f"duplicated results: {s['duplicated_results']}")
+         f"duplicated results: {s['duplicated_results']}, results per minute: {s['results_per_minute']}")
     for name, v in e2e.items():
         echo(f"  {name:28s} p50 {v['p50']} s  p95 {v['p95']} s")
     intake = report.get("bot_intake") or {}
