@@ -307,7 +307,13 @@ def running_system(tmp_path: Path, models: Mapping[str, str], *, web: bool) -> I
         emulator = stack.enter_context(serve_app(create_emulator(tmp_path / "emulator-files")))
         base = None
         if web:
+            from skinbridge.celery_app import app as celery_app, configure
+            from skinbridge.settings import get_settings
             from skinbridge.web import create_app as create_web
+
+            # the web app runs in this process and sends tasks (review pictures, exports): to this test's
+            # broker, not to the one of whichever test first imported the Celery app
+            configure(celery_app, get_settings())
 
             base = stack.enter_context(serve_app(create_web()))
         env = bot_environment(emulator, models)
