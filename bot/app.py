@@ -106,8 +106,27 @@ class SkinBridgeApplication(Application):
 
 
 class PatientBot(ExtBot):
-    """The Bot API client. A button press replayed from the inbox after a restart may be older than
-    Telegram's window for answering it; the press still counts, only its loading spinner is gone."""
+    """The Bot API client, tolerant of what a replay from the inbox meets after a restart: a button press
+    older than Telegram's window for answering it (the press still counts, only its spinner is gone), and
+    an edit that the killed process had already made ("message is not modified")."""
+
+    async def edit_message_text(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        try:
+            return await super().edit_message_text(*args, **kwargs)
+        except BadRequest as exc:
+            if "not modified" not in exc.message.lower():
+                raise
+            log.info("a replayed edit was already made; going on")
+            return True
+
+    async def edit_message_reply_markup(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        try:
+            return await super().edit_message_reply_markup(*args, **kwargs)
+        except BadRequest as exc:
+            if "not modified" not in exc.message.lower():
+                raise
+            log.info("a replayed keyboard edit was already made; going on")
+            return True
 
     async def answer_callback_query(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
         try:

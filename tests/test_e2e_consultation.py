@@ -48,7 +48,7 @@ PASSWORD = "correct horse battery"
 QUESTION = "Is this something that usually goes away on its own?"
 NOTE = "I think this is a harmless spot. Please show it to your GP at your next visit."
 PATIENT = 7001
-PROGRESS_TEXTS = [t("en", f"progress.{stage}") for stage in ("received", "analysing", "ready")]
+PROGRESS_TEXTS = [t("en", f"progress.{stage}") for stage in ("received", "analysing", "pictures", "ready")]
 PIPELINE_S = 180.0  # worker start (torch import, tiny models) plus the chain, on a busy 2-core machine
 
 
@@ -89,8 +89,10 @@ def test_patient_to_dermatologist_to_ehr(clinic, system: System, shared_data: Pa
     answer_history(chat, HISTORY)
     chat.expect_text("submitted")
 
-    # --- the worker analyses the case; ONE progress message is edited up to "ready" -------------
-    ready = chat.expect_text(t("en", "progress.ready"), timeout=PIPELINE_S)
+    # --- the worker analyses the case; ONE progress message is edited up to "ready" (through "drawing
+    # example pictures" while the pictures are drawn after the result) ---------------------------------
+    ready = chat.expect(lambda m: m.get("text") == t("en", "progress.ready"), "the progress message at 'ready'",
+                        timeout=PIPELINE_S)
     progress = [m for m in chat.messages() if (m.get("text") or "") in PROGRESS_TEXTS]
     assert [m["message_id"] for m in progress] == [ready["message_id"]], progress
     assert ready["edited"]
