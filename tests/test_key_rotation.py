@@ -164,8 +164,10 @@ def test_retire_refuses_while_a_data_key_still_uses_the_old_key(clinic):
     _assert_all_readable(clinic, {k: v for k, v in ids.items() if k != broken})
 
 
-def test_sqlite_lock_longer_than_the_busy_timeout_delays_the_rewrap_but_it_completes(clinic, caplog):
-    """Problem 5: a writer held the lock past the busy timeout and the rotation stopped halfway."""
+def test_sqlite_lock_longer_than_the_busy_timeout_delays_the_rewrap_but_it_completes(clinic_on, sqlite_url, caplog):
+    """Problem 5: a writer held the lock past the busy timeout and the rotation stopped halfway (SQLite only,
+    whichever backend the pass runs on)."""
+    clinic = clinic_on(sqlite_url)
     ids = _patients(clinic, 3)
     path = clinic.engine.url.database
     impatient = Clinic(engine=create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.2}),
