@@ -336,6 +336,11 @@ def bench_inference(json_path: Path | None, device: str, batch_sizes: str, quick
                                "(scales them down and says so in the report) or run on a GPU")
     report = run_benchmarks(resolved, sizes, scale, chosen, iterations or (3 if scale != "full" else 10), warmup,
                             progress=lambda m: click.echo(m, err=True))
+    emit_report(report, json_path)
+
+
+def emit_report(report: dict, json_path: Path | None) -> None:
+    """A benchmark's JSON report: written to ``json_path`` (folders made), else printed."""
     text = json.dumps(report, indent=2)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ more than once, and the broker files that were set aside as unreadable (skinbrid
 from __future__ import annotations
 
 import io
-import json
 import os
 import platform
 import shutil
@@ -261,12 +260,8 @@ def soak_command(minutes: float, rate_per_min: float, drain_s: float, burst: int
     finally:
         if var_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(text + "\n", encoding="utf-8")
-        click.echo(f"wrote {json_path}", err=True)
-    else:
-        click.echo(text)
+    from inference.bench import emit_report
+
+    emit_report(report, json_path)
     if report["worker_crashes"] or report["lost"] or report["duplicated_results"] or report["critical_log_lines"]:
         sys.exit(1)
