@@ -111,22 +111,10 @@ class PatientBot(ExtBot):
     an edit that the killed process had already made ("message is not modified")."""
 
     async def edit_message_text(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
-        try:
-            return await super().edit_message_text(*args, **kwargs)
-        except BadRequest as exc:
-            if "not modified" not in exc.message.lower():
-                raise
-            log.info("a replayed edit was already made; going on")
-            return True
+        return await _unless_already_made(super().edit_message_text(*args, **kwargs))
 
     async def edit_message_reply_markup(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
-        try:
-            return await super().edit_message_reply_markup(*args, **kwargs)
-        except BadRequest as exc:
-            if "not modified" not in exc.message.lower():
-                raise
-            log.info("a replayed keyboard edit was already made; going on")
-            return True
+        return await _unless_already_made(super().edit_message_reply_markup(*args, **kwargs))
 
     async def answer_callback_query(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
         try:
@@ -136,6 +124,17 @@ class PatientBot(ExtBot):
                 raise
             log.info("a replayed button press could no longer be acknowledged; it is handled all the same")
             return False
+
+
+async def _unless_already_made(edit):  # type: ignore[no-untyped-def]
+    """An edit a killed process had already made answers 'message is not modified': that is success."""
+    try:
+        return await edit
+    except BadRequest as exc:
+        if "not modified" not in exc.message.lower():
+            raise
+        log.info("a replayed edit was already made; going on")
+        return True
 
 
 class TransientFailure(RuntimeError):
