@@ -61,6 +61,13 @@ def atomic_write(folder: Path, name: str, data: bytes, staging: Path | None = No
         raise
 
 
+def _arrival(name: str) -> tuple[int, str]:
+    """Order message files by their millisecond prefix as a number: a string sort puts "9_…" after
+    "10_…" and "1_…" after "12_…", so a queue would not be first-in first-out across digit counts."""
+    stamp, _, rest = name.partition("_")
+    return (int(stamp) if stamp.isascii() and stamp.isdigit() else -1, rest)
+
+
 class Channel(filesystem.Channel):
     """kombu's filesystem channel with atomic writes and claims (see the module docstring)."""
 
@@ -88,7 +95,7 @@ class Channel(filesystem.Channel):
         """Take the oldest readable message of ``queue``; skip (never raise on) a file that is not one yet."""
         wanted = f"{queue}.msg"
         folder = Path(self.data_folder_in)
-        for name in sorted(n for n in os.listdir(folder) if n.partition(".")[2] == wanted):
+        for name in sorted((n for n in os.listdir(folder) if n.partition(".")[2] == wanted), key=_arrival):
             claimed = self._subfolder(folder, CLAIMED) / name
             try:
                 os.rename(folder / name, claimed)  # atomic: exactly one consumer wins

@@ -73,6 +73,15 @@ def test_a_file_that_never_becomes_a_message_is_set_aside(tmp_path, caplog):
     assert "not a readable message" in caplog.text
 
 
+def test_messages_come_out_in_the_order_they_were_put_across_digit_counts(tmp_path):
+    """File names start with a millisecond stamp; a string sort would hand out "10_…" before "9_…"."""
+    conn, channel = _channel(PROJECT, tmp_path)
+    with conn:
+        for stamp, body in ((10, "second"), (9, "first"), (100, "third")):
+            (tmp_path / "out" / f"{stamp}_x.q.msg").write_bytes(json.dumps({"body": body}).encode())
+        assert [channel._get("q")["body"] for _ in range(3)] == ["first", "second", "third"]
+
+
 def test_concurrent_bindings_to_a_new_exchange_are_all_kept(tmp_path):
     """Exchange tables are read-modify-written under a lock and replaced atomically (the stock transport
     truncates a new table before locking it: run on it, this test lost a binding in 1 of 3 runs)."""
