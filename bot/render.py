@@ -132,8 +132,7 @@ def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, 
         )
         lines.append(t(lang, "result.alternatives", items=items))
     lines.append("")
-    if in_review:
-        lines.append(t(lang, "result.in_review"))
+    # what to do comes first: in an emergency "seek care now" must not follow "a dermatologist will look"
     lines.append(action_text(lang, urgency))
     # advice about the condition that set the urgency: a suspected cancer's, not the harmless top guess's
     driver = driving_condition(ranked, urgency, flags)
@@ -150,6 +149,8 @@ def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, 
         lines.append(t(lang, "result.advice_if", name=condition_name(lang, advice_code), advice=advice))
     elif advice:
         lines.append(t(lang, "result.advice", advice=advice))
+    if in_review:
+        lines.append(t(lang, "review.emergency") if urgency == "emergency" else t(lang, "result.in_review"))
     lines += ["", "⚠ " + t(lang, "result.disclaimer")]
     return "\n".join(lines)
 
@@ -170,5 +171,18 @@ def final_text(lang: str, *, condition_code: str | None, urgency: str | None, re
 
 
 def review_requested_text(lang: str, urgency: str | None) -> str:
-    """Sent when a review task opens: the review task's urgency (a red flag may have raised it)."""
-    return t(lang, "review.requested", sla=timeframe(lang, _urgency(urgency)))
+    """Sent when a review task opens: the review task's urgency (a red flag may have raised it).
+
+    In an emergency the patient reads "seek care now" first and no review time: "usually within 4
+    hours" would read as "wait for us"."""
+    urgency = _urgency(urgency)
+    if urgency == "emergency":
+        return t(lang, "urgency.emergency") + " " + t(lang, "review.emergency")
+    return t(lang, "review.requested", sla=timeframe(lang, urgency))
+
+
+def followup_text(lang: str, answer: str, urgency: str | None) -> str:
+    """A follow-up answer with its disclaimer; in an emergency case "seek care now" comes first, so an
+    answer about the condition (or "a dermatologist will look at your case") never reads as a reason to wait."""
+    text = t(lang, "followup.answer", text=answer)
+    return t(lang, "urgency.emergency") + "\n\n" + text if urgency == "emergency" else text

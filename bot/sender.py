@@ -14,15 +14,14 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from telegram import Bot, InputMediaPhoto
 from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bot.handlers import NS_PROGRESS, result_buttons
 from bot.i18n import pick_language, t
-from bot.render import condition_name, final_text, result_text, review_requested_text
-from clinic_db import audit, cases, outbox, patients
+from bot.render import condition_name, final_text, followup_text, result_text, review_requested_text
+from clinic_db import audit, cases, outbox, patients, review
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
 from clinic_db.models import Case, CaseMessage, KeyValue, OutboxMessage, Patient, ReviewTask
@@ -111,14 +110,13 @@ class OutboxSender:
                 raise LookupError("follow-up answer is gone")
             text = self.clinic.vault.get_text(session, row, "text", owner=patient.id) or ""
             audit.record(session, Actor("patient", str(patient.id)), "case_message.read", "CaseMessage", row.id)
-            await self.bot.send_message(chat_id, t(lang, "followup.answer", text=text),
+            # a red-flag answer says itself what to do now (inference.followup); any other answer in an
+            # emergency case gets "seek care now" first
+            urgency = None if case is None or "red_flag" in (row.flags or []) else review.urgency_now(session, case)
+            await self.bot.send_message(chat_id, followup_text(lang, text, urgency),
                                         reply_markup=result_buttons(lang, payload["case_id"]))
         elif kind == "review_requested":
-            # the task's urgency, not the case's: a red-flag follow-up raises the task above the case
-            task = None if case is None else session.scalar(
-                select(ReviewTask).where(ReviewTask.case_id == case.id, ReviewTask.status != "decided")
-                .order_by(ReviewTask.created_at.desc()).limit(1))
-            urgency = task.urgency if task is not None else case.urgency if case is not None else None
+            urgency = None if case is None else review.urgency_now(session, case)
             await self.bot.send_message(chat_id, review_requested_text(lang, urgency))
         elif kind in ("final", "request_info"):
             await self._clinician(session, chat_id, lang, kind, payload, patient)

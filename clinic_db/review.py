@@ -26,6 +26,20 @@ URGENCY_SLA = {
 CLAIM_TTL = timedelta(minutes=30)
 
 
+def most_urgent(*urgencies: str | None) -> str | None:
+    """The most urgent of the known urgencies given (None and unknown values are left out)."""
+    known = [u for u in urgencies if u in URGENCY_PRIORITY]
+    return min(known, key=URGENCY_PRIORITY.__getitem__) if known else None
+
+
+def urgency_now(session: Session, case: Case) -> str | None:
+    """What the patient must be told now: the most urgent of the case's urgency and its open review
+    task's (a red-flag follow-up raises the task above the case)."""
+    task = session.scalar(select(ReviewTask).where(ReviewTask.case_id == case.id, ReviewTask.status != "decided")
+                          .order_by(ReviewTask.created_at.desc()).limit(1))
+    return most_urgent(case.urgency, task.urgency if task is not None else None)
+
+
 def open_task(session: Session, case: Case, *, urgency: str, reasons: list[str], now: datetime | None = None) -> ReviewTask:
     """Open (or update) the case's review task. One open task per case."""
     now = now or utcnow()

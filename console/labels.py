@@ -10,6 +10,7 @@ REASON_LABELS = {
     "urgent_condition": "serious condition likely",
     "engines_disagree": "AI engines disagree",
     "ai_urgency_hint": "AI saw a warning sign",
+    "emergency_sign": "emergency sign in the patient's words",  # a follow-up question (inference.followup)
     # model failures the case went on without (inference.tasks flags)
     "vlm_error": "vision-language model failed (classifier result used)",
     "explainer_error": "example pictures could not be drawn",

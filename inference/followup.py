@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
-from clinic_db import cases
+from clinic_db import cases, review
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
 from clinic_db.models import Case
@@ -37,6 +37,7 @@ FLAG_RED_FLAG = "red_flag"
 FLAG_DOSING_REFUSED = "dosing_refused"
 FLAG_REPLY_REJECTED = "reply_rejected"
 FLAG_CANCER_QUESTION = "cancer_question"
+FLAG_EMERGENCY_SIGN = "emergency_sign"  # with FLAG_RED_FLAG: the words are one of triage's emergency signs
 # the conditions the patient's result message names (bot/render.py: the top one and up to two alternatives
 # from 5 %); a cancer question is answered about exactly these
 LISTED = 3
@@ -87,19 +88,25 @@ def answer_question(clinic: Clinic, session: Session, case: Case, question: str,
     # message names even when it is not among the listed candidates: a cancer question must not contradict it
     driver = driving_condition(differential, case.urgency or "routine", result.flags if result is not None else ())
     return answer(question, differential, lang, vlm=vlm, photos=photos,
-                  history=cases.history(clinic, session, case), suspected=[driver] if driver else [])
+                  history=cases.history(clinic, session, case), suspected=[driver] if driver else [],
+                  urgency=review.urgency_now(session, case))
 
 
 def answer(question: str, differential: Sequence[dict[str, Any]], lang: str = "en", *, vlm: Any | None = None,
            photos: Callable[[], list[PILImage.Image]] = list, history: dict[str, Any] | None = None,
            vocabulary: Vocabulary | None = None, rails: GuardRails | None = None,
-           suspected: Sequence[str] = ()) -> FollowupAnswer:
-    """``suspected``: conditions the result message says cannot be ruled out (they set its urgency)."""
+           suspected: Sequence[str] = (), urgency: str | None = None) -> FollowupAnswer:
+    """``suspected``: conditions the result message says cannot be ruled out (they set its urgency);
+    ``urgency``: the case's urgency now (clinic_db.review.urgency_now), which no answer may play down."""
     rails = rails or load_guardrails()
     vocab = vocabulary or load_vocabulary()
     red_flags = rails.red_flags_in(question)
-    if red_flags:  # a warning sign always goes to a human, whatever a model would say
-        return FollowupAnswer(rails.text("red_flag", lang), [FLAG_RED_FLAG, *(f"red_flag:{n}" for n in red_flags)])
+    emergency = emergency_signs(question)
+    if red_flags or emergency:  # a warning sign always goes to a human, whatever a model would say
+        # an emergency (the case's, or the words') says "seek care now" first and no "if you feel unwell"
+        key = "red_flag_emergency" if emergency or urgency == "emergency" else "red_flag"
+        return FollowupAnswer(rails.text(key, lang), [FLAG_RED_FLAG, *(f"red_flag:{n}" for n in red_flags),
+                                                      *([FLAG_EMERGENCY_SIGN] if emergency else [])])
     if rails.asks_for_dosing(question):
         return FollowupAnswer(rails.text("dosing_refused", lang), [FLAG_DOSING_REFUSED])
     ranked = sorted((d for d in differential if d.get("code") in vocab), key=lambda d: -float(d["probability"]))
@@ -108,7 +115,7 @@ def answer(question: str, differential: Sequence[dict[str, Any]], lang: str = "e
     if rails.asks_about_cancer(question):
         return _cancer_answer(ranked, lang, vocab, rails, suspected)
     if vlm is None:
-        return _answer_from_vocabulary(ranked, lang, vocab)
+        return _answer_from_vocabulary(ranked, lang, vocab, urgency)
     context = {
         "preliminary assessment": ", ".join(f"{vocab.get(d['code']).name(lang)} ({float(d['probability']):.0%})"
                                             for d in ranked[:LISTED]),
@@ -122,6 +129,14 @@ def answer(question: str, differential: Sequence[dict[str, Any]], lang: str = "e
         return FollowupAnswer(rails.text("safe_reply", lang),
                               [FLAG_REPLY_REJECTED, *(f"{FLAG_REPLY_REJECTED}:{p}" for p in problems)])
     return FollowupAnswer(reply, [])
+
+
+def emergency_signs(question: str) -> list[str]:
+    """Triage's emergency red flags in the question (fever with a spreading rash, trouble breathing): the
+    same words in the history make the case an emergency, so in a follow-up they make the review one."""
+    from inference.triage import red_flags
+
+    return [r.rule for r in red_flags({"free_text": question}) if r.urgency == "emergency"]
 
 
 def listed(ranked: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -153,12 +168,16 @@ def _cancer_answer(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabular
     return FollowupAnswer("\n\n".join(parts), [FLAG_CANCER_QUESTION])
 
 
-def _answer_from_vocabulary(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabulary) -> FollowupAnswer:
+def _answer_from_vocabulary(ranked: Sequence[dict[str, Any]], lang: str, vocab: Vocabulary,
+                            urgency: str | None = None) -> FollowupAnswer:
     condition = vocab.get(ranked[0]["code"])
+    # the advice is written for the condition's own urgency: in a case raised above it ("No treatment is
+    # needed" in an emergency) it would contradict what the result message said to do (bot.render does the same)
+    advice = condition.advice(lang) if urgency is None or urgency == condition.default_urgency else ""
     intro = {
         "en": "The preliminary assessment points most to {name}.",
         "de": "Die vorläufige Einschätzung deutet am ehesten auf {name} hin.",
     }.get(lang, "The preliminary assessment points most to {name}.")
     text = "\n\n".join(part for part in (intro.format(name=condition.name(lang)), condition.description(lang),
-                                         condition.advice(lang)) if part)
+                                         advice) if part)
     return FollowupAnswer(text, [])

@@ -121,7 +121,8 @@ def request_review(case_id: uuid.UUID | str, reason: str = PATIENT_REQUESTED, *,
             _remember_review_wish(session, case, reason)
             session.commit()
             return
-        chosen = urgency or case.urgency or "routine"
+        # a red flag raises the review above the case's urgency, never below it (an emergency stays one)
+        chosen = review.most_urgent(urgency, case.urgency) or "routine"
         review.open_task(session, case, urgency=chosen, reasons=[reason])
         outbox.enqueue(
             clinic, session, patient_id=case.patient_id, case_id=case.id, kind="review_requested",

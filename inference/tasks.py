@@ -456,10 +456,10 @@ def _enqueue_result(clinic: Clinic, session: Session, case: Case, *, pictures: b
 @app.task(name="skinbridge.answer_followup", queue="cpu", **TASK_OPTS)
 def answer_followup(self, case_id: str, message_id: str) -> None:
     from inference.engines.base import FLAG_FOLLOWUP_FALLBACK
-    from inference.followup import FLAG_RED_FLAG, answer_question
+    from inference.followup import FLAG_EMERGENCY_SIGN, FLAG_RED_FLAG, answer_question
 
     allowed = {CaseStatus.preliminary, CaseStatus.in_review, CaseStatus.final, CaseStatus.amended}
-    red_flag = False
+    red_flag = emergency = False
     retry_vlm: BaseException | None = None
     with case_step(self, case_id, allowed) as (clinic, session, case):
         dedup = f"followup_answer:{message_id}"
@@ -492,6 +492,7 @@ def answer_followup(self, case_id: str, message_id: str) -> None:
             outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case.id, kind="followup_answer",
                            dedup_key=dedup, payload={"case_id": case_id, "message_id": str(reply.id)})
             red_flag = FLAG_RED_FLAG in answer.flags
+            emergency = FLAG_EMERGENCY_SIGN in answer.flags
     if retry_vlm is not None:
         raise self.retry(exc=retry_vlm, countdown=min(60, 2 ** self.request.retries))
     if red_flag:
@@ -499,7 +500,7 @@ def answer_followup(self, case_id: str, message_id: str) -> None:
 
         from inference.triage import RED_FLAG
 
-        request_review(case_id, RED_FLAG, urgency="urgent")
+        request_review(case_id, RED_FLAG, urgency="emergency" if emergency else "urgent")
 
 
 def _followup_vlm(task) -> Any:  # type: ignore[no-untyped-def]

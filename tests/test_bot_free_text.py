@@ -123,7 +123,9 @@ def test_review_requested_reads_the_task_urgency(clinic, emulator: str, bot: Bot
         session.get(Case, case_id).urgency = "routine"  # the case itself is routine ...
         session.commit()
     pipeline.request_review(case_id, RED_FLAG, urgency="emergency")  # ... a red-flag follow-up is not
-    chat.expect_text("A dermatologist will review your case (usually within 4 hours)")
+    # an emergency: "seek care now" first, no review time that reads as "wait for us" (issue 22)
+    told = chat.expect_text("Please seek medical care now")["text"]
+    assert "do not wait for that message" in told and "hours" not in told
 
 
 def _tiny_png() -> bytes:

@@ -323,3 +323,48 @@ def test_a_red_flag_after_signing_reaches_the_queue_and_amends(any_clinic) -> No
         review.decide(clinic, s, task, ada, "accept", urgency="emergency", recommendation="urgent_in_person")
         s.commit()
         assert s.get(Case, rc.case.id).status == "amended"
+
+
+def _follow_up(clinic, case, text: str) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+    """Run the real follow-up task on ``text`` (no VLM configured: guard rails and vocabulary answer)."""
+    from inference import tasks
+
+    with clinic.session() as s:
+        row = CaseMessage(case_id=case.id, patient_id=case.patient_id, role="patient", flags=[])
+        row.ensure_id()
+        clinic.vault.set_text(s, row, "text", text, owner=case.patient_id)
+        s.add(row)
+        s.commit()
+        question_id = str(row.id)
+    tasks.answer_followup.apply(args=[str(case.id), question_id], routing_key="cpu").get()
+    with clinic.session() as s:
+        reply = s.scalars(select(CaseMessage).where(CaseMessage.case_id == case.id, CaseMessage.role == "assistant")
+                          .order_by(CaseMessage.created_at.desc()).limit(1)).one()
+        return clinic.vault.get_text(s, reply, "text", owner=case.patient_id), list(reply.flags)
+
+
+@pytest.mark.parametrize("signed_as", ["urgent", "emergency"])
+def test_a_follow_up_never_lowers_an_emergency_and_an_emergency_sign_raises_the_review(any_clinic, signed_as) -> None:  # type: ignore[no-untyped-def]
+    """Issue 22: "I have a fever and the rash is spreading" makes a history an emergency, but in a follow-up
+    it opened an urgent task ("usually within 24 hours"); and a red flag on a case signed as an emergency
+    opened an urgent one below it."""
+    from bot.render import review_requested_text
+
+    clinic = any_clinic
+    with clinic.session() as s:
+        ada = _derm(clinic, s)
+        rc = _melanoma_case(clinic, s)
+        s.commit()
+        assert review.claim(s, rc.task.id, ada.id)
+        s.refresh(rc.task)
+        review.decide(clinic, s, rc.task, ada, "accept", urgency=signed_as, recommendation="urgent_in_person")
+        s.commit()
+    question = "It bleeds a bit" if signed_as == "emergency" else "I have a fever and the rash is spreading"
+    text, flags = _follow_up(clinic, rc.case, question)
+    assert "red_flag" in flags and text.startswith("What you describe can be a sign of an emergency: please seek "
+                                                   "medical care now")
+    with clinic.session() as s:
+        task = s.scalar(select(ReviewTask).where(ReviewTask.case_id == rc.case.id, ReviewTask.status != "decided"))
+        assert task is not None and task.urgency == "emergency"
+        told = review_requested_text("en", review.urgency_now(s, s.get(Case, rc.case.id)))
+    assert told.startswith("Please seek medical care now") and "hours" not in told

@@ -15,8 +15,10 @@ from datetime import datetime, timezone
 import pytest
 
 from bot.i18n import LANGUAGES, catalog
-from bot.render import action_text, final_text, result_text, review_requested_text
+from bot.i18n import t
+from bot.render import action_text, final_text, followup_text, result_text, review_requested_text
 from clinic_db import review
+from inference.followup import answer
 from inference.vocabulary import load_vocabulary
 
 URGENCIES = tuple(review.URGENCY_PRIORITY)
@@ -100,8 +102,52 @@ def test_every_preliminary_result_reads_as_one_timeframe_and_no_code(lang: str) 
                     assert timeframes(text) == expected(urgency), (urgency, top, second, text)
                     no_code(text)
         requested = review_requested_text(lang, urgency)
-        assert timeframes(requested) == {SLA_HOURS[urgency]}, requested
+        # an emergency names no review time: "usually within 4 hours" reads as "wait for us"
+        assert timeframes(requested) == (set() if urgency == "emergency" else {SLA_HOURS[urgency]}), requested
         no_code(requested)
+
+
+NOW = {"en": "seek medical care now", "de": "sofort ärztliche Hilfe"}
+ALSO_REVIEWED = {"en": ("will also look", "as a priority"), "de": ("zusätzlich an", "vorrangig")}
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_every_emergency_message_says_seek_care_now_first_and_never_to_wait(lang: str) -> None:
+    """Issue 22: an emergency result said "seek care now" after "a dermatologist will also look at your
+    case", and asking for a dermatologist then read "usually within 4 hours"."""
+    now = t(lang, "urgency.emergency")
+    wait = [t(lang, "result.in_review"), t(lang, "review.requested", sla=t(lang, "sla.emergency"))]
+    follow_ups = {"en": ["What can I do?", "It bleeds a bit", "I have a fever and the rash spreads"],
+                  "de": ["Was kann ich tun?", "Es blutet etwas", "Ich habe Fieber und der Ausschlag breitet sich aus"]}[lang]
+    for top in CODES:
+        differential = [{"code": top, "probability": 0.7}, {"code": "eczema" if top != "eczema" else "acne",
+                                                           "probability": 0.2}]
+        texts = [result_text(lang, differential, "emergency", in_review=in_review) for in_review in (False, True)]
+        texts += [final_text(lang, condition_code=top, urgency="emergency", recommendation=r, note=None)
+                  for r in ("urgent_in_person", "see_gp", None)]  # a stored pair that does not fit: the urgency
+        for question in follow_ups:
+            reply = answer(question, differential, lang, urgency="emergency")
+            # the sender adds the urgency line to every answer but a red-flag one, which says it itself
+            texts.append(followup_text(lang, reply, None if reply.needs_dermatologist else "emergency"))
+        for text in texts:
+            assert NOW[lang] in text, text
+            for later in ALSO_REVIEWED[lang]:  # "a dermatologist will also look" only after "now"
+                assert later not in text or text.index(NOW[lang]) < text.index(later), text
+            assert not timeframes(text) and not any(w in text for w in wait), text
+            assert "No treatment is needed" not in text and "Keine Behandlung nötig" not in text, text
+            no_code(text)
+    assert review_requested_text(lang, "emergency").startswith(now)
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_a_follow_up_answer_gives_advice_only_for_the_urgency_it_was_written_for(lang: str) -> None:
+    # "No treatment is needed" (seborrhoeic keratosis) under a result that said "see a doctor within 24 hours"
+    for urgency in URGENCIES:
+        for top in CODES:
+            reply = answer("What can I do?", [{"code": top, "probability": 0.9}], lang, urgency=urgency)
+            advice = VOCAB.get(top).advice(lang)
+            assert (advice in reply) == (VOCAB.get(top).default_urgency == urgency), (urgency, top, reply)
+            assert not timeframes(reply), reply
 
 
 def test_contradicting_pairs_fall_back_to_the_urgency_never_to_both() -> None:
