@@ -37,9 +37,10 @@ def main() -> None:
 
 
 def checked_settings():  # type: ignore[no-untyped-def]
-    """Settings, or exit 2 with what to set when a production configuration is unsafe."""
-    settings = get_settings()
+    """Settings, or exit 2 with what to set when a production configuration is unsafe (or the named
+    settings file is missing)."""
     try:
+        settings = get_settings()
         settings.check_safe()
     except UnsafeConfiguration as exc:
         click.echo(str(exc), err=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from skinbridge.settings import Settings
+from skinbridge.settings import ENV_FILE_VARIABLE, Settings, settings_file
 
 UPGRADE = "run `skinbridge db upgrade`"
 
@@ -12,11 +12,24 @@ UPGRADE = "run `skinbridge db upgrade`"
 def where(settings: Settings) -> list[str]:
     """Where this configuration keeps its data, for `skinbridge check` and `skinbridge up`."""
     keys = "SKINBRIDGE_MASTER_KEY (inline)" if settings.master_key is not None else str(settings.resolved_key_dir)
+    found = settings_file()
     lines = [f"data folder: {settings.resolved_var_dir}", f"database:    {_safe_url(settings.resolved_database_url)}",
-             f"keys:        {keys}"]
-    if note := legacy_var_note(settings):
-        lines.append(f"note: {note}")
+             f"keys:        {keys}",
+             f"settings:    environment and {found}" if found else
+             f"settings:    environment only (no {settings.resolved_var_dir / '.env'}, {ENV_FILE_VARIABLE} unset)"]
+    for note in (legacy_var_note(settings), ignored_env_note(found)):
+        if note:
+            lines.append(f"note: {note}")
     return lines
+
+
+def ignored_env_note(used: Path | None, cwd: Path | None = None) -> str | None:
+    """Older versions read ./.env of the folder they ran from; say so when one is here and not the one read."""
+    here = (cwd or Path.cwd()) / ".env"
+    if not here.is_file() or (used is not None and here.resolve() == used):
+        return None
+    return (f"{here} is not read (settings do not depend on the folder a command runs from): move it to the data "
+            f"folder or set {ENV_FILE_VARIABLE}={here.resolve()}.")
 
 
 def legacy_var_note(settings: Settings, cwd: Path | None = None) -> str | None:

@@ -1,6 +1,7 @@
 """One typed settings object for every SkinBridge process.
 
-Read from environment variables prefixed ``SKINBRIDGE_`` and an optional ``.env`` file. The defaults
+Read from environment variables prefixed ``SKINBRIDGE_`` and an optional settings file
+(:func:`settings_file`: ``SKINBRIDGE_ENV_FILE``, else ``.env`` in the data folder). The defaults
 are the *embedded* profile: everything in one data folder (SQLite, key files, the filesystem Celery
 broker), so ``skinbridge up`` works on a fresh machine with no configuration. ``profile=production``
 switches on the safety checks in :meth:`Settings.check_safe`.
@@ -8,11 +9,13 @@ switches on the safety checks in :meth:`Settings.check_safe`.
 The data folder is the user's data directory (``~/.local/share/skinbridge`` on Linux, see
 :func:`default_var_dir`), never the working directory: every command, run from any folder, finds the
 same database and keys. ``SKINBRIDGE_VAR_DIR`` moves it; a relative value is resolved once, here.
+For the same reason a ``.env`` in the working directory is not read.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -31,12 +34,32 @@ def default_var_dir() -> Path:
 
 
 class UnsafeConfiguration(RuntimeError):
-    """A production configuration that must not start; the message says what to set."""
+    """A configuration that must not start; the message says what to set."""
+
+
+ENV_FILE_VARIABLE = "SKINBRIDGE_ENV_FILE"
+
+
+def settings_file() -> Path | None:
+    """The one settings file every command reads, wherever it runs: ``SKINBRIDGE_ENV_FILE`` when set (it
+    must exist), else ``.env`` in the data folder (``SKINBRIDGE_VAR_DIR`` from the environment, or
+    :func:`default_var_dir`) when there is one. Never the working directory's ``.env``: settings in it
+    (``SKINBRIDGE_VAR_DIR`` above all) would change with the folder a command is run from."""
+    named = os.environ.get(ENV_FILE_VARIABLE)
+    if named:
+        path = Path(named).expanduser().resolve()
+        if not path.is_file():
+            raise UnsafeConfiguration(f"{ENV_FILE_VARIABLE}={named}: there is no such file")
+        return path
+    var_dir = os.environ.get("SKINBRIDGE_VAR_DIR")
+    path = (Path(var_dir).expanduser().resolve() if var_dir else default_var_dir()) / ".env"
+    return path if path.is_file() else None
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="SKINBRIDGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        # no env_file here: get_settings passes settings_file(), so Settings() alone reads the environment only
+        env_prefix="SKINBRIDGE_", env_file_encoding="utf-8", extra="ignore"
     )
 
     profile: Literal["embedded", "production"] = "embedded"
@@ -180,7 +203,7 @@ class Settings(BaseSettings):
 
 @functools.lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return Settings(_env_file=settings_file())
 
 
 def reset_settings_cache() -> None:

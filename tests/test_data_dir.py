@@ -136,3 +136,41 @@ def test_a_configured_data_folder_is_resolved_once(tmp_path: Path, monkeypatch: 
     assert settings.resolved_var_dir == expected
     assert settings.resolved_database_url == f"sqlite:///{expected / 'skinbridge.db'}"
     assert settings.resolved_key_dir == expected / "keys"
+
+
+def test_settings_come_from_the_data_folder_or_skinbridge_env_file_never_the_working_folder(tmp_path: Path) -> None:
+    """A `.env` in the folder a command runs from used to be read: SKINBRIDGE_VAR_DIR in it gave the same
+    command another database and other keys in another folder (issue 22, problem 10)."""
+    env = _environment(tmp_path)
+    data = tmp_path / "xdg" / "skinbridge"
+    project, other = _folder(tmp_path, "project"), _folder(tmp_path, "other")
+    (project / ".env").write_text(f"SKINBRIDGE_VAR_DIR={tmp_path / 'project-data'}\n")
+
+    def where(cwd: Path, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return _skinbridge(env | (extra or {}), cwd, "check")  # exits 1 here (no tables): only where is read
+
+    # no settings file: the defaults, from either folder; the working folder's .env is pointed out, not read
+    for cwd in (project, other):
+        out = where(cwd).stdout
+        assert f"data folder: {data}\n" in out and "settings:    environment only" in out, out
+    assert f"{project / '.env'} is not read" in where(project).stdout
+    assert "is not read" not in where(other).stdout
+
+    # the data folder's .env is read from every folder
+    data.mkdir(parents=True, exist_ok=True)
+    (data / ".env").write_text(f"SKINBRIDGE_DATABASE_URL=sqlite:///{tmp_path / 'from-data-folder.db'}\n")
+    for cwd in (project, other):
+        out = where(cwd).stdout
+        assert f"database:    sqlite:///{tmp_path / 'from-data-folder.db'}" in out, out
+        assert f"settings:    environment and {data / '.env'}" in out, out
+
+    # SKINBRIDGE_ENV_FILE names the one file instead (it may move the data folder)
+    named = tmp_path / "skinbridge.env"
+    named.write_text(f"SKINBRIDGE_VAR_DIR={tmp_path / 'named-data'}\n")
+    for cwd in (project, other):
+        out = where(cwd, {"SKINBRIDGE_ENV_FILE": str(named)}).stdout
+        assert f"data folder: {tmp_path / 'named-data'}\n" in out and f"environment and {named}" in out, out
+    missing = where(other, {"SKINBRIDGE_ENV_FILE": str(tmp_path / "nope.env")})
+    assert missing.returncode == 2 and "SKINBRIDGE_ENV_FILE=" in missing.stderr and "no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "project-data").exists() and not (other / "var").exists()
