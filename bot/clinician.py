@@ -42,6 +42,7 @@ from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import Clinician, ReviewTask
 from console import telegram_review as tr
+from console.labels import status_label
 from skinbridge.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ async def _dispatch(c: Clinic, session: Session, clinician: Clinician, task: Rev
     user_data: dict[str, Any] = context.user_data  # type: ignore[assignment]
     if task.status != "open":
         await _answer(query)
-        await _reply(update, f"Ref {tr.ref(task.id)} is no longer open for review ({task.status}).")
+        await _reply(update, f"Ref {tr.ref(task.id)} is no longer open for review ({status_label(task.status)}).")
         return
     if action == "view" or (action in ("accept", "amend") and not review.holds_claim(task, clinician.id)):
         # Accept/Amend straight from a push claim first (showing the case), then go on

@@ -27,7 +27,7 @@ from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import AIResult, Case, CaseMessage, Clinician, ExplanationImage, Image, ReviewTask, utcnow
 from console import conditions, explainer_pictures, stats
-from console.labels import HISTORY_LABELS, REASON_LABELS
+from console.labels import HISTORY_LABELS, reason_label, status_label
 from console.security import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
@@ -74,7 +74,8 @@ def _fmt(when: datetime | None) -> str:
 _env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
 _env.filters["when"] = _fmt
 _env.filters["condition"] = lambda code: conditions.label(code, LANG)
-_env.filters["reason"] = lambda code: REASON_LABELS.get(code, code.replace("_", " "))
+_env.filters["reason"] = reason_label
+_env.filters["status"] = status_label
 _env.filters["pct"] = lambda p: f"{float(p):.0%}" if p is not None else "—"
 # measured shares next to a bar: 79.7 % must not read as "80 %, below the 80 % bar"
 _env.filters["pct1"] = lambda p: f"{float(p):.1%}" if p is not None else "—"

@@ -22,7 +22,7 @@ from clinic_db import audit, cases, clinicians, review
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic
 from clinic_db.models import AIResult, Case, Clinician, KeyValue, ReviewTask, utcnow
-from console.labels import HISTORY_LABELS, REASON_LABELS
+from console.labels import HISTORY_LABELS, reason_label
 from clinic_db.vault import SYSTEM_KEY_ID
 
 TELEGRAM_NS = "clinician_telegram"  # a blind-index namespace apart from patients'
@@ -226,7 +226,7 @@ def summary(clinic: Clinic, session: Session, task: ReviewTask, *, now: datetime
         task_id=task.id, ref=ref(task.id), urgency=task.urgency,
         waiting=_hours((now - task.created_at).total_seconds()), due=task.due_at,
         overdue=review.overdue(task, now),
-        reasons=[REASON_LABELS.get(code, code.replace("_", " ")) for code in task.reasons or []],
+        reasons=[reason_label(code) for code in task.reasons or []],
         differential=latest_differential(clinic, session, task.case),
     )
 

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from clinic_db import clinicians
-from clinic_db.models import AuditEvent, Case, OutboxMessage, ReviewTask
+from clinic_db.models import AIResult, AuditEvent, Case, OutboxMessage, ReviewTask
 from console import demo
 from console.app import build_router
 from tests.e2e_support import console_login, csrf_token
@@ -215,3 +215,23 @@ def test_logout_ends_the_session_server_side(world: World) -> None:
     assert ada.post("/console/logout", data={"csrf_token": token}).status_code == 303
     replay = httpx.Client(base_url=world.base, cookies=stolen)
     assert replay.get("/console/queue", follow_redirects=False).status_code == 303
+
+
+def _visible_text(html: str) -> str:
+    html = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S | re.I)
+    return re.sub(r"<[^>]+>", " ", html)
+
+
+def test_the_case_page_shows_words_never_stored_codes(world: World) -> None:
+    """Issue 22: the AI's flags read "suspect:melanoma" and "vlm error:RuntimeError", statuses "in_review"."""
+    rc = world.cases[1]
+    with world.clinic.session() as s:
+        s.get(AIResult, rc.ai_id).flags = ["suspect:melanoma", "vlm_error", "vlm_error:RuntimeError", "vlm_repaired"]
+        s.commit()
+    ada = _login(world.base, "ada")
+    text = _visible_text(ada.get(f"/console/tasks/{rc.task_id}").text)
+    assert "AI rates Melanoma above its validated threshold" in text
+    assert "vision-language model failed (classifier result used) (RuntimeError)" in text
+    assert not re.findall(r"\b[a-z]+_[a-z_]+\b|\b[a-z]+:[A-Za-z]", text), re.findall(r".{30}\b[a-z]+_[a-z_]+\b.{10}", text)
+    queue = _visible_text(ada.get("/console/queue").text)
+    assert not re.findall(r"\b[a-z]+_[a-z_]+\b", queue)
