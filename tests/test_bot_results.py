@@ -13,6 +13,7 @@ import io
 import time
 import uuid
 
+import pytest
 from PIL import Image
 from sqlalchemy import select
 
@@ -20,6 +21,7 @@ from clinic_db import cases, outbox
 from clinic_db.audit import Actor
 from clinic_db.models import Case, CaseMessage, ReviewTask, utcnow
 from clinic_db.states import CaseStatus
+from tests.support import wait_for
 from tests.test_bot_conversation import (  # noqa: F401 - fixtures used by name
     HISTORY,
     BotProcess,
@@ -81,6 +83,20 @@ def publish_ai_result(clinic, case_id: uuid.UUID) -> None:  # type: ignore[no-un
         session.commit()
 
 
+def publish_followup_answer(clinic, case_id: uuid.UUID, text: str) -> None:  # type: ignore[no-untyped-def]
+    """What the follow-up path leaves behind: the assistant's answer and its outbox message."""
+    with clinic.session() as session:
+        case = session.get(Case, case_id)
+        answer = CaseMessage(case_id=case_id, patient_id=case.patient_id, role="assistant", flags=[])
+        answer.ensure_id()
+        clinic.vault.set_text(session, answer, "text", text, owner=case.patient_id)
+        session.add(answer)
+        outbox.enqueue(clinic, session, patient_id=case.patient_id, case_id=case_id, kind="followup_answer",
+                       dedup_key=f"followup:{answer.id}",
+                       payload={"case_id": str(case_id), "message_id": str(answer.id)})
+        session.commit()
+
+
 def test_result_followup_and_dermatologist(clinic, emulator: str, bot: BotProcess) -> None:  # type: ignore[no-untyped-def]
     chat = Chat(emulator, 2001)
     submitted_case(chat)
@@ -111,13 +127,7 @@ def test_result_followup_and_dermatologist(clinic, emulator: str, bot: BotProces
         question = session.scalars(select(CaseMessage).where(CaseMessage.case_id == case_id)).one()
         assert question.role == "patient"
         assert clinic.vault.get_text(session, question, "text", owner=question.patient_id) == "Is it dangerous if it itches?"
-        answer = CaseMessage(case_id=case_id, patient_id=question.patient_id, role="assistant", flags=[])
-        answer.ensure_id()
-        clinic.vault.set_text(session, answer, "text", "Itching alone does not tell.", owner=question.patient_id)
-        session.add(answer)
-        outbox.enqueue(clinic, session, patient_id=question.patient_id, case_id=case_id, kind="followup_answer",
-                       dedup_key=f"followup:{question.id}", payload={"case_id": str(case_id), "message_id": str(answer.id)})
-        session.commit()
+    publish_followup_answer(clinic, case_id, "Itching alone does not tell.")
     reply = chat.expect_text("Itching alone does not tell.")
     assert "not a diagnosis" in reply["text"]
 
@@ -185,3 +195,83 @@ def test_german_patient_gets_a_german_result(clinic, emulator: str, bot: BotProc
     assert album["captions"][0].startswith("KI-generiertes Beispiel für Melanom")
     result = chat.expect_text("Am wahrscheinlichsten: Melanom")
     assert "KEINE Diagnose" in result["text"] and "24 Stunden" in result["text"]
+
+
+# Telegram's retry_after for A's message: ample time for B's answer to be stored on a loaded machine, and
+# well under the 30 s SQLite waits for a lock (clinic_db.db)
+FLOOD_WAIT_S = 8
+
+
+def pending_outbox(clinic) -> list[str]:  # type: ignore[no-untyped-def]
+    with clinic.session() as session:
+        return list(session.scalars(select(outbox.OutboxMessage.kind).where(outbox.OutboxMessage.status != "sent")))
+
+
+# both kinds write a read audit before the send; the follow-up answer also runs a query after it, which
+# would flush that write (and take SQLite's write lock) without the sender's no_autoflush
+@pytest.mark.parametrize("kind", ["result", "followup_answer"])
+def test_a_message_waiting_out_a_429_holds_up_no_other_patient(  # type: ignore[no-untyped-def]
+        clinic, emulator: str, bot: BotProcess, kind: str) -> None:
+    """Issue 24, problem 3: the sender waited out Telegram's 429 for one patient's result with a write
+    transaction open; on SQLite another patient's answer hung 30 s on the lock, then failed with
+    'database is locked', the patient got an error reference and the answer was lost. The sender must
+    hold nothing while Telegram makes it wait: B's answer is stored during A's wait, not after it."""
+    a = Chat(emulator, 2101)
+    submitted_case(a)
+    a.expect_text("received and is waiting")
+    a_case = only_case(clinic).id
+    if kind == "followup_answer":  # A has had the result; the answer to a question about it waits
+        publish_ai_result(clinic, a_case)
+        a.expect_text("Most likely: Melanoma")
+        wait_for(lambda: not pending_outbox(clinic), timeout=30, message="A's result delivered")
+
+    b = Chat(emulator, 2102)
+    consent(b)
+    b.photo(lesion_photo(12))
+    b.tap(b.expect_text("Photo saved"), "photos:done")
+    answer_history(b, {"body_site": "arm"})
+    question = b.expect(lambda m: "h:duration:" in str(m.get("reply_markup")), "B's second question")
+    with clinic.session() as session:
+        b_case = session.scalars(select(Case).where(Case.id != a_case)).one().id
+
+    def sent_to_a() -> list[dict]:
+        calls = a.http.get("/_emulator/calls", params={"method": "sendMessage"}).json()
+        return [c for c in calls if str(c["params"].get("chat_id")) == "2101"]
+
+    # nobody else is sending now: the next sendMessage, A's message, is refused with 429 and waited out
+    a.http.delete("/_emulator/calls").raise_for_status()
+    a.http.post("/_emulator/fail", json={"method": "sendMessage", "times": 1, "retry_after": FLOOD_WAIT_S}
+                ).raise_for_status()
+    if kind == "result":
+        publish_ai_result(clinic, a_case)
+        fragment = "Most likely: Melanoma"
+    else:
+        fragment = "Itching alone does not tell."
+        publish_followup_answer(clinic, a_case, fragment)
+    wait_for(sent_to_a, timeout=60, message="A's message to meet the 429")
+
+    b.press(question["message_id"], "h:duration:months")
+
+    def b_answer() -> str | None:
+        with clinic.session() as session:
+            return cases.history(clinic, session, session.get(Case, b_case)).get("duration")
+
+    def delivered_to_a() -> list[dict]:
+        return [m for m in a.messages() if fragment in (m.get("text") or "")]
+
+    assert wait_for(b_answer, timeout=60, message="B's answer in the database") == "months"
+    # stored while A's message still waits for Telegram (the old sender let B in only after A's send)
+    assert not delivered_to_a(), "B's answer was stored only after A's message was sent: the sender held " \
+                                 "the database through the 429"
+    # acknowledged once the rate limiter lets the bot talk again, well before SQLite's 30 s lock timeout
+    b.expect(lambda m: m["edited"] and "How long have you had it? Months" in (m.get("text") or ""),
+             "B's answer acknowledged", timeout=25)
+    b.expect(lambda m: "h:itch:" in str(m.get("reply_markup")), "B's next question")
+
+    a.expect_text(fragment)
+    wait_for(lambda: not pending_outbox(clinic), timeout=30, message="A's messages marked sent")
+    assert len(delivered_to_a()) == 1  # delivered once
+    attempts = sent_to_a()
+    assert len(attempts) == 2 and all(fragment in c["params"]["text"] for c in attempts)  # 429, then sent
+    assert not [m for m in a.messages() + b.messages() if "went wrong" in (m.get("text") or "")]  # no error reference
+    assert "database is locked" not in bot.log()
