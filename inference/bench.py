@@ -97,7 +97,7 @@ def bench_classifier(device: str, batch_sizes: list[int], scale: str, iterations
         torch.manual_seed(0)
         engine = ClassifierEngine(SkinClassifierNet(classes, width=width), config, device, "random")
     else:  # the shipped default model, exactly as it serves patients (incl. its test-time views)
-        from inference.engines.registry import DEFAULT_CLASSIFIER
+        from inference.engines.paths import DEFAULT_CLASSIFIER
 
         engine = ClassifierEngine.load(DEFAULT_CLASSIFIER, device)
         config = engine.config
@@ -128,7 +128,7 @@ def bench_generator(device: str, batch_sizes: list[int], scale: str, iterations:
     from inference.engines.explainer import ClassConditionalExplainer
     from inference.engines.generator_net import GeneratorConfig, build_generator_unet, save_generator
 
-    from inference.engines.registry import DEFAULT_GENERATOR
+    from inference.engines.paths import DEFAULT_GENERATOR
 
     def run(explainer: Any, code: str, steps: int) -> list[dict[str, Any]]:
         results = []

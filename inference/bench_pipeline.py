@@ -250,9 +250,9 @@ def _prepare_clinic(env: dict[str, str]) -> None:
     from clinic_db.models import Clinician
     from inference.engines.clinical_review import generator_subject
     from inference.engines.generator_net import GeneratorConfig
-    from inference.engines.registry import WEIGHTS_DIR
+    from inference.engines.paths import DEFAULT_GENERATOR
 
-    folder = settings.generator_path or WEIGHTS_DIR / "generator"
+    folder = settings.generator_path or DEFAULT_GENERATOR
     config, subject = GeneratorConfig.load(folder), generator_subject(folder)
     clinic = get_clinic()
     with clinic.session() as session:
@@ -526,12 +526,12 @@ def _expects_pictures() -> bool:
 
 
 def _models() -> dict[str, Any]:
-    from inference.engines.registry import WEIGHTS_DIR
+    from inference.engines.paths import DEFAULT_CLASSIFIER, DEFAULT_GENERATOR
     from skinbridge.settings import get_settings
 
     s = get_settings()
-    return {"classifier": str(s.classifier_path or WEIGHTS_DIR / "classifier"),
-            "generator": str(s.generator_path or WEIGHTS_DIR / "generator"),
+    return {"classifier": str(s.classifier_path or DEFAULT_CLASSIFIER),
+            "generator": str(s.generator_path or DEFAULT_GENERATOR),
             "vlm": str(s.vlm_path) if s.vlm_path else None, "sd": str(s.sd_path) if s.sd_path else None,
             "device": s.device, "explanation_images": s.explanation_images}
 

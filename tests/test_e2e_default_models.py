@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from bot.i18n import t
 from clinic_db import clinicians
 from clinic_db.models import AIResult, Case, ExplanationImage
-from inference.engines.registry import DEFAULT_GENERATOR
+from inference.engines.paths import DEFAULT_GENERATOR
 from inference.vocabulary import load_vocabulary
 from tests.e2e_support import (
     HISTORY,

@@ -11,12 +11,10 @@ from typing import Any
 from inference.engines.base import pick_device
 from inference.engines.classifier import ClassifierEngine
 from inference.engines.explainer import ClassConditionalExplainer, StableDiffusionExplainer
+from inference.engines.paths import DEFAULT_CLASSIFIER, DEFAULT_GENERATOR
 from inference.engines.vlm import VLMEngine
 
 log = logging.getLogger(__name__)
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_CLASSIFIER = WEIGHTS_DIR / "classifier"
-DEFAULT_GENERATOR = WEIGHTS_DIR / "generator"
 
 
 @dataclass
