@@ -27,6 +27,7 @@ REASON_LABELS = {
     "classifier_error": "image classifier failed",
     "no_lesion_visible": "no skin lesion visible",
     "out_of_distribution": "photo unlike the training photos",
+    "photo_type": "photo read as",  # photo_type:dermoscopic (inference.engines.classifier)
 }
 # case and review-task states, and decisions (clinic_db.states, clinic_db.review)
 STATUS_LABELS = {

@@ -235,7 +235,7 @@ def _diagnose(self, case_id: str, read: dict[uuid.UUID, bytes] | None = None) ->
         eng = engines()
         photos = _photos(clinic, session, case, read)
         if "classifier" not in done:
-            per_photo = eng.classifier.predict(photos, "clinical")
+            per_photo = eng.classifier.predict(photos)  # each photo's type read from it (photo_type.json)
             _store_prediction(clinic, session, case, _merge_photo_predictions(per_photo))
         if eng.vlm is not None and "vlm" not in done:
             # the VLM is optional: its failure never costs the classifier's result (issue 21, graceful degradation)

@@ -120,7 +120,7 @@ def test_validated_threshold_flags_the_condition(classifier_dir: Path) -> None:
     engine.config.thresholds = {code: p * 0.99}
     assert f"suspect:{code}" in engine.predict(photo, "clinical", saliency=False)[0].flags
     engine.config.thresholds = {code: p * 1.01}
-    assert engine.predict(photo, "clinical", saliency=False)[0].flags == []
+    assert engine.predict(photo, "clinical", saliency=False)[0].flags == ["photo_type:clinical"]
 
 
 def test_test_time_augmentation_makes_orientation_irrelevant(classifier_dir: Path, tmp_path: Path) -> None:
@@ -152,3 +152,18 @@ def test_test_time_augmentation_makes_orientation_irrelevant(classifier_dir: Pat
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="tta_views"):
         ClassifierEngine.load(folder, device="cpu")
+
+
+def test_grad_cam_turns_with_the_photo(classifier_dir: Path) -> None:
+    """Grad-CAM is averaged over the same 8 flips/rotations as the prediction, each map turned back: the
+    map of a turned photo is the turned map (a single view's map is not: its border artefacts stay put)."""
+    engine = ClassifierEngine.load(classifier_dir, device="cpu")
+    photo = _photo(5, (32, 32))  # the net's own size: no resize or crop between the two
+    turned = photo.transpose(Image.Transpose.ROTATE_90)
+    k = 1
+    engine.config.tta_views = 8
+    cam, cam_turned = engine.gradcam(photo, "dermoscopic", k), engine.gradcam(turned, "dermoscopic", k)
+    assert np.allclose(np.rot90(cam), cam_turned, atol=1e-4)
+    engine.config.tta_views = 1
+    single, single_turned = engine.gradcam(photo, "dermoscopic", k), engine.gradcam(turned, "dermoscopic", k)
+    assert not np.allclose(np.rot90(single), single_turned, atol=1e-2)

@@ -78,6 +78,88 @@ def test_splits_are_the_published_and_lesion_disjoint_ones(data_dir: Path) -> No
     assert 0.17 < sum(s == "val" for s in split.values()) / len(split) < 0.23
 
 
+def test_grouped_splits_keep_every_lesion_and_photo_series_on_one_side(data_dir: Path) -> None:
+    items = D.ham_items(data_dir) + D.dermnet_items(data_dir)
+    split = D.grouped_splits(items)
+    sides: dict[str, set[str]] = {}
+    for it in items:
+        group = it.group if it.source == "ham10000" else D.series(it.key)
+        sides.setdefault(f"{it.source}|{group}", set()).add(split[it.key])
+    assert all(len(s) == 1 for s in sides.values())  # no lesion / series on two sides
+    assert D.series("images/acne/acne-face-1-12.jpg") == D.series("images/acne/acne-face-1-28.jpg")
+    assert D.series("images/acne/acne-face-48.jpg") != D.series("images/acne/acne-face-47.jpg")
+    for source in ("ham10000", "dermnet"):
+        mine = [split[it.key] for it in items if it.source == source]
+        assert 0.12 < mine.count("test") / len(mine) < 0.18 and 0.12 < mine.count("val") / len(mine) < 0.18
+    # stratified: every HAM10000 diagnosis is validated and tested
+    for dx in D.HAM_DX:
+        assert {split[it.key] for it in items if it.raw_label == dx} == {"train", "val", "test"}, dx
+    # a subset (one split's photos, a test's handful) lands on the same sides as in the whole data set
+    subset = items[::7]
+    masks = D.split_masks(data_dir, subset)
+    assert all(masks[f"{'ham' if it.source == 'ham10000' else 'dermnet'}-grouped-{split[it.key]}"][i]
+               for i, it in enumerate(subset))
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data_dir: Path, tmp_path: Path) -> None:
+    """A schedule longer than one sitting: stop after one epoch, continue with --resume, same weights."""
+    from inference.training.cli import train_command
+
+    common = ["classifier", "--data", str(data_dir), "--epochs", "3", "--threads", "1", "--subset-per-label", "2",
+              "--cache-dir", str(tmp_path / "cache"), "--docs", str(tmp_path / "docs"), "--width", "8",
+              "--image-size", "16", "--mix-prob", "0.5", "--tta-views", "1"]
+    runner = CliRunner()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert runner.invoke(train_command, [*common, "--out", str(whole)], catch_exceptions=False).exit_code == 0
+    res = runner.invoke(train_command, [*common, "--out", str(parts), "--sitting-epochs", "1"], catch_exceptions=False)
+    assert res.exit_code == 0 and "--resume" in res.output
+    assert (parts / "checkpoint.pt").exists() and not (parts / "model.safetensors").exists()
+    res = runner.invoke(train_command, [*common, "--out", str(parts), "--resume", "--lr", "0.1"])
+    assert res.exit_code == 2 and "different run" in res.output  # the schedule cannot change midway
+    res = runner.invoke(train_command, [*common, "--out", str(parts), "--resume"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert (parts / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert not (parts / "checkpoint.pt").exists()  # finished: nothing left to resume
+    log = [json.loads(line) for line in (parts / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    res = runner.invoke(train_command, [*common, "--out", str(tmp_path / "none"), "--resume"])
+    assert res.exit_code == 2 and "no checkpoint" in res.output
+
+
+def test_operating_points_follow_the_photo_type() -> None:
+    from inference.engines.classifier import ClassifierEngine
+    from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
+
+    codes = ["basal_cell_carcinoma", "melanoma", "nevus"]
+    config = ClassifierConfig(num_classes=3, class_codes=codes, image_size=16, malignant_codes=codes[:2],
+                              operating_points={"dermoscopic": {"melanoma": 0.05, "any_malignant": 0.5},
+                                                "clinical": {"melanoma": 0.2, "any_malignant": 0.35}})
+    engine = ClassifierEngine(SkinClassifierNet(3, width=8), config, "cpu", "x")
+    row = torch.tensor([0.3, 0.1, 0.6])  # BCC 30 %, melanoma 10 %: 40 % some skin cancer
+    assert engine.flags(row, "dermoscopic") == ["suspect:melanoma"]
+    # clinical: melanoma below its point, but "any skin cancer" reached: named by its likeliest member
+    assert engine.flags(row, "clinical") == ["suspect:basal_cell_carcinoma"]
+    config.operating_points = {}
+    config.thresholds = {"melanoma": 0.1}  # older configs: one threshold for every photo type
+    assert engine.flags(row, "clinical") == ["suspect:melanoma"]
+
+
+def test_mixing_pairs_only_photos_of_one_type_and_keeps_the_label_shares() -> None:
+    from inference.training.train_classifier import ClassifierRun, mix_batch
+
+    run = ClassifierRun(data=Path("."), out=Path("."), mix_prob=1.0, mix_alpha=1.0)
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 16, 16).contiguous()
+    y, types = torch.arange(8), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mixed, a, b, lam = mix_batch(x, y, types, run, rng)
+        assert torch.equal(a, y) and torch.equal(types[b], types)  # partners share the image type
+        assert 0.0 <= lam <= 1.0
+        # every pixel is one of the two photos or a blend of them with the stated share
+        expected = lam * x[:, :1].mean((1, 2, 3)) + (1 - lam) * x[b][:, :1].mean((1, 2, 3))
+        assert torch.allclose(mixed[:, :1].mean((1, 2, 3)), expected, atol=1e-4)
+
+
 def test_labels_map_through_the_vocabulary_grouping(data_dir: Path, tmp_path: Path) -> None:
     dermnet = D.dermnet_items(data_dir)
     items = [it for it in D.ham_items(data_dir) if it.raw_label == "mel"][:2]
@@ -192,14 +274,18 @@ def test_tiny_classifier_run_loads_in_the_engine(trained: dict[str, Path], data_
     config = json.loads((folder / "config.json").read_text())
     assert {"melanoma", "nevus", "basal_cell_carcinoma", "acne"} <= set(config["class_codes"])
     assert config["image_size"] == 32 and config["temperature"] > 0
-    assert 0.0 <= config["thresholds"]["melanoma"] <= 1.0
+    points = config["operating_points"]
+    assert set(points) == {"dermoscopic", "clinical"} and 0.0 <= points["dermoscopic"]["melanoma"] <= 1.0
+    assert set(config["malignant_codes"]) <= set(config["class_codes"]) and "melanoma" in config["malignant_codes"]
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-    assert log and log[0]["epoch"] == 1 and "val_dermamnist_acc" in log[0]
+    assert log and log[0]["epoch"] == 1 and "val_ham_balanced_acc" in log[0]
     assert (folder / "weights.sha256").read_text().split()[0] == model_sha256(folder / "model.safetensors")
 
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert {"dermamnist-test", "ham-lesion-test", "dermnet-val"} <= set(metrics)
-    assert 0.0 <= metrics["dermamnist-test"]["acc"] <= 1.0
+    assert {"ham-grouped-test", "dermnet-grouped-test", "dermnet-grouped-val", "dermamnist-test"} <= set(metrics)
+    assert 0.0 <= metrics["ham-grouped-test"]["balanced_acc"] <= 1.0
+    test_point = metrics["operating_points"]["dermoscopic"]["melanoma"]["test"]
+    assert test_point == metrics["ham-grouped-test"]["operating_points"]["melanoma"]
 
     engine = ClassifierEngine.load(folder, device="cpu")
     with Image.open(data_dir / "ham10000" / "images" / "ISIC_0027419.jpg") as img:
@@ -211,7 +297,80 @@ def test_tiny_classifier_run_loads_in_the_engine(trained: dict[str, Path], data_
     assert "Tschandl" in card and "CC BY-NC-ND 3.0 NZ" in card and "never* a diagnosis" in card
     docs = (trained["docs"] / "models.md").read_text()
     assert "<!-- BEGIN classifier -->" in docs and "<!-- BEGIN generator -->" in docs
-    assert (trained["docs"] / "img" / "classifier_confusion_dermamnist_test.png").stat().st_size > 1000
+    assert (trained["docs"] / "img" / "classifier_confusion_ham_test.png").stat().st_size > 1000
+    assert "Operating points per photo type" in card and "Skin tone" in card
+
+
+def test_classifier_report_adds_the_ab_table_and_grad_cam_on_the_lesion(trained: dict[str, Path], data_dir: Path,
+                                                                        tmp_path: Path) -> None:
+    import shutil
+
+    from inference.training.cli import train_command
+
+    model = shutil.copytree(trained["classifier"], tmp_path / "clf")
+    trained_with = (model / "MODEL_CARD.md").read_text().split("Trained with: ")[1].split("\n")[0]
+    res = CliRunner().invoke(train_command, [
+        "classifier-report", "--model", str(model), "--data", str(data_dir), "--photos", "6",
+        "--ab", f"tiny run={trained['classifier']}", "--ab", f"same again={trained['classifier']}",
+        "--docs", str(tmp_path / "docs")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert list(metrics["ab"]) == ["tiny run", "same again"]
+    assert "--ab 'tiny run=" in metrics["ab_command"] and "--ab 'same again=" in metrics["ab_command"]
+    sal = metrics["saliency"]
+    assert sal["n"] == 6 and {"stage-1", "stage-2"} <= set(sal)
+    assert all(0.0 <= v["heat_on_lesion"] <= 1.0 and 0.0 < v["lesion_area"] < 1.0 for k, v in sal.items()
+               if k.startswith("stage"))
+    card = (model / "MODEL_CARD.md").read_text()
+    assert "What each choice bought" in card and "| tiny run |" in card and "Grad-CAM on the lesion" in card
+    assert f"Trained with: {trained_with}" in card  # the training command is kept
+    with Image.open(tmp_path / "docs" / "img" / "classifier_gradcam_grid.png") as grid:
+        assert grid.width >= 6 * 100 and grid.height >= 4 * 100  # 24 validation photos
+    res = CliRunner().invoke(train_command, ["classifier-report", "--model", str(model), "--no-saliency",
+                                             "--ab", "no folder", "--docs", str(tmp_path / "docs")])
+    assert res.exit_code == 2 and "LABEL=FOLDER" in res.output
+
+
+def test_photo_type_model_is_trained_beside_the_classifier_and_used_by_the_engine(
+        trained: dict[str, Path], data_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from inference.engines.classifier import ClassifierEngine
+    from inference.training.cli import train_command
+
+    model = shutil.copytree(trained["classifier"], tmp_path / "clf")
+    res = CliRunner().invoke(train_command, [
+        "photo-type", "--model", str(model), "--data", str(data_dir), "--subset-per-label", "4",
+        "--cache-dir", str(tmp_path / "cache"), "--docs", str(tmp_path / "docs")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    stored = json.loads((model / "photo_type.json").read_text())
+    assert 0.5 <= stored["threshold"] <= 1.0 and len(stored["layers"]) == 2
+    pt = json.loads((model / "metrics.json").read_text())["photo_type"]
+    assert {"val", "test", "threshold", "command"} <= set(pt)
+    assert "photo-type model" in (model / "MODEL_CARD.md").read_text()
+    res = CliRunner().invoke(train_command, ["photo-type", "--model", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no classifier" in res.output
+
+    engine = ClassifierEngine.load(model, device="cpu")
+    assert engine.photo_types is not None
+    with Image.open(data_dir / "ham10000" / "images" / "ISIC_0027419.jpg") as img:
+        photo = img.convert("RGB")
+    read_as = engine.photo_type(photo)
+    [pred] = engine.predict([photo], saliency=False)
+    assert f"photo_type:{read_as}" in pred.flags  # the type whose operating points were applied
+    [given] = engine.predict([photo], "clinical", saliency=False)
+    assert "photo_type:clinical" in given.flags
+    engine.photo_types = None  # a classifier without a photo-type model: every photo counts as clinical
+    assert "photo_type:clinical" in engine.predict([photo], saliency=False)[0].flags
+
+
+def test_lesion_mask_finds_the_dark_lesion() -> None:
+    from inference.training.saliency import lesion_mask
+
+    photo = Image.new("RGB", (120, 90), (220, 170, 150))
+    photo.paste((90, 50, 40), (45, 30, 75, 60))  # a dark 30 x 30 px lesion in the middle
+    mask = lesion_mask(photo, 30)
+    assert mask[15, 15] and not mask[2, 2] and 0.05 < mask.mean() < 0.3
 
 
 def test_tiny_generator_run_samples_and_is_measured(trained: dict[str, Path]) -> None:
@@ -355,12 +514,13 @@ def test_evaluate_classifier_cli_decodes_the_split_afresh(trained: dict[str, Pat
     from inference.training.evaluate import evaluate_classifier
 
     res = CliRunner().invoke(train_command, ["evaluate-classifier", "--model", str(trained["classifier"]),
-                                             "--data", str(data_dir), "--split", "ham-lesion-val"])
+                                             "--data", str(data_dir), "--split", "ham-grouped-val"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert out["split"] == "ham-lesion-val" and out["n"] > 100
+    assert out["split"] == "ham-grouped-val" and out["n"] > 1000
+    assert set(out["operating_points"]) == {"melanoma", "any_malignant"}
     # same numbers as the in-memory evaluation
-    again = evaluate_classifier(trained["classifier"], data_dir, "ham-lesion-val")
+    again = evaluate_classifier(trained["classifier"], data_dir, "ham-grouped-val")
     assert again["acc"] == pytest.approx(out["acc"])
 
 

@@ -16,16 +16,20 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from inference.engines.base import Prediction, model_sha256, pick_device
+from inference.engines.photo_type import PhotoTypeModel
 from inference.engines.classifier_net import (
     IMAGE_TYPES,
     WEIGHTS_NAME,
     ClassifierConfig,
     SkinClassifierNet,
     dihedral_logits,
+    dihedral_view,
+    undo_dihedral_view,
 )
 
 TOP_K = 5
 SUSPECT_FLAG = "suspect:"  # + condition code: probability at or above the model's validated threshold
+PHOTO_TYPE_FLAG = "photo_type:"  # + "dermoscopic" | "clinical": whose operating points were applied
 
 
 def save_classifier(folder: str | Path, model: SkinClassifierNet, config: ClassifierConfig) -> Path:
@@ -39,9 +43,11 @@ def save_classifier(folder: str | Path, model: SkinClassifierNet, config: Classi
 
 
 class ClassifierEngine:
-    def __init__(self, model: SkinClassifierNet, config: ClassifierConfig, device: str, weights_sha256: str) -> None:
+    def __init__(self, model: SkinClassifierNet, config: ClassifierConfig, device: str, weights_sha256: str,
+                 photo_types: PhotoTypeModel | None = None) -> None:
         self.model = model.to(device).eval()
         self.config = config
+        self.photo_types = photo_types  # None: every photo whose type is not given counts as clinical
         self.device = device
         self.weights_sha256 = weights_sha256
         self._mean = torch.tensor(config.mean).view(1, 3, 1, 1)
@@ -54,7 +60,7 @@ class ClassifierEngine:
         model = SkinClassifierNet(config.num_classes, config.num_image_types, config.width)
         state = load_file(str(path / WEIGHTS_NAME))
         model.load_state_dict(state)
-        return cls(model, config, pick_device(device), model_sha256(path / WEIGHTS_NAME))
+        return cls(model, config, pick_device(device), model_sha256(path / WEIGHTS_NAME), PhotoTypeModel.load(path))
 
     # --- preprocessing ---------------------------------------------------------------------
     def _square(self, image: Image.Image) -> Image.Image:
@@ -87,9 +93,24 @@ class ClassifierEngine:
         logits = dihedral_logits(self.model, x, types, self.config.tta_views)
         return torch.softmax(logits.float() / self.config.temperature, dim=-1).cpu()
 
-    def predict(self, images: list[Image.Image], image_type: str, *, saliency: bool = True) -> list[Prediction]:
+    def photo_type(self, image: Image.Image) -> str:
+        """"dermoscopic" or "clinical" as the photo-type model reads it (clinical without one)."""
+        return self.photo_types.photo_type(image) if self.photo_types is not None else "clinical"
+
+    def predict(self, images: list[Image.Image], image_type: str | None = None, *,
+                saliency: bool = True) -> list[Prediction]:
+        """One prediction per photo. Without ``image_type`` each photo's type is read from the photo
+        (:meth:`photo_type`); the type picks the operating points and is recorded as a flag."""
         if not images:
             return []
+        if image_type is None:
+            types = [self.photo_type(img) for img in images]
+            by_type = {t: [i for i, x in enumerate(types) if x == t] for t in dict.fromkeys(types)}
+            out: list[Prediction | None] = [None] * len(images)
+            for t, idx in by_type.items():
+                for i, p in zip(idx, self.predict([images[i] for i in idx], t, saliency=saliency), strict=True):
+                    out[i] = p
+            return [p for p in out if p is not None]
         t0 = time.perf_counter()
         probs = self.probabilities(images, image_type)
         t_infer = time.perf_counter() - t0
@@ -104,8 +125,7 @@ class ClassifierEngine:
         for row, cam in zip(probs, cams):
             order = torch.argsort(row, descending=True)[: min(TOP_K, len(codes))]
             differential = [{"code": codes[i], "probability": round(float(row[i]), 6)} for i in order.tolist()]
-            flags = [f"{SUSPECT_FLAG}{code}" for code, limit in sorted(self.config.thresholds.items())
-                     if code in codes and float(row[codes.index(code)]) >= limit]
+            flags = [f"{PHOTO_TYPE_FLAG}{image_type}", *self.flags(row, image_type)]
             predictions.append(
                 Prediction(
                     engine="classifier",
@@ -120,27 +140,58 @@ class ClassifierEngine:
             )
         return predictions
 
+    def flags(self, row: torch.Tensor, image_type: str) -> list[str]:
+        """``suspect:<code>`` for each operating point of this photo type the probabilities reach.
+
+        "any_malignant" sums the malignant codes' probabilities and names the likeliest of them, so
+        triage sees an ordinary per-condition flag (and advice speaks about that condition).
+        """
+        codes = self.config.class_codes
+        points = self.config.operating_points.get(image_type) or self.config.thresholds
+        flagged: list[str] = []
+        for key, limit in sorted(points.items()):
+            if key == "any_malignant":
+                members = [c for c in self.config.malignant_codes if c in codes]
+                if not members or float(sum(row[codes.index(c)] for c in members)) < limit:
+                    continue
+                code = max(members, key=lambda c: float(row[codes.index(c)]))
+            elif key in codes and float(row[codes.index(key)]) >= limit:
+                code = key
+            else:
+                continue
+            if f"{SUSPECT_FLAG}{code}" not in flagged:
+                flagged.append(f"{SUSPECT_FLAG}{code}")
+        return flagged
+
     # --- Grad-CAM --------------------------------------------------------------------------
     def gradcam(self, image: Image.Image, image_type: str, class_index: int) -> np.ndarray:
-        """Grad-CAM heat map (H x W in [0, 1], at the network's input size) for one class."""
+        """Grad-CAM heat map (H x W in [0, 1], at the network's input size) for one class.
+
+        Computed on the same dihedral views the prediction averages (one batch, one backward pass) and
+        each view's map turned back before averaging: a single view's map carries the net's orientation
+        artefacts (heat drifting to one border), which the views cancel as they do in the logits.
+        """
         store: dict[str, torch.Tensor] = {}
-        layer = self.model.target_layer
+        layer = self.model.target_layer(self.config.cam_stage)
         fwd = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
         bwd = layer.register_full_backward_hook(lambda _m, _gi, go: store.__setitem__("grad", go[0]))
+        views = self.config.tta_views
         try:
-            x = self.preprocess([image]).to(self.device).requires_grad_(True)
+            x = self.preprocess([image]).to(self.device)
+            batch = torch.cat([dihedral_view(x, k) for k in range(views)]).requires_grad_(True)
             with torch.enable_grad():
-                logits = self.model(x, self._image_type(image_type, 1).to(self.device))
+                logits = self.model(batch, self._image_type(image_type, views).to(self.device))
                 self.model.zero_grad(set_to_none=True)
-                logits[0, class_index].backward()
+                logits[:, class_index].sum().backward()
         finally:
             fwd.remove()
             bwd.remove()
         act, grad = store["act"].detach(), store["grad"].detach()
         weights = grad.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * act).sum(dim=1, keepdim=True))
+        cams = F.relu((weights * act).sum(dim=1, keepdim=True))  # views x 1 x h x w
+        cam = torch.stack([undo_dihedral_view(cams[k : k + 1], k)[0, 0] for k in range(views)]).mean(0)
         size = self.config.image_size
-        cam = F.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+        cam = F.interpolate(cam[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
         cam = cam - cam.min()
         peak = float(cam.max())
         return (cam / peak).cpu().numpy() if peak > 0 else cam.cpu().numpy()

@@ -32,11 +32,17 @@ class ClassifierConfig(JsonConfig):
     model_id: str = "skinbridge-classifier"
     model_version: str = "0"
     # validated operating points: P(code) at or above this flags the case (e.g. melanoma at the
-    # threshold chosen for >= 90 % sensitivity on validation data); triage reads the flag
+    # threshold chosen for >= 90 % sensitivity on validation data); triage reads the flag.
+    # ``thresholds`` holds for every photo type; ``operating_points`` per photo type
+    # ({"dermoscopic": {"melanoma": p, "any_malignant": p}, ...}) takes precedence for its type, and
+    # "any_malignant" compares the summed probability of ``malignant_codes``
     thresholds: dict[str, float] = field(default_factory=dict)
+    operating_points: dict[str, dict[str, float]] = field(default_factory=dict)
+    malignant_codes: list[str] = field(default_factory=list)
     # test-time augmentation: logits averaged over this many dihedral views (1, 2, 4 or 8), the same
     # number in training-time calibration, evaluation and serving, so the fitted numbers stay valid
     tta_views: int = 1
+    cam_stage: int = -1  # the stage Grad-CAM reads: -1 the last (coarsest), -2 the one before (twice as fine)
 
     def __post_init__(self) -> None:
         if len(self.class_codes) != self.num_classes:
@@ -86,15 +92,28 @@ class SkinClassifierNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(8 * w, num_classes)
 
-    @property
-    def target_layer(self) -> nn.Module:
-        """The last convolutional block: the layer Grad-CAM reads activations and gradients from."""
-        return self.stages[-1][-1]
+    def target_layer(self, stage: int = -1) -> nn.Module:
+        """The last block of ``stage``: the layer Grad-CAM reads activations and gradients from."""
+        return self.stages[stage][-1]
 
     def forward(self, images: torch.Tensor, image_type: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(images))
         features = self.pool(x).flatten(1) + self.type_embedding(image_type)
         return self.head(self.dropout(features))
+
+
+def dihedral_view(images: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` (0..7) of a BCHW batch: transposed for k >= 4, then one of four flips."""
+    x = images.transpose(2, 3) if k >= 4 else images
+    dims = [(), (3,), (2,), (2, 3)][k % 4]
+    return x.flip(dims) if dims else x
+
+
+def undo_dihedral_view(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """Map a BCHW tensor seen in view ``k`` back to the original orientation (flip, then transpose)."""
+    dims = [(), (3,), (2,), (2, 3)][k % 4]
+    x = maps.flip(dims) if dims else maps
+    return x.transpose(2, 3) if k >= 4 else x
 
 
 def dihedral_logits(model: nn.Module, images: torch.Tensor, image_type: torch.Tensor, views: int = 1) -> torch.Tensor:
@@ -107,9 +126,7 @@ def dihedral_logits(model: nn.Module, images: torch.Tensor, image_type: torch.Te
         raise ValueError(f"views must be one of {DIHEDRAL_VIEWS}, not {views}")
     total = None
     for k in range(views):
-        x = images.transpose(2, 3) if k >= 4 else images
-        dims = [(), (3,), (2,), (2, 3)][k % 4]
-        logits = model(x.flip(dims) if dims else x, image_type)
+        logits = model(dihedral_view(images, k), image_type)
         total = logits if total is None else total + logits
     assert total is not None
     return total / views

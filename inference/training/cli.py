@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import click
+
+from inference.training.data import EVALUATION_SPLITS
 
 # Defaults relative to the current folder, the repository root (as for the data): relative to this file
 # they would point into site-packages for the installed CLI, and results would land there.
@@ -51,22 +54,113 @@ def train_command() -> None:
               help="loss weight ~ n_class^-x: 0 = plain cross-entropy, 1 = inverse frequency")
 @click.option("--tta-views", type=click.Choice(["1", "2", "4", "8"]), default="8", show_default=True,
               help="flips/rotations averaged at calibration, evaluation and serving")
+@click.option("--mix-prob", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="share of batches mixed (half mixup, half CutMix)")
+@click.option("--cam-stage", type=click.Choice(["-1", "-2"]), default="-1", show_default=True,
+              help="network stage Grad-CAM reads: -1 the last, -2 one finer")
+@click.option("--resume", is_flag=True, help="continue the run checkpointed in --out (same options)")
+@click.option("--sitting-epochs", type=int, default=None,
+              help="stop after this many epochs with a checkpoint; continue later with --resume")
 def classifier_cmd(data: Path, epochs: int, seed: int, device: str, time_budget: float | None, threads: int,
                    cache_dir: Path, subset_per_label: int | None, docs: Path, out: Path, image_size: int,
-                   width: int, lr: float, batch_size: int, class_balance: float, tta_views: str) -> None:
+                   width: int, lr: float, batch_size: int, class_balance: float, tta_views: str, mix_prob: float,
+                   cam_stage: str, resume: bool, sitting_epochs: int | None) -> None:
     """Train the classifier on HAM10000 + DermNet; writes weights, config, metrics and MODEL_CARD.md."""
-    from inference.training.model_card import classifier_card, load_json, write_card
-    from inference.training.train_classifier import ClassifierRun, train_classifier
+    from inference.training.train_classifier import ClassifierRun, ResumeMismatch, train_classifier
 
-    metrics = train_classifier(ClassifierRun(
-        data=data, out=out, epochs=epochs, seed=seed, device=device, image_size=image_size, width=width, lr=lr,
-        batch_size=batch_size, time_budget_s=time_budget * 60 if time_budget else None, threads=threads,
-        cache_dir=cache_dir, docs_img=docs / "img", items_per_label=subset_per_label,
-        min_per_class=2 if subset_per_label else 10, class_balance=class_balance, tta_views=int(tta_views),
-    ))
-    card = classifier_card(load_json(out / "config.json"), metrics, _rel(out), _command_line())
-    write_card(out, card, docs / "models.md", "classifier")
+    if resume and not (out / "checkpoint.pt").exists():
+        raise click.BadParameter(f"no checkpoint to resume in {out}", param_hint="--resume")
+    try:
+        metrics = train_classifier(ClassifierRun(
+            data=data, out=out, epochs=epochs, seed=seed, device=device, image_size=image_size, width=width, lr=lr,
+            batch_size=batch_size, time_budget_s=time_budget * 60 if time_budget else None, threads=threads,
+            cache_dir=cache_dir, docs_img=docs / "img", items_per_label=subset_per_label,
+            min_per_class=2 if subset_per_label else 10, class_balance=class_balance, tta_views=int(tta_views),
+            mix_prob=mix_prob, cam_stage=int(cam_stage), resume=resume, sitting_epochs=sitting_epochs,
+        ))
+    except ResumeMismatch as exc:
+        raise click.BadParameter(str(exc), param_hint="--resume") from exc
+    if metrics is None:
+        click.echo(f"checkpoint saved in {out}; continue with the same command and --resume")
+        return
+    # the schedule, not how it was split into sittings: the recorded command reruns the whole run
+    _refresh_classifier_card(out, docs, trained_with=_command_line(skip=("resume", "sitting_epochs")))
     click.echo(json.dumps(_summary(metrics), indent=2))
+
+
+@train_command.command("classifier-report")
+@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+@click.option("--ab", "ab_runs", multiple=True, metavar="LABEL=FOLDER",
+              help="a finished training run to list in the card's A/B table (repeatable)")
+@click.option("--saliency/--no-saliency", default=True, show_default=True,
+              help="measure Grad-CAM on the lesion and draw the grid of validation photos")
+@click.option("--photos", type=click.IntRange(1, 2000), default=200, show_default=True,
+              help="dermoscopic validation photos the Grad-CAM measurement uses")
+@click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
+def classifier_report_cmd(model: Path, data: Path, ab_runs: tuple[str, ...], saliency: bool, photos: int,
+                          docs: Path) -> None:
+    """Add the A/B table and the Grad-CAM measurements to a classifier's metrics; rewrite its card."""
+    from inference.training.model_card import ab_summary, load_json
+
+    metrics = load_json(model / "metrics.json")
+    if ab_runs:
+        rows = {}
+        for spec in ab_runs:
+            label, sep, folder = spec.partition("=")
+            if not sep or not (Path(folder) / "metrics.json").exists():
+                raise click.BadParameter(f"{spec!r}: expected LABEL=FOLDER of a finished run", param_hint="--ab")
+            rows[label] = ab_summary(load_json(Path(folder) / "metrics.json"), load_json(Path(folder) / "config.json"))
+        metrics["ab"], metrics["ab_command"] = rows, _command_line()
+    if saliency:
+        from inference.training.saliency import lesion_overlap, saliency_grid
+
+        metrics["saliency"] = lesion_overlap(model, data, n=photos)
+        saliency_grid(model, data, docs / "img" / "classifier_gradcam_grid.png")
+    (model / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    _refresh_classifier_card(model, docs)
+    click.echo(json.dumps({k: metrics[k] for k in ("ab", "saliency") if k in metrics}, indent=2))
+
+
+@train_command.command("photo-type")
+@click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True,
+              help="the classifier folder the photo-type model is stored in (photo_type.json)")
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("var/cache"), show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--subset-per-label", type=int, default=None, hidden=True, help="tests: a few photos per label")
+@click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
+def photo_type_cmd(model: Path, data: Path, cache_dir: Path, seed: int, subset_per_label: int | None,
+                   docs: Path) -> None:
+    """Train the dermoscopic-vs-clinical photo model that picks the classifier's operating points."""
+    from inference.training.model_card import load_json
+    from inference.training.photo_type import train_photo_type
+    from inference.training.run import small_subset
+
+    if not (model / "config.json").exists():
+        raise click.BadParameter(f"no classifier in {model}", param_hint="--model")
+    items = small_subset(data, subset_per_label) if subset_per_label else None
+    result = train_photo_type(data, model, cache_dir=cache_dir, seed=seed, items=items)
+    metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
+    metrics["photo_type"] = {"threshold": result.threshold, **(result.metrics or {}), "command": _command_line()}
+    (model / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    if "ham-grouped-test" in metrics:
+        _refresh_classifier_card(model, docs)
+    click.echo(json.dumps(metrics["photo_type"], indent=2))
+
+
+def _refresh_classifier_card(model: Path, docs: Path, trained_with: str | None = None) -> None:
+    """Rewrite a classifier folder's card (and its docs/models.md section) from its config and metrics,
+    keeping the recorded training command unless a new one is given."""
+    from inference.training.model_card import classifier_card, load_json, write_card
+
+    if trained_with is None:
+        old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
+        found = re.search(r"Trained with: `([^`]*)`", old)
+        trained_with = found.group(1) if found else None
+    card = classifier_card(load_json(model / "config.json"), load_json(model / "metrics.json"), _rel(model),
+                           trained_with)
+    write_card(model, card, docs / "models.md", "classifier")
 
 
 def _sampling_options(f):
@@ -161,8 +255,7 @@ def device_kit_cmd(data: Path, out: Path, size: int, quality: int, sources: str)
 @train_command.command("evaluate-classifier")
 @click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True)
 @click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
-@click.option("--split", type=click.Choice(["dermamnist-test", "dermamnist-val", "ham-lesion-test", "ham-lesion-val",
-                                            "dermnet-val"]), default="dermamnist-test", show_default=True)
+@click.option("--split", type=click.Choice(list(EVALUATION_SPLITS)), default="ham-grouped-test", show_default=True)
 def evaluate_classifier_cmd(model: Path, data: Path, split: str) -> None:
     """Re-evaluate a classifier folder on one split, decoding the photos afresh."""
     from inference.training.evaluate import evaluate_classifier
@@ -249,20 +342,22 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def _command_line() -> str:
+def _command_line(skip: tuple[str, ...] = ()) -> str:
     """The invoking command with every option spelled out (defaults included), for the model card."""
     ctx = click.get_current_context()
     parts = ["skinbridge", "train", ctx.info_name or ""]
     options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
     for name, value in ctx.params.items():
-        if value is None or name in ("docs", "cache_dir"):
+        if value is None or name in ("docs", "cache_dir", *skip):
             continue
         opt = options.get(name)
         if opt is not None and opt.is_flag:  # --shift-patches / --fixed-patches: the flag itself, no value
             flags = opt.opts if value else opt.secondary_opts
             parts += flags[:1]
             continue
-        parts += [f"--{name.replace('_', '-')}", _rel(value) if isinstance(value, Path) else str(value)]
+        flag = opt.opts[0] if opt is not None else f"--{name.replace('_', '-')}"
+        for item in (value if isinstance(value, tuple) else (value,)):  # a repeatable option: once per value
+            parts += [flag, shlex.quote(_rel(item) if isinstance(item, Path) else str(item))]
     return " ".join(parts)
 
 

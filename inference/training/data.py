@@ -8,7 +8,12 @@ Splits (all deterministic):
 - ``ham_lesion``: lesion-disjoint evaluation. Test = DermaMNIST-test images whose ``lesion_id`` has no
   image in DermaMNIST train/val (val likewise w.r.t. train). One model trained on the DermaMNIST train
   split is thus evaluated honestly on lesions it never saw, with no second training run.
-- ``dermnet``: stratified (by DermNet topic) 80/20 train/val split.
+- ``dermnet``: stratified (by DermNet topic) 80/20 train/val split (the explanation generator's).
+- ``ham-grouped`` / ``dermnet-grouped`` (classifier v2): 70/15/15 train/val/test, grouped so that no
+  lesion (HAM10000 ``lesion_id``) and no DermNet photo series (``acne-face-1-12.jpg`` and
+  ``acne-face-1-28.jpg`` are one series) is on two sides, stratified by diagnosis / topic. The
+  classifier trains, calibrates and picks its thresholds on these only; DermaMNIST stays a
+  published-comparison line.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -254,6 +260,61 @@ def dermnet_split(items: Sequence[RawItem], *, val_fraction: float = 0.2, seed: 
     return out
 
 
+# what `skinbridge train evaluate-classifier --split` accepts: the grouped splits first, then the
+# published-comparison (DermaMNIST) and legacy ones
+EVALUATION_SPLITS = ("ham-grouped-test", "ham-grouped-val", "dermnet-grouped-test", "dermnet-grouped-val",
+                     "dermamnist-test", "dermamnist-val", "ham-lesion-test", "ham-lesion-val", "dermnet-val")
+GROUPED_FRACTIONS = (("test", 0.15), ("val", 0.15))  # the rest is "train"
+
+
+def _rank(seed: int, key: str) -> str:
+    """A stable pseudo-random order (independent of Python's hash seed and of list order)."""
+    return hashlib.sha256(f"{seed}|{key}".encode()).hexdigest()
+
+
+def grouped_split(strata: dict[str, set[str]], *, seed: int = 0) -> dict[str, str]:
+    """group -> "train" | "val" | "test": whole groups per stratum, GROUPED_FRACTIONS of them held out.
+
+    Each stratum (a diagnosis, a topic) keeps its proportions; strata with fewer than 3 groups go to
+    train whole (nothing to validate a class on is better than a class seen only at test time).
+    """
+    out: dict[str, str] = {}
+    for stratum in sorted(strata):
+        groups = sorted(strata[stratum], key=lambda g: _rank(seed, g))
+        start = 0
+        for split, fraction in GROUPED_FRACTIONS:
+            n = max(1, round(len(groups) * fraction)) if len(groups) >= 3 else 0
+            for g in groups[start : start + n]:
+                out[g] = split
+            start += n
+        for g in groups[start:]:
+            out[g] = "train"
+    return out
+
+
+def series(key: str) -> str:
+    """DermNet photo series: ``acne-face-1-12.jpg`` and ``acne-face-1-28.jpg`` are photos 12 and 28 of
+    series ``acne-face-1`` (likely one patient) and go to one side; a single number (``acne-face-48``)
+    is just the photo's index in its topic, so that photo is its own group."""
+    folder, _, name = key.rpartition("/")
+    stem = re.sub(r"\.\w+$", "", name)
+    match = re.fullmatch(r"(.*-\d+)-\d+", stem)
+    return f"{folder}/{match.group(1) if match else stem}"
+
+
+def grouped_splits(items: Sequence[RawItem], *, seed: int = 0) -> dict[str, str]:
+    """Item key -> "train" | "val" | "test" for both data sets, without group leakage (see module doc)."""
+    strata: dict[str, set[str]] = defaultdict(set)
+    group_of: dict[str, str] = {}
+    for it in items:
+        group = f"{it.source}|{it.group if it.source == 'ham10000' else series(it.key)}"
+        # a HAM lesion has one dx; a DermNet series lies in one topic folder
+        strata[f"{it.source}|{it.raw_label}"].add(group)
+        group_of[it.key] = group
+    by_group = grouped_split(strata, seed=seed)
+    return {key: by_group[g] for key, g in group_of.items()}
+
+
 def split_masks(data: Path, labelled: Labelled | Sequence[RawItem], *, seed: int = 0) -> dict[str, np.ndarray]:
     """Boolean row masks over ``labelled`` (or bare items) for every split the trainer and evaluator use."""
     items = labelled.items if isinstance(labelled, Labelled) else list(labelled)
@@ -264,7 +325,10 @@ def split_masks(data: Path, labelled: Labelled | Sequence[RawItem], *, seed: int
     masks = {k: np.zeros(n, dtype=bool) for k in (
         "train", "val", "dermamnist-train", "dermamnist-val", "dermamnist-test",
         "ham-lesion-val", "ham-lesion-test", "dermnet-train", "dermnet-val",
+        *(f"{src}-grouped-{s}" for src in ("ham", "dermnet") for s in ("train", "val", "test")),
     )}
+    # assigned over the whole data sets, so a subset (one split, a test's few photos) gets the same sides
+    grouped = grouped_splits(ham_items(data) + dermnet_items(data), seed=seed)
     for i, it in enumerate(items):
         if it.source == "ham10000":
             s = dm.get(it.key)
@@ -274,9 +338,11 @@ def split_masks(data: Path, labelled: Labelled | Sequence[RawItem], *, seed: int
             h = hl.get(it.key)
             if h in ("val", "test"):
                 masks[f"ham-lesion-{h}"][i] = True
+            masks[f"ham-grouped-{grouped[it.key]}"][i] = True
         else:
             masks[f"dermnet-{dn[it.key]}"][i] = True
-    # Joint training set and the calibration/selection set (never the test sets).
-    masks["train"] = masks["dermamnist-train"] | masks["dermnet-train"]
-    masks["val"] = masks["dermamnist-val"] | masks["dermnet-val"]
+            masks[f"dermnet-grouped-{grouped[it.key]}"][i] = True
+    # Joint training set and the calibration set of the classifier (never a test set), grouped.
+    masks["train"] = masks["ham-grouped-train"] | masks["dermnet-grouped-train"]
+    masks["val"] = masks["ham-grouped-val"] | masks["dermnet-grouped-val"]
     return masks

@@ -1,7 +1,11 @@
 """Evaluation of a classifier folder on the project's splits, with the numbers the model card reports.
 
-- DermaMNIST test: ACC and macro one-vs-rest AUC over the 7 HAM10000 classes, the softmax restricted
-  to those classes, image type dermoscopic (comparable with the published DermaMNIST table).
+- HAM10000 lesion-grouped test (``ham-grouped-test``): balanced accuracy, ACC and macro AUC over the 7
+  HAM10000 classes (softmax restricted to them, image type dermoscopic), and each dermoscopic operating
+  point's sensitivity, specificity and share of photos flagged (full calibrated softmax, as the engine).
+- DermNet grouped test/validation: top-1 / top-3 over the grouped vocabulary and the clinical operating
+  points.
+- DermaMNIST test: the same 7-class figures, comparable with the published DermaMNIST table.
 - HAM10000 lesion-disjoint test: balanced accuracy (7 classes) and melanoma sensitivity/specificity at
   the triage threshold stored in the config (full calibrated softmax, as the engine sees it).
 - DermNet validation: top-1 / top-3 over the grouped vocabulary (clinical image type).
@@ -21,7 +25,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_s
 from inference.training import data as D
 from inference.training.augment import normalise, to_float
 
-SPLITS = ("dermamnist-test", "dermamnist-val", "ham-lesion-test", "ham-lesion-val", "dermnet-val")
+SPLITS = D.EVALUATION_SPLITS
 
 
 @torch.no_grad()
@@ -74,6 +78,22 @@ def sensitivity_threshold(scores: np.ndarray, positive: np.ndarray, target: floa
         return 0.5
     k = int(np.ceil(target * len(pos)))  # need at least k positives at or above the threshold
     return float(pos[k - 1])
+
+
+def operating_point(scores: np.ndarray, positive: np.ndarray, sensitivity: float) -> dict[str, Any]:
+    """The threshold for ``sensitivity`` on validation scores, and what it does there."""
+    threshold = sensitivity_threshold(scores, positive, sensitivity)
+    return {"threshold": threshold, **flag_rates(scores, positive, threshold)}
+
+
+def flag_rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> dict[str, Any]:
+    flagged = scores >= threshold
+    return {
+        "n": int(len(scores)), "n_positive": int(positive.sum()),
+        "sensitivity": float((flagged & positive).sum() / max(1, positive.sum())),
+        "specificity": float((~flagged & ~positive).sum() / max(1, (~positive).sum())),
+        "flagged_share": float(flagged.mean()) if len(scores) else float("nan"),
+    }
 
 
 def ham_codes() -> list[str]:
@@ -134,6 +154,15 @@ def topk_metrics(probs: np.ndarray, class_codes: Sequence[str], true_codes: Sequ
     }
 
 
+def split_image_type(split: str) -> str:
+    return "clinical" if split.startswith("dermnet") else "dermoscopic"
+
+
+def type_operating_points(config: dict[str, Any], image_type: str) -> dict[str, float]:
+    """The operating points the engine applies to photos of ``image_type`` (see ClassifierEngine.flags)."""
+    return config.get("operating_points", {}).get(image_type) or config.get("thresholds", {})
+
+
 def evaluate_split(
     model: torch.nn.Module,
     config: dict[str, Any],
@@ -141,21 +170,31 @@ def evaluate_split(
     mask: np.ndarray,
     split: str,
 ) -> dict[str, Any]:
-    """Metrics for one split of ``labelled`` (rows selected by ``mask``)."""
+    """Metrics for one split of ``labelled`` (rows selected by ``mask``), incl. what each of the
+    photo type's operating points does there (sensitivity, specificity, share of photos flagged)."""
     rows = np.flatnonzero(mask)
-    class_codes = config["class_codes"]
+    class_codes = list(config["class_codes"])
     true = [labelled.codes[i] for i in rows]
     logits = logits_for(model, labelled.images[rows], labelled.image_type[rows], config["mean"], config["std"],
                         views=config.get("tta_views", 1))
     probs = torch.softmax(logits / config.get("temperature", 1.0), dim=1).numpy() if len(rows) else np.zeros((0, 0))
-    threshold = config.get("thresholds", {}).get("melanoma", 0.5)
+    points = type_operating_points(config, split_image_type(split))
     out: dict[str, Any] = {"split": split}
-    if split.startswith(("dermamnist", "ham-lesion")):
+    if split.startswith(("dermamnist", "ham-")):
         out.update(ham7_metrics(logits, class_codes, true))
-        out["melanoma"] = melanoma_metrics(probs, class_codes, true, threshold)
-    else:
+    out.update({f"all_{k}": v for k, v in topk_metrics(probs, class_codes, true).items() if k != "n"})
+    if not split.startswith(("dermamnist", "ham-")):
         out.update(topk_metrics(probs, class_codes, true))
-        out["melanoma"] = melanoma_metrics(probs, class_codes, true, threshold)
+    out["melanoma"] = melanoma_metrics(probs, class_codes, true, points.get("melanoma", 0.5))
+    out["operating_points"] = {}
+    malignant = [c for c in config.get("malignant_codes", []) if c in class_codes]
+    for key, limit in points.items():
+        members = malignant if key == "any_malignant" else [key]
+        if not members or any(m not in class_codes for m in members) or not len(rows):
+            continue
+        score = probs[:, [class_codes.index(m) for m in members]].sum(1)
+        positive = np.asarray([c in members for c in true], dtype=bool)
+        out["operating_points"][key] = {"threshold": limit, **flag_rates(score, positive, limit)}
     return out
 
 
@@ -196,6 +235,11 @@ def decode_items(data: Path, items: list[D.RawItem], size: int) -> D.Cache:
 
 
 def split_items(data: Path, items: list[D.RawItem], split: str) -> list[D.RawItem]:
+    if "-grouped-" in split:
+        source, part = split.split("-grouped-")
+        grouped = D.grouped_splits(D.ham_items(data) + D.dermnet_items(data))
+        wanted_source = "ham10000" if source == "ham" else "dermnet"
+        return [it for it in items if it.source == wanted_source and grouped[it.key] == part]
     if split.startswith("dermamnist-"):
         dm = D.dermamnist_split(data)
         return [it for it in items if it.source == "ham10000" and dm.get(it.key) == split.split("-", 1)[1]]

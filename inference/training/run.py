@@ -59,8 +59,10 @@ def run_items(run: TrainingRun) -> list[D.RawItem]:
     return D.ham_items(run.data) + D.dermnet_items(run.data)
 
 
-def prepare_run(run: TrainingRun, image_size: int) -> tuple[torch.Generator, str, Path, Any, dict[str, np.ndarray]]:
-    """Threads, seeds, device, a fresh log, the labelled image cache at ``image_size`` and the splits."""
+def prepare_run(run: TrainingRun, image_size: int, *, keep_log: bool = False
+                ) -> tuple[torch.Generator, str, Path, Any, dict[str, np.ndarray]]:
+    """Threads, seeds, device, the log (fresh unless a resumed run continues it), the labelled image
+    cache at ``image_size`` and the splits."""
     from inference.engines.base import pick_device
 
     torch.set_num_threads(run.threads)
@@ -68,6 +70,7 @@ def prepare_run(run: TrainingRun, image_size: int) -> tuple[torch.Generator, str
     device = pick_device(run.device)
     run.out.mkdir(parents=True, exist_ok=True)
     log_path = run.out / "train_log.jsonl"
-    log_path.write_text("")
+    if not keep_log:
+        log_path.write_text("")
     labelled = D.label(D.build_cache(run.data, image_size, run.cache_dir, items=run_items(run)))
     return gen, device, log_path, labelled, D.split_masks(run.data, labelled, seed=run.seed)

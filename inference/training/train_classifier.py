@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,15 @@ import torch.nn.functional as F
 
 from inference.training import data as D
 from inference.training.augment import augment, normalise
+from inference.engines.classifier_net import ClassifierConfig
 from inference.training.evaluate import (
     evaluate_split,
     fit_temperature,
     ham7_metrics,
+    load_model,
     logits_for,
+    operating_point,
     plot_confusion,
-    sensitivity_threshold,
     topk_metrics,
 )
 from inference.training.run import TrainingRun, prepare_run
@@ -37,6 +39,11 @@ from inference.training.run import TrainingRun, prepare_run
 
 @dataclass
 class ClassifierRun(TrainingRun):
+    mix_prob: float = 0.0  # share of batches mixed (half mixup, half CutMix)
+    mix_alpha: float = 0.4  # Beta(alpha, alpha) for the mixing weight
+    cam_stage: int = -1  # the stage Grad-CAM reads (-2: one finer than the last)
+    resume: bool = False  # continue from out/checkpoint.pt
+    sitting_epochs: int | None = None  # stop (with a checkpoint) after this many epochs of this sitting
     epochs: int = 20
     image_size: int = 64
     width: int = 24
@@ -47,7 +54,7 @@ class ClassifierRun(TrainingRun):
     class_balance: float = 0.5  # 0 = plain CE, 1 = fully inverse-frequency weighted
     ema_decay: float = 0.998
     min_per_class: int = 10  # vocabulary codes with fewer training photos are not learnt
-    melanoma_sensitivity: float = 0.90
+    melanoma_sensitivity: float = 0.90  # operating points (melanoma, any malignant) per photo type
     tta_views: int = 8  # dihedral views averaged at validation, calibration, evaluation and serving
 
 
@@ -75,10 +82,57 @@ def lr_factor(progress: float, warmup: float = 0.05) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
-def train_classifier(run: ClassifierRun) -> dict[str, Any]:
-    from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet
+def mix_batch(x: torch.Tensor, y: torch.Tensor, types: torch.Tensor, run: ClassifierRun,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Mixup or CutMix (half the mixed batches each) with probability ``run.mix_prob``.
 
-    gen, device, log_path, labelled, masks = prepare_run(run, run.image_size)
+    Returns (images, targets a, targets b, lambda): the loss is lam * CE(a) + (1 - lam) * CE(b).
+    Photos are only mixed with a partner of the same image type (the net is told one type per photo).
+    """
+    if run.mix_prob <= 0 or rng.random() >= run.mix_prob:
+        return x, y, y, 1.0
+    b = x.shape[0]
+    partner = torch.from_numpy(rng.permutation(b))
+    partner = torch.where(types[partner] == types, partner, torch.arange(b))
+    lam = float(rng.beta(run.mix_alpha, run.mix_alpha))
+    if rng.random() < 0.5:  # mixup
+        return lam * x + (1 - lam) * x[partner], y, y[partner], lam
+    h, w = x.shape[2:]
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    mixed = x.clone()
+    mixed[:, :, y0:y1, x0:x1] = x[partner][:, :, y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the share of the photo that is still its own
+    return mixed, y, y[partner], lam
+
+
+class ResumeMismatch(ValueError):
+    """--resume with options that change the schedule or the classes of the checkpointed run."""
+
+
+CHECKPOINT = "checkpoint.pt"  # beside the weights while training; removed when the run has finished
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a run killed while saving keeps the previous checkpoint
+
+
+def train_classifier(run: ClassifierRun) -> dict[str, Any] | None:
+    """Train (or continue a checkpointed run with ``run.resume``), then calibrate and evaluate.
+
+    Returns the metrics, or None when the run stopped after ``run.sitting_epochs`` with a checkpoint
+    to continue from. A resumed run continues the same schedule, batches, augmentations and dropout
+    draws: its weights equal those of an uninterrupted run (tests/test_training.py).
+    """
+    from inference.engines.classifier_net import SkinClassifierNet
+
+    checkpoint_path = run.out / CHECKPOINT
+    resumed = torch.load(checkpoint_path, weights_only=False) if run.resume else None
+    gen, device, log_path, labelled, masks = prepare_run(run, run.image_size, keep_log=resumed is not None)
 
     train_rows = np.flatnonzero(masks["train"])
     counts: dict[str, int] = {}
@@ -96,7 +150,7 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
     freq = np.asarray([counts[c] for c in class_codes], dtype=np.float64)
     w = freq ** -run.class_balance
     w = w / (w[targets[train_rows]].mean())  # average sample weight 1: keeps the lr meaningful
-    class_weight = torch.tensor(w, dtype=torch.float32)
+    class_weight = torch.tensor(w, dtype=torch.float32).to(device)
 
     model = SkinClassifierNet(len(class_codes), 2, run.width).to(device)
     ema = Ema(model, run.ema_decay)
@@ -107,20 +161,35 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
         [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=run.lr,
     )
+    rng = np.random.default_rng(run.seed)  # mixup / cutmix draws
     m_t, s_t = torch.tensor(mean), torch.tensor(std)
     images_t = torch.from_numpy(np.ascontiguousarray(labelled.images))
     types_t = torch.from_numpy(labelled.image_type)
     targets_t = torch.from_numpy(targets)
     steps_per_epoch = max(1, len(train_rows) // run.batch_size)
     total_steps = steps_per_epoch * run.epochs
-    val_dm, val_dn = np.flatnonzero(masks["dermamnist-val"]), np.flatnonzero(masks["dermnet-val"])
+    val_ham, val_dn = np.flatnonzero(masks["ham-grouped-val"]), np.flatnonzero(masks["dermnet-grouped-val"])
+
+    step, first_epoch, elapsed_before = 0, 0, 0.0
+    if resumed is not None:
+        if resumed["class_codes"] != class_codes or resumed["run"] != _schedule_key(run):
+            raise ResumeMismatch("the checkpoint belongs to a different run (classes or schedule differ); "
+                             "start afresh without --resume")
+        model.load_state_dict(resumed["model"])
+        ema.model.load_state_dict(resumed["ema"])
+        ema.steps = resumed["ema_steps"]
+        opt.load_state_dict(resumed["optimizer"])
+        gen.set_state(resumed["generator"])
+        torch.set_rng_state(resumed["torch_rng"])
+        rng.bit_generator.state = resumed["numpy_rng"]
+        step, first_epoch, elapsed_before = resumed["step"], resumed["epoch"], resumed["elapsed_s"]
 
     from tqdm import tqdm
 
-    start = time.monotonic()
-    step, best_score, best_state, epochs_done = 0, -1.0, None, 0
+    start = time.monotonic() - elapsed_before
     out_of_time = False
-    for epoch in range(run.epochs):
+    epochs_done = first_epoch
+    for epoch in range(first_epoch, run.epochs):
         model.train()
         perm = train_rows[torch.randperm(len(train_rows), generator=gen).numpy()]
         running, seen = 0.0, 0
@@ -135,10 +204,15 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = run.lr * lr_factor(progress)
             rows = torch.from_numpy(perm[b * run.batch_size : (b + 1) * run.batch_size])
-            x = normalise(augment(images_t[rows], types_t[rows], gen), m_t, s_t).to(device)
-            y = targets_t[rows].to(device)
-            logits = model(x, types_t[rows].to(device))
-            loss = F.cross_entropy(logits, y, weight=class_weight.to(device), label_smoothing=run.label_smoothing)
+            types = types_t[rows]
+            x = normalise(augment(images_t[rows], types, gen), m_t, s_t)
+            x, y_a, y_b, lam = mix_batch(x, targets_t[rows], types, run, rng)
+            logits = model(x.to(device), types.to(device))
+            loss = lam * F.cross_entropy(logits, y_a.to(device), weight=class_weight,
+                                         label_smoothing=run.label_smoothing)
+            if lam < 1.0:
+                loss = loss + (1 - lam) * F.cross_entropy(logits, y_b.to(device), weight=class_weight,
+                                                          label_smoothing=run.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -148,71 +222,123 @@ def train_classifier(run: ClassifierRun) -> dict[str, Any]:
             running += loss.item() * len(rows)
             seen += len(rows)
         epochs_done = epoch + 1 if not out_of_time else epoch + (1 if seen else 0)
-        # validation of the EMA weights: DermaMNIST val ACC (7 classes) and DermNet val top-1
-        lv = logits_for(ema.model, labelled.images[val_dm], labelled.image_type[val_dm], mean, std, device=device,
-                    views=run.tta_views)
-        dm_acc = ham7_metrics(lv, class_codes, [labelled.codes[i] for i in val_dm])["acc"] if len(val_dm) else 0.0
-        ln = logits_for(ema.model, labelled.images[val_dn], labelled.image_type[val_dn], mean, std, device=device,
-                    views=run.tta_views)
-        dn = (topk_metrics(torch.softmax(ln, 1).numpy(), class_codes, [labelled.codes[i] for i in val_dn])
-              if len(val_dn) else {"top1": 0.0, "top3": 0.0})
-        score = (dm_acc + dn["top1"]) / 2
-        record = {
-            "epoch": epoch + 1, "step": step, "train_loss": running / max(1, seen), "lr": opt.param_groups[0]["lr"],
-            "val_dermamnist_acc": dm_acc, "val_dermnet_top1": dn["top1"], "val_dermnet_top3": dn["top3"],
-            "elapsed_s": round(time.monotonic() - start, 1),
-        }
+        # a cheap look at the EMA weights (one view): for the log only, nothing is selected on it
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": running / max(1, seen),
+                                  "lr": opt.param_groups[0]["lr"]}
+        if len(val_ham):
+            lv = logits_for(ema.model, labelled.images[val_ham], labelled.image_type[val_ham], mean, std,
+                            device=device)
+            record["val_ham_balanced_acc"] = ham7_metrics(lv, class_codes,
+                                                          [labelled.codes[i] for i in val_ham])["balanced_acc"]
+        if len(val_dn):
+            ln = logits_for(ema.model, labelled.images[val_dn], labelled.image_type[val_dn], mean, std,
+                            device=device)
+            dn = topk_metrics(torch.softmax(ln, 1).numpy(), class_codes, [labelled.codes[i] for i in val_dn])
+            record["val_dermnet_top1"], record["val_dermnet_top3"] = dn["top1"], dn["top3"]
+        record["elapsed_s"] = round(time.monotonic() - start, 1)
         with log_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
-        if score > best_score:
-            best_score, best_state = score, copy.deepcopy(ema.model.state_dict())
         if out_of_time:
             break
+        save_checkpoint(checkpoint_path, {
+            "run": _schedule_key(run), "class_codes": class_codes, "epoch": epoch + 1, "step": step,
+            "elapsed_s": time.monotonic() - start, "model": model.state_dict(), "ema": ema.model.state_dict(),
+            "ema_steps": ema.steps, "optimizer": opt.state_dict(), "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state,
+        })
+        if run.sitting_epochs and epoch + 1 - first_epoch >= run.sitting_epochs and epoch + 1 < run.epochs:
+            print(f"stopped after {run.sitting_epochs} epochs; continue with --resume", flush=True)
+            return None
 
-    final = ema.model
-    if best_state is not None:
-        final.load_state_dict(best_state)
-    final.eval()
-
-    # calibration + triage threshold on validation data only (never the test splits)
-    val_rows = np.flatnonzero(masks["val"] & (targets >= 0))
-    lval = logits_for(final, labelled.images[val_rows], labelled.image_type[val_rows], mean, std, device=device,
-                    views=run.tta_views)
-    temperature = fit_temperature(lval, torch.from_numpy(targets[val_rows])) if len(val_rows) else 1.0
-    thr_rows = np.flatnonzero((masks["ham-lesion-val"] | masks["dermnet-val"]) & (targets >= 0))
-    lthr = logits_for(final, labelled.images[thr_rows], labelled.image_type[thr_rows], mean, std, device=device,
-                    views=run.tta_views)
-    p_mel = torch.softmax(lthr / temperature, 1)[:, index["melanoma"]].numpy() if len(thr_rows) else np.zeros(0)
-    is_mel = np.asarray([labelled.codes[i] == "melanoma" for i in thr_rows], dtype=bool)
-    threshold = sensitivity_threshold(p_mel, is_mel, run.melanoma_sensitivity)
-
-    config = ClassifierConfig(
-        num_classes=len(class_codes), class_codes=class_codes, image_size=run.image_size, mean=mean, std=std,
-        temperature=temperature, width=run.width, model_version=time.strftime("%Y.%m.%d"),
-        tta_views=run.tta_views,
-    )
-    config_dict: dict[str, Any] = asdict(config)
-    config_dict["thresholds"] = {"melanoma": threshold}
-    config_dict["training"] = {
+    final = ema.model.eval()  # the last EMA weights: no epoch is picked on validation data
+    training = {
         "seed": run.seed, "epochs_planned": run.epochs, "epochs_done": epochs_done, "steps": step,
         "time_budget_s": run.time_budget_s, "wall_s": round(time.monotonic() - start, 1),
         "batch_size": run.batch_size, "lr": run.lr, "class_balance": run.class_balance,
+        "mix_prob": run.mix_prob, "mix_alpha": run.mix_alpha, "label_smoothing": run.label_smoothing,
         "train_images": int(len(train_rows)), "class_counts": {c: counts[c] for c in class_codes},
-        "device": device, "subset_per_label": run.items_per_label,
+        "device": device, "subset_per_label": run.items_per_label, "resumed": resumed is not None,
     }
+    config = ClassifierConfig(
+        num_classes=len(class_codes), class_codes=class_codes, image_size=run.image_size, mean=mean, std=std,
+        width=run.width, model_version=time.strftime("%Y.%m.%d"), tta_views=run.tta_views,
+        cam_stage=run.cam_stage,
+    )
     from inference.engines.classifier import save_classifier
 
     save_classifier(run.out, final, config)
-    (run.out / "config.json").write_text(json.dumps(config_dict, indent=2), encoding="utf-8")
+    metrics = calibrate_and_evaluate(run.out, labelled, masks, training=training,
+                                     sensitivity=run.melanoma_sensitivity, docs_img=run.docs_img)
+    checkpoint_path.unlink(missing_ok=True)
+    return metrics
 
-    metrics: dict[str, Any] = {"temperature": temperature, "melanoma_threshold": threshold}
-    for split in ("dermamnist-test", "ham-lesion-test", "dermnet-val", "ham-lesion-val"):
-        metrics[split] = evaluate_split(final, config_dict, labelled, masks[split], split)
-    write_artifacts(run.out, metrics)
-    if run.docs_img is not None:
-        plot_confusion(metrics["dermamnist-test"], run.docs_img / "classifier_confusion_dermamnist_test.png",
-                       "DermaMNIST test (7 HAM10000 classes), counts; colour = row-normalised")
+
+def _schedule_key(run: ClassifierRun) -> dict[str, Any]:
+    """What must not change between the sittings of one run."""
+    return {k: getattr(run, k) for k in ("epochs", "image_size", "width", "batch_size", "lr", "seed",
+                                         "class_balance", "mix_prob", "mix_alpha", "time_budget_s")}
+
+
+def calibrate_and_evaluate(out: Path, labelled: D.Labelled, masks: dict[str, np.ndarray], *,
+                           training: dict[str, Any], sensitivity: float = 0.90,
+                           docs_img: Path | None = None) -> dict[str, Any]:
+    """Temperature, per-photo-type operating points and test metrics for the classifier in ``out``.
+
+    Everything is chosen on the grouped validation splits (HAM10000 for dermoscopic photos, DermNet
+    for clinical ones) and measured on the grouped test splits, which nothing was tuned on.
+    """
+    from inference.vocabulary import load_vocabulary
+
+    model, config_dict = load_model(out)
+    config = ClassifierConfig.load(out)
+    codes = config.class_codes
+    index = {c: k for k, c in enumerate(codes)}
+    targets = np.asarray([index.get(c, -1) for c in labelled.codes])
+
+    def logits(mask: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        rows = np.flatnonzero(mask & (targets >= 0))
+        return rows, logits_for(model, labelled.images[rows], labelled.image_type[rows], config.mean, config.std,
+                                views=config.tta_views)
+
+    val_rows, lval = logits(masks["val"])
+    config.temperature = fit_temperature(lval, torch.from_numpy(targets[val_rows])) if len(val_rows) else 1.0
+    vocab = load_vocabulary()
+    malignant = [c for c in codes if c in vocab and vocab.get(c).malignant]
+    operating: dict[str, dict[str, float]] = {}
+    points: dict[str, Any] = {}
+    for image_type, source in (("dermoscopic", "ham"), ("clinical", "dermnet")):
+        rows, lv = logits(masks[f"{source}-grouped-val"])
+        probs = torch.softmax(lv / config.temperature, 1).numpy() if len(rows) else np.zeros((0, len(codes)))
+        true = [labelled.codes[i] for i in rows]
+        ops, report = {}, {}
+        for key, members in (("melanoma", ["melanoma"]), ("any_malignant", malignant)):
+            positive = np.asarray([c in members for c in true], dtype=bool)
+            if not positive.any() or not all(m in index for m in members):
+                continue
+            score = probs[:, [index[m] for m in members]].sum(1)
+            report[key] = {"validation": operating_point(score, positive, sensitivity)}
+            ops[key] = report[key]["validation"]["threshold"]
+        operating[image_type], points[image_type] = ops, report
+    config.operating_points = operating
+    config.malignant_codes = malignant
+    config.save(out)
+    config_dict = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config_dict["training"] = training
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2), encoding="utf-8")
+
+    metrics: dict[str, Any] = {"temperature": config.temperature, "operating_points": points}
+    for split in ("ham-grouped-test", "ham-grouped-val", "dermnet-grouped-test", "dermnet-grouped-val",
+                  "dermamnist-test"):
+        mask = masks[split] & ~masks["train"] if split == "dermamnist-test" else masks[split]
+        metrics[split] = evaluate_split(model, config_dict, labelled, mask, split)
+    for image_type, split in (("dermoscopic", "ham-grouped-test"), ("clinical", "dermnet-grouped-test")):
+        for key, report in points[image_type].items():
+            report["test"] = metrics[split]["operating_points"].get(key)
+    write_artifacts(out, metrics)
+    if docs_img is not None:
+        plot_confusion(metrics["ham-grouped-test"], docs_img / "classifier_confusion_ham_test.png",
+                       "HAM10000 lesion-grouped test (7 classes), counts; colour = row-normalised")
     return metrics
 
 
