@@ -54,6 +54,8 @@ URGENCIES = tuple(review.URGENCY_PRIORITY)
 RECOMMENDATIONS = {
     "sc": "self_care",
     "gp": "see_gp",
+    "d1": f"{review.WITHIN_DAYS_PREFIX}1",  # urgent
+    "d3": f"{review.WITHIN_DAYS_PREFIX}3",  # soon
     "d7": f"{review.WITHIN_DAYS_PREFIX}7",
     "d14": f"{review.WITHIN_DAYS_PREFIX}14",
     "d30": f"{review.WITHIN_DAYS_PREFIX}30",

@@ -95,6 +95,8 @@ TOP_CONDITIONS = 5
 RECOMMENDATION_LABELS = {
     "self_care": "Self-care (advice only)",
     "see_gp": "See a general practitioner",
+    f"{review.WITHIN_DAYS_PREFIX}1": "Dermatologist within 1 day",
+    f"{review.WITHIN_DAYS_PREFIX}3": "Dermatologist within 3 days",
     f"{review.WITHIN_DAYS_PREFIX}7": "Dermatologist within 7 days",
     f"{review.WITHIN_DAYS_PREFIX}14": "Dermatologist within 14 days",
     f"{review.WITHIN_DAYS_PREFIX}30": "Dermatologist within 30 days",

@@ -291,6 +291,10 @@ def test_totp_wrong_code_refuses_right_code_signs(clinic, emulator: str, bot: Bo
     push = push_for(ada, task_id)
     ada.tap(push, "cr:accept:")
     rec = ada.expect_text("Recommendation for the patient?")
+    offered = [b["text"] for r in rec["reply_markup"]["inline_keyboard"] for b in r]
+    # what fits urgent: a dermatologist within a day is among them, nothing later than the urgency allows
+    assert offered == ["See a general practitioner", "Dermatologist within 1 day", "Urgent in-person assessment",
+                       "Cancel"]
     ada.tap(rec, f"cr:rec:{task_id.hex}:gp")
     confirm = ada.expect_text("Signing makes this the final result")
     ada.tap(confirm, "cr:sign:")
