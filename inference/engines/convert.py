@@ -15,6 +15,11 @@ LLaVA-Med (``model_type: llava_mistral``, the layout of LLaVA's own code; MM-Ski
   the mean of the others and is never read, the photo's features take its places);
 - LLaVA's pad-to-square preprocessing (mean colour; ``image_aspect_ratio: pad``) and the Mistral ``[INST]``
   conversation format as the chat template.
+
+SkinGPT-4 (MiniGPT-4's layout: LAVIS's EVA-ViT-g + BLIP-2's Q-Former, the trained ``llama_proj`` and a Llama chat
+model) becomes a transformers ``Blip2ForConditionalGeneration`` with a Llama text model and MiniGPT-4's
+conversation as chat template (``convert_skingpt4``; the key mapping and the one inexact piece, ln_vision's eps,
+are in docs/inference.md).
 """
 
 from __future__ import annotations
@@ -186,4 +191,236 @@ def convert_llava_med(base: str | Path, out: str | Path, *, lora: str | Path | N
     (out / "skinbridge_model.json").write_text(json.dumps({
         "model_id": f"llava-med:{base.name}" + (f"+{Path(lora).name}" if lora else ""),
         "model_version": "converted"}), encoding="utf-8")
+    return out
+
+
+# --- SkinGPT-4 (MiniGPT-4 layout) ------------------------------------------------------------------
+# SkinGPT-4 is MiniGPT-4's code: LAVIS's EVA-ViT-g (39 of EVA-CLIP-g's 40 blocks, no final norm) -> ln_vision ->
+# BLIP-2's Q-Former (query branch only) -> llama_proj -> Llama, prompted with MiniGPT-4's Vicuna-style
+# conversation (CONV_VISION: this system text, "###" separators, the photo as <Img><ImageHere></Img>).
+SKINGPT4_SYSTEM = ("Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I "
+                   "provide it to you. Please answer my questions.")
+BLIP2_IMAGE_TOKEN = "<image>"
+EVA_HEAD_DIM = 88  # LAVIS's create_eva_vit_g: num_heads = 1408 // 88 (head size is not in the weights)
+BERT_HEAD_DIM = 64  # the Q-Former is bert-base: 12 heads of 64
+LAVIS_EVA_DEPTH = 39  # LAVIS builds 39 blocks and loads eva_vit_g.pth (40 blocks) with strict=False
+
+
+def minigpt4_template(num_query_tokens: int, system: str = SKINGPT4_SYSTEM) -> str:
+    """MiniGPT-4's conversation as a chat template: ``<s>{system}###Human: <Img>[queries]</Img> {question}###
+    Assistant:`` (Chat.ask joins the photo and the question with a space; the photo's place holds one
+    ``<image>`` per Q-Former query, which the model replaces with the projected queries)."""
+    image = "<Img>" + BLIP2_IMAGE_TOKEN * num_query_tokens + "</Img>"
+    return (
+        "{{ bos_token }}{% set system = namespace(text='" + system + "') %}"
+        "{% for message in messages if message['role'] == 'system' %}{% set system.text = message['content'] if "
+        "message['content'] is string else message['content'][0]['text'] %}{% endfor %}{{ system.text + '###' }}"
+        "{% for message in messages if message['role'] != 'system' %}"
+        "{% if message['role'] == 'user' %}{{ 'Human: ' }}{% if message['content'] is string %}"
+        "{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '" + image + " ' }}"
+        "{% endfor %}{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ part['text'] }}{% endfor %}{% endif %}{{ '###' }}"
+        "{% else %}{{ 'Assistant: ' }}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{{ message['content'][0]['text'] }}{% endif %}{{ '###' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    )
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a LAVIS/MiniGPT-4 .pth (``{"model": ...}`` or bare); tensors and plain data only."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled objects beyond tensors/dicts: never unpickled here
+        raise ValueError(f"{path} does not load as plain tensors ({exc.__class__.__name__}); re-save its state "
+                         "dict with torch.save({'model': state_dict}, ...)") from exc
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    return state
+
+
+def rename_eva_vit(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """LAVIS's EVA-ViT (``visual_encoder.*`` and ``ln_vision.*``) -> transformers' Blip2VisionModel. The separate
+    q/v biases become the fused qkv bias (k has none); ``ln_vision`` is BLIP-2's LayerNorm after the encoder,
+    transformers' ``post_layernorm``. Anything else in a block (EVA's layer scale gamma_1/gamma_2, relative
+    position bias, EVA-02's sub-LN) has no place there: refused rather than dropped."""
+    out: dict[str, torch.Tensor] = {}
+    simple = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv.weight": "self_attn.qkv.weight",
+              "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    fixed = {"visual_encoder.cls_token": "embeddings.class_embedding",
+             "visual_encoder.pos_embed": "embeddings.position_embedding",
+             "visual_encoder.patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+             "visual_encoder.patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+             "ln_vision.weight": "post_layernorm.weight", "ln_vision.bias": "post_layernorm.bias"}
+    for key, value in state.items():
+        if key in fixed:
+            out[f"vision_model.{fixed[key]}"] = value
+            continue
+        parts = key.split(".", 3)  # visual_encoder.blocks.N.rest
+        if key.startswith("visual_encoder.blocks.") and int(parts[2]) >= depth:
+            continue  # LAVIS's ViT has `depth` blocks; EVA-CLIP's last one is never run
+        if not key.startswith("visual_encoder.blocks."):
+            if key.startswith(("visual_encoder.norm.", "visual_encoder.head.", "visual_encoder.fc_norm.")):
+                continue  # built by LAVIS but not used by its forward_features
+            raise ValueError(f"unsupported EVA-ViT parameter {key}")
+        layer, rest = f"vision_model.encoder.layers.{parts[2]}", parts[3]
+        if rest in ("attn.q_bias", "attn.v_bias"):
+            continue
+        name = next((new + rest[len(old):] for old, new in simple.items()
+                     if rest == old or rest.startswith(old + ".")), None)
+        if name is None:
+            raise ValueError(f"unsupported EVA-ViT parameter {key} (transformers' BLIP-2 vision model has no layer "
+                             "scale, relative position bias or sub-LN)")
+        out[f"{layer}.{name}"] = value
+    for index in range(depth):
+        prefix = f"visual_encoder.blocks.{index}.attn."
+        if prefix + "q_bias" not in state or prefix + "v_bias" not in state:
+            raise ValueError(f"EVA-ViT block {index} lacks q_bias/v_bias")
+        q, v = state[prefix + "q_bias"], state[prefix + "v_bias"]
+        out[f"vision_model.encoder.layers.{index}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(v), v])
+    return out
+
+
+def rename_qformer(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAVIS's Q-Former (a BERT with cross-attention) -> transformers' Blip2QFormerModel, query branch only:
+    MiniGPT-4 deletes the word/position embeddings, the LM head and the text branch's FFN
+    (``intermediate``/``output``), so those are left out here too."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        rest = key.removeprefix("Qformer.")
+        if rest.startswith("bert.embeddings.LayerNorm."):
+            out["qformer.layernorm." + rest.rsplit(".", 1)[1]] = value
+        elif rest.startswith("bert.encoder.layer."):
+            _, _, _, index, block, tail = rest.split(".", 5)
+            if block in ("intermediate", "output"):
+                continue
+            if block not in ("attention", "crossattention", "intermediate_query", "output_query"):
+                raise ValueError(f"unsupported Q-Former parameter {key}")
+            tail = tail.replace("self.", "attention.", 1) if tail.startswith("self.") else tail
+            out[f"qformer.encoder.layer.{index}.{block}.{tail}"] = value
+        elif not rest.startswith(("cls.", "bert.embeddings.")):
+            raise ValueError(f"unsupported Q-Former parameter {key}")
+    return out
+
+
+def _count(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)})
+
+
+def convert_skingpt4(checkpoint: str | Path, blip2: str | Path, llama: str | Path, out: str | Path, *,
+                     eva_vit: str | Path | None = None, eva_depth: int | None = None) -> Path:
+    """Write a transformers BLIP-2 folder (EVA-ViT-g + Q-Former + SkinGPT-4's llama_proj + the Llama chat model,
+    processor, MiniGPT-4's conversation as chat template) from SkinGPT-4's MiniGPT-4 checkpoint (``checkpoint``),
+    BLIP-2's LAVIS checkpoint (``blip2``: ln_vision, Q-Former, query tokens, maybe the ViT), LAVIS's
+    ``eva_vit_g.pth`` (``eva_vit``, when neither file carries ``visual_encoder.*``) and a local HF Llama folder.
+    As in MiniGPT-4, the checkpoint's weights win over BLIP-2's."""
+    from transformers import (AutoConfig, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration,
+                              Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig, BlipImageProcessorPil)
+
+    checkpoint, llama, out = Path(checkpoint), Path(llama), Path(out)
+    trained = _load_pth(checkpoint)
+    known = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "llama_proj.")
+    foreign = [k for k in trained if not k.startswith(known)]
+    if foreign:  # MiniGPT-4 would load these (strict=False) and we would drop them
+        raise ValueError(f"{checkpoint} has weights this converter does not map (e.g. {foreign[:3]}); only "
+                         "SkinGPT-4's llama_proj (and BLIP-2 parts) are supported, not a fine-tuned or LoRA Llama")
+    if "llama_proj.weight" not in trained:
+        raise ValueError(f"{checkpoint} has no llama_proj: not a MiniGPT-4/SkinGPT-4 checkpoint")
+    state = {k: v for k, v in _load_pth(Path(blip2)).items() if k.startswith(known[:4])}
+    state |= trained
+    depth = _count(state, "visual_encoder.blocks.")
+    if not depth:
+        if eva_vit is None:
+            raise ValueError("neither checkpoint carries the EVA-ViT (visual_encoder.*): pass LAVIS's eva_vit_g.pth "
+                             "as --eva-vit")
+        state |= {f"visual_encoder.{k}": v for k, v in _load_pth(Path(eva_vit)).items()}
+        depth = eva_depth or LAVIS_EVA_DEPTH
+        if _count(state, "visual_encoder.blocks.") < depth:
+            raise ValueError(f"{eva_vit} has fewer than the {depth} EVA-ViT blocks LAVIS builds")
+    missing = [k for k in ("query_tokens", "ln_vision.weight", "visual_encoder.pos_embed",
+                           "Qformer.bert.embeddings.LayerNorm.weight") if k not in state]
+    if missing:
+        raise ValueError(f"missing from the checkpoints: {missing}")
+
+    vision = rename_eva_vit({k: v for k, v in state.items() if k.startswith(known[:2])}, depth)
+    qformer = rename_qformer({k: v for k, v in state.items() if k.startswith("Qformer.")})
+    width = state["visual_encoder.cls_token"].shape[-1]
+    patch = state["visual_encoder.patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(state["visual_encoder.pos_embed"].shape[1] - 1)
+    queries, qwidth = state["query_tokens"].shape[1:]
+    layers = _count(state, "Qformer.bert.encoder.layer.")
+    cross = sorted(int(k.split(".")[4]) for k in state
+                   if k.startswith("Qformer.bert.encoder.layer.") and ".crossattention.self.key.weight" in k)
+    frequency = cross[1] - cross[0] if len(cross) > 1 else layers
+    if (width % EVA_HEAD_DIM or qwidth % BERT_HEAD_DIM or grid * grid + 1 != state["visual_encoder.pos_embed"]
+            .shape[1] or not cross or cross != list(range(0, layers, frequency))):
+        raise ValueError(f"unsupported shapes: ViT width {width} (heads of {EVA_HEAD_DIM}), Q-Former width {qwidth} "
+                         f"(heads of {BERT_HEAD_DIM}), {state['visual_encoder.pos_embed'].shape[1]} positions, "
+                         f"cross-attention in layers {cross}")
+    text_config = AutoConfig.from_pretrained(llama, local_files_only=True)
+    if text_config.model_type != "llama":
+        raise ValueError(f"{llama} is a {text_config.model_type!r} model, not the Llama SkinGPT-4 was trained on")
+    if tuple(state["llama_proj.weight"].shape) != (text_config.hidden_size, qwidth):
+        raise ValueError(f"llama_proj {tuple(state['llama_proj.weight'].shape)} does not join a {qwidth}-wide "
+                         f"Q-Former to this {text_config.hidden_size}-wide Llama: a different Llama than trained")
+
+    tokenizer = AutoTokenizer.from_pretrained(llama, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as MiniGPT-4 sets it
+    template = minigpt4_template(queries)
+    tokenizer.chat_template = template  # the processor drops its own on loading; the tokenizer keeps this one
+    image_processor = BlipImageProcessorPil(  # MiniGPT-4's Blip2ImageEvalProcessor: square bicubic resize
+        size={"height": grid * patch, "width": grid * patch}, resample=3, do_convert_rgb=True)
+    # no num_query_tokens: the template places the <image> run where MiniGPT-4 puts the photo, not in front
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=None)
+    processor.chat_template = template
+    image_id = tokenizer.convert_tokens_to_ids(BLIP2_IMAGE_TOKEN)
+
+    text_state = {f"language_model.{k}": v for k, v in _read_weights(llama).items()}
+    vocab = len(tokenizer)
+    for key in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        weight = text_state.get(key)
+        if weight is not None and weight.shape[0] < vocab:  # the <image> row: never read (the queries take its places)
+            text_state[key] = torch.cat([weight, weight.float().mean(0, keepdim=True).to(weight.dtype)
+                                         .expand(vocab - weight.shape[0], -1)])
+    text_config.vocab_size = text_state["language_model.model.embed_tokens.weight"].shape[0]
+    # MiniGPT-4 stops at its "###" separator as well as at </s>; BLIP-2's generate() runs the language model's
+    # own generation config, which comes from this text config
+    separator = tokenizer.convert_tokens_to_ids("###")
+    if isinstance(separator, int) and separator != tokenizer.unk_token_id:
+        text_config.eos_token_id = [tokenizer.eos_token_id, separator]
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=width, intermediate_size=state["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=depth, num_attention_heads=width // EVA_HEAD_DIM, image_size=grid * patch,
+            patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=qwidth, num_hidden_layers=layers, num_attention_heads=qwidth // BERT_HEAD_DIM,
+            intermediate_size=state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"].shape[0],
+            cross_attention_frequency=frequency, layer_norm_eps=1e-12,
+            encoder_hidden_size=state[f"Qformer.bert.encoder.layer.{cross[0]}.crossattention.self.key.weight"]
+            .shape[1]).to_dict(),
+        text_config=text_config.to_dict(), num_query_tokens=queries, image_token_index=image_id,
+    )
+    weights = vision | qformer | text_state | {
+        "query_tokens": state["query_tokens"], "language_projection.weight": state["llama_proj.weight"],
+        "language_projection.bias": state["llama_proj.bias"]}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(text_state["language_model.model.embed_tokens.weight"].dtype)  # the Llama's precision
+    try:
+        model = Blip2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    missing_keys, unexpected = model.load_state_dict(weights, strict=False)
+    if missing_keys or unexpected:
+        raise ValueError(f"conversion left {len(missing_keys)} weights missing, {len(unexpected)} unexpected "
+                         f"(e.g. {(missing_keys or unexpected)[:3]})")
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "skinbridge_model.json").write_text(json.dumps({
+        "model_id": f"skingpt4:{checkpoint.stem}", "model_version": "converted"}), encoding="utf-8")
     return out

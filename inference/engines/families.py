@@ -1,7 +1,8 @@
 """Per-family prompt building for VLM checkpoints (issue 21, build 2).
 
 Most processors carry a chat template; a few families do not (PaliGemma, BLIP-2, InstructBLIP) and take
-a plain prompt in their own format. Families differ in how many photos one prompt may carry, and some
+a plain prompt in their own format, unless the checkpoint brings a template (a converted SkinGPT-4).
+Families differ in how many photos one prompt may carry, and some
 templates emit the BOS token that the tokenizer adds again (Gemma 3 / MedGemma): one BOS only.
 """
 
@@ -17,7 +18,7 @@ from PIL import Image
 class Family:
     name: str
     max_images: int | None  # photos one prompt may carry (None: as many as the context allows)
-    plain_prompt: str | None = None  # format of the prompt where the processor has no chat template
+    plain_prompt: str | None = None  # format of the prompt where the checkpoint has no chat template
 
 
 FAMILIES = {
@@ -51,7 +52,10 @@ def build_inputs(processor: Any, family: Family, images: list[Image.Image], prom
     """Processor inputs for one user turn with ``images`` attached (already limited to the family's count)."""
     photos = [img.convert("RGB") for img in images]
     tokenizer = getattr(processor, "tokenizer", processor)
-    if family.plain_prompt is not None or getattr(processor, "chat_template", None) is None:
+    # the checkpoint's own template wins over the family's plain prompt (a converted SkinGPT-4 is a BLIP-2 with
+    # MiniGPT-4's conversation); BLIP-2's processor drops its template on loading, its tokenizer keeps it
+    templated = next((owner for owner in (processor, tokenizer) if getattr(owner, "chat_template", None)), None)
+    if family.name == "paligemma" or templated is None:
         text = (family.plain_prompt or "{prompt}").format(prompt=prompt.strip())
         if family.name == "paligemma":  # image tokens first; one list of photos per prompt (a flat list reads
             # as one photo per prompt: "Received 2 images for 1 prompts")
@@ -60,7 +64,7 @@ def build_inputs(processor: Any, family: Family, images: list[Image.Image], prom
         return processor(images=photos or None, text=text, return_tensors="pt")
     content: list[dict[str, Any]] = [{"type": "image"} for _ in photos]
     content.append({"type": "text", "text": prompt})
-    chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+    chat = templated.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
     bos = getattr(tokenizer, "bos_token", None)
     if bos and chat.startswith(bos) and _adds_bos(tokenizer):

@@ -193,7 +193,12 @@ class VLMEngine:
             kwargs["logits_processor"] = LogitsProcessorList(self.generation_hook(step, prompt_len))
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs)
-        return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True).strip()
+        new = out[0, prompt_len:]
+        stops = self.model.generation_config.eos_token_id
+        stops = stops if isinstance(stops, list) else [stops]
+        if len(new) and int(new[-1]) in stops:  # a stop that is no special token (MiniGPT-4's "###")
+            new = new[:-1]
+        return tokenizer.decode(new, skip_special_tokens=True).strip()
 
     # --- diagnosis ---------------------------------------------------------------------------
     def _condition_names(self, lang: str = "en") -> str:
