@@ -124,8 +124,11 @@ class Patient:
             self._press(self._expect(self._with_button("photos:done"), "'photo saved'"), "photos:done")
             for name, value in HISTORY.items():
                 question = self._expect(self._with_button(f"h:{name}:"), f"question {name}")
+                # the clock starts before the press: the bot may fetch and store the update before the
+                # emulator's HTTP answer to the press is back here
+                pressed_at = time.time()
                 sent = self._press(question, f"h:{name}:{value}")
-            self.last_answer_at, self.last_update_id = time.time(), int(sent["update_id"])
+            self.last_answer_at, self.last_update_id = pressed_at, int(sent["update_id"])
         except Exception as exc:  # noqa: BLE001 - reported per patient
             self.error = f"{type(exc).__name__}: {exc}"
 
