@@ -28,6 +28,8 @@ from clinic_db.db import Clinic, get_clinic
 from clinic_db.models import AIResult, Case, CaseMessage, Clinician, ExplanationImage, Image, ReviewTask, utcnow
 from console import conditions, explainer_pictures, stats
 from console.labels import HISTORY_LABELS, reason_label, status_label
+from inference.engines.limits import classifier_limits
+from skinbridge.settings import get_settings
 from console.security import (
     LOGIN_COOKIE,
     SESSION_COOKIE,
@@ -273,12 +275,16 @@ def build_router() -> APIRouter:
         vault = clinic.vault
         patient = case.patient
         ai = []
+        limits = classifier_limits(get_settings().classifier_path)
         for result in sorted(case.ai_results, key=lambda r: r.created_at, reverse=True):
             ai.append({
                 "row": result,
                 "differential": vault.get_json(session, result, "differential", owner=owner) or [],
                 "description": vault.get_text(session, result, "description", owner=owner),
                 "has_saliency": result.saliency_enc is not None,
+                # the known limits of exactly these weights (none for a model whose numbers we do not have)
+                "limits": limits["lines"] if limits and result.engine == "classifier"
+                and result.weights_sha256 == limits["weights_sha256"] else [],
             })
         messages = [
             {"role": m.role, "at": m.created_at, "text": vault.get_text(session, m, "text", owner=owner)}

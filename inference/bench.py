@@ -106,8 +106,8 @@ def bench_classifier(device: str, batch_sizes: list[int], scale: str, iterations
     photos = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(max(batch_sizes))]
     results = []
     for b in batch_sizes:
-        row = {"batch_size": b, "what": "predict (preprocess + forward + softmax)"}
-        row |= measure(lambda: engine.predict(photos[:b], "clinical", saliency=False), device=device,
+        row = {"batch_size": b, "what": "predict (photo type + preprocess + forward over the views + softmax)"}
+        row |= measure(lambda: engine.predict(photos[:b], saliency=False), device=device,
                        iterations=iterations, warmup=warmup, items=b, unit="images")
         results.append(row)
     cam = {"batch_size": 1, "what": "Grad-CAM saliency PNG"}

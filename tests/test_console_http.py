@@ -175,6 +175,24 @@ def test_case_view_is_audited_and_shows_the_ai_assessment(world: World) -> None:
         assert [(v.entity_id, v.purpose, v.actor_type) for v in views] == [(str(rc.case_id), "treatment", "clinician")]
 
 
+def test_a_shipped_classifier_result_shows_the_known_limits_of_exactly_those_weights(world: World) -> None:
+    from inference.engines.limits import classifier_limits
+
+    limits = classifier_limits(None)
+    assert limits is not None and len(limits["lines"]) >= 3  # written from the shipped card's numbers
+    shipped, other = world.cases[1], world.cases[0]
+    with world.clinic.session() as s:
+        s.get(AIResult, shipped.ai_id).weights_sha256 = limits["weights_sha256"]
+        s.commit()
+    ada = _login(world.base, "ada")
+    html = ada.get(f"/console/tasks/{shipped.task_id}").text
+    assert "Known limits of this classifier" in html
+    assert all(line in html for line in limits["lines"])
+    assert "light skin" in html and "does not rule cancer out" in html
+    # a result of other weights (a clinic's own model, an older version) gets no numbers that are not its own
+    assert "Known limits" not in ada.get(f"/console/tasks/{other.task_id}").text
+
+
 def test_roles_are_enforced(world: World) -> None:
     ops = _login(world.base, "ops")
     assert ops.get("/console/queue").status_code == 403

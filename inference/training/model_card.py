@@ -81,7 +81,8 @@ def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: 
     ab = ""
     if metrics.get("ab"):
         ab = ("\n### What each choice bought (A/B on validation)\n\nShort runs with equal epochs on one CPU thread "
-              f"each (`{metrics.get('ab_command', 'skinbridge train classifier-report --ab ...')}`); the shipped "
+              "each (trained by `inference/training/ab_classifier.sh`, tabled by "
+              f"`{metrics.get('ab_command', 'skinbridge train classifier-report --ab ...')}`); the shipped "
               "run is longer. Validation numbers only: the test splits were not looked at to choose.\n\n"
               f"{ab_table(metrics['ab'])}\n")
     sal = metrics.get("saliency")
@@ -218,7 +219,9 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
         grid = (f" Patch-grid strength of the pictures: {rec['patch_grid']} (spectral power at the patch period "
                 "over its neighbours; photos ≈ 1.4).") if rec.get("patch_grid") is not None else ""
         grid += _memorisation_text(rec.get("memorisation"))
-        rec_text = (f"The shipped classifier recognises **{_pct(rec['overall'])}** of generated pictures as the "
+        measured_by = (f"The classifier with weights `{rec['classifier_sha256'][:12]}` (the one shipped when this was "
+                       "measured)" if rec.get("classifier_sha256") else "The shipped classifier")
+        rec_text = (f"{measured_by} recognises **{_pct(rec['overall'])}** of generated pictures as the "
                     f"class they were generated for ({rec['samples_per_class']} per class, guidance "
                     f"{rec['guidance_scale']}, {rec['steps']} DDIM steps; goal ≥ 80 %).{reference}{grid}\n\n"
                     f"SkinBridge offers pictures of the classes recognised ≥ {_pct(min_recognition)} "
