@@ -36,9 +36,10 @@ from tests.support import wait_for
 pytestmark = pytest.mark.slow
 
 PIPELINE_S = 240.0  # worker start (torch import, shipped models) plus the chain, on a busy 2-core machine
-# A DermNet naevus photo from the validation split (never trained on) that the shipped classifier
-# ranks first as naevus (0.51, melanoma second at 0.40).
-NAEVUS = "melanocytic-naevus/3165.jpg"
+# A DermNet naevus photo of the series-grouped test split (never trained on) that the shipped classifier
+# ranks first as naevus (0.45; skin cancer and melanoma flagged at the clinical operating points, so the
+# case also goes to a dermatologist).
+NAEVUS = "melanocytic-naevus/dark-naevus.jpg"
 
 
 @pytest.fixture
