@@ -61,6 +61,22 @@ def _read_weights(folder: Path, stem: str | None = None) -> dict[str, torch.Tens
     return state
 
 
+def _built_with(model_class: Any, config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
+    """``model_class(config)`` allocated in ``dtype`` with exactly ``state`` loaded (a missing or left-over
+    weight means the key mapping is wrong: refuse rather than serve random weights)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"conversion left {len(missing)} weights missing, {len(unexpected)} unexpected "
+                         f"(e.g. {(missing or unexpected)[:3]})")
+    return model
+
+
 def merge_lora(state: dict[str, torch.Tensor], lora: Path) -> dict[str, torch.Tensor]:
     """``state`` with the LoRA in ``lora`` (PEFT layout, as LLaVA's training writes it) merged, and the
     folder's ``non_lora_trainables.bin`` (the projector, trained in full) in place of the base's."""
@@ -161,16 +177,8 @@ def convert_llava_med(base: str | Path, out: str | Path, *, lora: str | Path | N
         vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)), image_seq_length=patches,
         tie_word_embeddings=False,
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(state["lm_head.weight"].dtype)  # allocate in the checkpoint's precision
-    try:
-        model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"conversion left {len(missing)} weights missing, {len(unexpected)} unexpected "
-                         f"(e.g. {(missing or unexpected)[:3]})")
+    # allocate in the checkpoint's precision
+    model = _built_with(LlavaForConditionalGeneration, config, state, state["lm_head.weight"].dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -406,16 +414,8 @@ def convert_skingpt4(checkpoint: str | Path, blip2: str | Path, llama: str | Pat
     weights = vision | qformer | text_state | {
         "query_tokens": state["query_tokens"], "language_projection.weight": state["llama_proj.weight"],
         "language_projection.bias": state["llama_proj.bias"]}
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(text_state["language_model.model.embed_tokens.weight"].dtype)  # the Llama's precision
-    try:
-        model = Blip2ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    missing_keys, unexpected = model.load_state_dict(weights, strict=False)
-    if missing_keys or unexpected:
-        raise ValueError(f"conversion left {len(missing_keys)} weights missing, {len(unexpected)} unexpected "
-                         f"(e.g. {(missing_keys or unexpected)[:3]})")
+    model = _built_with(Blip2ForConditionalGeneration, config, weights,  # in the Llama's precision
+                        text_state["language_model.model.embed_tokens.weight"].dtype)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
