@@ -16,7 +16,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from inference.engines.base import Prediction, model_sha256, pick_device
-from inference.engines.photo_type import PhotoTypeModel
 from inference.engines.classifier_net import (
     IMAGE_TYPES,
     WEIGHTS_NAME,
@@ -24,8 +23,11 @@ from inference.engines.classifier_net import (
     SkinClassifierNet,
     dihedral_logits,
     dihedral_view,
+    point_members,
     undo_dihedral_view,
 )
+from inference.engines.imaging import square_crop
+from inference.engines.photo_type import PhotoTypeModel
 
 TOP_K = 5
 SUSPECT_FLAG = "suspect:"  # + condition code: probability at or above the model's validated threshold
@@ -64,15 +66,8 @@ class ClassifierEngine:
 
     # --- preprocessing ---------------------------------------------------------------------
     def _square(self, image: Image.Image) -> Image.Image:
-        """RGB, shorter side resized to image_size, centre crop: the same view the net was trained on."""
-        image = image.convert("RGB")
-        size = self.config.image_size
-        w, h = image.size
-        scale = size / min(w, h)
-        resized = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-        left = (resized.width - size) // 2
-        top = (resized.height - size) // 2
-        return resized.crop((left, top, left + size, top + size))
+        """The same square view the net was trained on."""
+        return square_crop(image, self.config.image_size)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         arrays = [np.asarray(self._square(img), dtype=np.float32) / 255.0 for img in images]
@@ -150,15 +145,10 @@ class ClassifierEngine:
         points = self.config.operating_points.get(image_type) or self.config.thresholds
         flagged: list[str] = []
         for key, limit in sorted(points.items()):
-            if key == "any_malignant":
-                members = [c for c in self.config.malignant_codes if c in codes]
-                if not members or float(sum(row[codes.index(c)] for c in members)) < limit:
-                    continue
-                code = max(members, key=lambda c: float(row[codes.index(c)]))
-            elif key in codes and float(row[codes.index(key)]) >= limit:
-                code = key
-            else:
+            members = point_members(key, codes, self.config.malignant_codes)
+            if not members or float(sum(row[codes.index(c)] for c in members)) < limit:
                 continue
+            code = max(members, key=lambda c: float(row[codes.index(c)]))
             if f"{SUSPECT_FLAG}{code}" not in flagged:
                 flagged.append(f"{SUSPECT_FLAG}{code}")
         return flagged

@@ -102,6 +102,16 @@ class SkinClassifierNet(nn.Module):
         return self.head(self.dropout(features))
 
 
+ANY_MALIGNANT = "any_malignant"  # the operating point on the summed probability of ``malignant_codes``
+
+
+def point_members(key: str, class_codes: list[str], malignant_codes: list[str]) -> list[str]:
+    """The codes whose probabilities an operating point sums: every malignant code the net knows for
+    "any_malignant", else the point's own code; empty when the net does not know them."""
+    members = [c for c in malignant_codes if c in class_codes] if key == ANY_MALIGNANT else [key]
+    return members if members and all(m in class_codes for m in members) else []
+
+
 def dihedral_view(images: torch.Tensor, k: int) -> torch.Tensor:
     """View ``k`` (0..7) of a BCHW batch: transposed for k >= 4, then one of four flips."""
     x = images.transpose(2, 3) if k >= 4 else images

@@ -15,7 +15,6 @@ from typing import Any
 from inference.engines.paths import DEFAULT_CLASSIFIER
 
 
-
 def _pct(v: Any) -> str:
     return f"{100 * float(v):.0f} %"
 

@@ -1,8 +1,8 @@
 """Is a photo dermoscopic or an ordinary (clinical) photo? The classifier's operating points differ by
 photo type, and patients do not say which they send.
 
-A small neural network (one hidden layer of 32) over a handful of image statistics that describe how a dermatoscope photo
-looks: a lit, magnified field with a dark vignette or a black border in the corners, even lighting,
+A small neural network (one hidden layer of 32) over a handful of image statistics that describe how a
+dermatoscope photo looks: a lit, magnified field with a dark vignette or a black border in the corners, even lighting,
 little background. It is stored as ``photo_type.json`` beside the classifier (trained by
 ``skinbridge train photo-type`` on the lesion/series-grouped training photos). The lower-left corner
 is left out of every statistic: most DermNet photos carry a watermark there, which a model would
@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from inference.engines.imaging import square_crop
+
 FILE_NAME = "photo_type.json"
 SIZE = 64  # statistics are taken on a 64 x 64 centre crop
 CACHE_SIZE = 96  # ... of the 96 px square the training photos were cached at
@@ -29,21 +31,10 @@ FEATURES = (
 )
 
 
-def _square(image: Image.Image) -> np.ndarray:
-    """Shorter side to 96 px (bicubic), centre crop: the classifier's training cache, from which the
-    model learnt; then the 64 px the statistics are taken at (see :func:`features`)."""
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = CACHE_SIZE / min(w, h)
-    image = image.resize((max(CACHE_SIZE, round(w * scale)), max(CACHE_SIZE, round(h * scale))),
-                         Image.Resampling.BICUBIC)
-    left, top = (image.width - CACHE_SIZE) // 2, (image.height - CACHE_SIZE) // 2
-    return np.asarray(image.crop((left, top, left + CACHE_SIZE, top + CACHE_SIZE)), dtype=np.uint8)
-
-
 def features(image: Image.Image | np.ndarray) -> np.ndarray:
     """The statistics in FEATURES of one photo (a PIL image, or an already square H x W x 3 uint8 array)."""
-    square = image if isinstance(image, np.ndarray) else _square(image)
+    # a photo is first brought to the view of the classifier's 96 px training cache, which the model learnt from
+    square = image if isinstance(image, np.ndarray) else np.asarray(square_crop(image, CACHE_SIZE))
     arr = np.asarray(Image.fromarray(square).resize((SIZE, SIZE), Image.Resampling.BILINEAR),
                      dtype=np.float32) / 255.0
     luma = arr @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
@@ -67,7 +58,8 @@ def features(image: Image.Image | np.ndarray) -> np.ndarray:
         luma[corners].mean() / (luma[centre].mean() + eps), luma[ring].mean() / (luma[centre].mean() + eps),
         sat[ring].mean(), sat[centre].mean(), red_green[ring].mean(), red_green[centre].mean(),
         edges[centre].mean(), edges[ring].mean(),
-        abs(left_half.mean() - right_half.mean()), abs(luma[: n // 2].mean() - luma[n // 2 :][~watermark[n // 2 :]].mean()),
+        abs(left_half.mean() - right_half.mean()),
+        abs(luma[: n // 2].mean() - luma[n // 2 :][~watermark[n // 2 :]].mean()),
     ], dtype=np.float64)
 
 

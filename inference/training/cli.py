@@ -149,15 +149,20 @@ def photo_type_cmd(model: Path, data: Path, cache_dir: Path, seed: int, subset_p
     click.echo(json.dumps(metrics["photo_type"], indent=2))
 
 
+def _card_command(model: Path, label: str) -> str | None:
+    """The command a model folder's card records after ``label`` ("Trained with", "Measured with")."""
+    card = model / "MODEL_CARD.md"
+    found = re.search(label + r": `([^`]*)`", card.read_text(encoding="utf-8")) if card.exists() else None
+    return found.group(1) if found else None
+
+
 def _refresh_classifier_card(model: Path, docs: Path, trained_with: str | None = None) -> None:
     """Rewrite a classifier folder's card (and its docs/models.md section) from its config and metrics,
     keeping the recorded training command unless a new one is given."""
     from inference.training.model_card import classifier_card, load_json, write_card
 
     if trained_with is None:
-        old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
-        found = re.search(r"Trained with: `([^`]*)`", old)
-        trained_with = found.group(1) if found else None
+        trained_with = _card_command(model, "Trained with")
     card = classifier_card(load_json(model / "config.json"), load_json(model / "metrics.json"), _rel(model),
                            trained_with)
     write_card(model, card, docs / "models.md", "classifier")
@@ -296,13 +301,10 @@ def _refresh_generator_card(model: Path, docs: Path, evaluated_with: str | None 
     keeping the recorded training command (and measuring command, unless a new one)."""
     from inference.training.model_card import generator_card, load_json, write_card
 
-    old = (model / "MODEL_CARD.md").read_text(encoding="utf-8") if (model / "MODEL_CARD.md").exists() else ""
-    trained_with = re.search(r"Trained with: `([^`]*)`", old)
     if evaluated_with is None:
-        measured_with = re.search(r"Measured with: `([^`]*)`", old)
-        evaluated_with = measured_with.group(1) if measured_with else None
+        evaluated_with = _card_command(model, "Measured with")
     metrics = load_json(model / "metrics.json") if (model / "metrics.json").exists() else {}
-    card = generator_card(load_json(model / "config.json"), metrics, trained_with.group(1) if trained_with else None,
+    card = generator_card(load_json(model / "config.json"), metrics, _card_command(model, "Trained with"),
                           evaluated_with=evaluated_with)
     write_card(model, card, docs / "models.md", "generator")
 

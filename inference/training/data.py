@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from inference.engines.imaging import square_crop
+
 DERMOSCOPIC, CLINICAL = 0, 1
 IMAGE_TYPES = {"dermoscopic": DERMOSCOPIC, "clinical": CLINICAL}
 
@@ -50,18 +52,8 @@ CACHE_VERSION = 2
 
 # --- preprocessing (shared with inference so evaluation sees what the engine sees) -------------
 def square_resize(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side to ``size`` (bicubic), centre crop; returns HxWx3 uint8.
-
-    Mirrors ``ClassifierEngine._square`` exactly, so training, evaluation and the running engine see
-    the same pixels (tests/test_training.py checks this). Cropping keeps aspect ratio: lesions are
-    centred in dermoscopy and usually in patient photos.
-    """
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    """The engines' square view (:func:`inference.engines.imaging.square_crop`) as HxWx3 uint8."""
+    return np.asarray(square_crop(img, size), dtype=np.uint8)
 
 
 def load_image(path: Path, size: int) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
+from inference.engines.classifier_net import WEIGHTS_NAME, SkinClassifierNet, dihedral_logits, point_members
 from inference.training import data as D
 from inference.training.augment import normalise, to_float
 
@@ -42,8 +43,6 @@ def logits_for(
 ) -> torch.Tensor:
     """Raw logits (N x C, CPU float32) for uint8 N x H x W x 3 images, averaged over ``views``
     dihedral views exactly as the engine serves them (no random augmentation)."""
-    from inference.engines.classifier_net import dihedral_logits
-
     model.eval()
     m, s = torch.tensor(mean), torch.tensor(std)
     out = []
@@ -128,21 +127,6 @@ def ham7_metrics(logits: torch.Tensor, class_codes: Sequence[str], true_codes: S
     }
 
 
-def melanoma_metrics(probs: np.ndarray, class_codes: Sequence[str], true_codes: Sequence[str],
-                     threshold: float) -> dict[str, Any]:
-    if "melanoma" not in class_codes:
-        return {}
-    p = probs[:, list(class_codes).index("melanoma")]
-    pos = np.asarray([c == "melanoma" for c in true_codes])
-    flagged = p >= threshold
-    return {
-        "threshold": threshold,
-        "n_melanoma": int(pos.sum()),
-        "sensitivity": float((flagged & pos).sum() / max(1, pos.sum())),
-        "specificity": float((~flagged & ~pos).sum() / max(1, (~pos).sum())),
-    }
-
-
 def topk_metrics(probs: np.ndarray, class_codes: Sequence[str], true_codes: Sequence[str]) -> dict[str, Any]:
     index = {c: i for i, c in enumerate(class_codes)}
     y = np.asarray([index.get(c, -1) for c in true_codes])
@@ -182,26 +166,26 @@ def evaluate_split(
     out: dict[str, Any] = {"split": split}
     if split.startswith(("dermamnist", "ham-")):
         out.update(ham7_metrics(logits, class_codes, true))
-    out.update({f"all_{k}": v for k, v in topk_metrics(probs, class_codes, true).items() if k != "n"})
-    if not split.startswith(("dermamnist", "ham-")):
+    else:
         out.update(topk_metrics(probs, class_codes, true))
-    out["melanoma"] = melanoma_metrics(probs, class_codes, true, points.get("melanoma", 0.5))
     out["operating_points"] = {}
-    malignant = [c for c in config.get("malignant_codes", []) if c in class_codes]
     for key, limit in points.items():
-        members = malignant if key == "any_malignant" else [key]
-        if not members or any(m not in class_codes for m in members) or not len(rows):
-            continue
-        score = probs[:, [class_codes.index(m) for m in members]].sum(1)
-        positive = np.asarray([c in members for c in true], dtype=bool)
-        out["operating_points"][key] = {"threshold": limit, **flag_rates(score, positive, limit)}
+        members = point_members(key, class_codes, config.get("malignant_codes", []))
+        if members and len(rows):
+            score, positive = point_scores(probs, class_codes, true, members)
+            out["operating_points"][key] = {"threshold": limit, **flag_rates(score, positive, limit)}
     return out
+
+
+def point_scores(probs: np.ndarray, class_codes: list[str], true_codes: Sequence[str],
+                 members: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """An operating point's score per photo (its members' summed probability) and which photos are positive."""
+    score = probs[:, [class_codes.index(m) for m in members]].sum(1)
+    return score, np.asarray([c in members for c in true_codes], dtype=bool)
 
 
 def load_model(folder: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
-
-    from inference.engines.classifier_net import WEIGHTS_NAME, SkinClassifierNet
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model = SkinClassifierNet(config["num_classes"], config.get("num_image_types", 2), config["width"])

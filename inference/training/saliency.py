@@ -38,8 +38,9 @@ def lesion_mask(image: Image.Image, size: int) -> np.ndarray:
     return values <= otsu(values)
 
 
-def validation_photos(data: Path, source: str, n: int, seed: int = 0) -> list[D.RawItem]:
-    """``n`` photos of the grouped validation split of ``source`` ("ham10000" | "dermnet"), spread over labels."""
+def validation_photos(data: Path, source: str, n: int, seed: int = 0) -> list[tuple[D.RawItem, str]]:
+    """``n`` photos of the grouped validation split of ``source`` ("ham10000" | "dermnet"), spread over
+    labels, each with its vocabulary code."""
     items = D.ham_items(data) + D.dermnet_items(data)
     split = D.grouped_splits(items)
     keep, codes = D.item_codes(items)
@@ -51,11 +52,11 @@ def validation_photos(data: Path, source: str, n: int, seed: int = 0) -> list[D.
         by_code.setdefault(code, []).append(it)
     for group in by_code.values():
         rng.shuffle(group)
-    picked: list[D.RawItem] = []
+    picked: list[tuple[D.RawItem, str]] = []
     while len(picked) < n and any(by_code.values()):  # round robin over labels: rare ones are shown too
         for code in sorted(by_code):
             if by_code[code] and len(picked) < n:
-                picked.append(by_code[code].pop())
+                picked.append((by_code[code].pop(), code))
     return picked
 
 
@@ -66,22 +67,25 @@ def lesion_overlap(model: Path, data: Path, *, n: int = 200, stages: tuple[int, 
     engine = ClassifierEngine.load(model, device="cpu")
     size = engine.config.image_size
     photos = validation_photos(data, "ham10000", n)
-    out: dict[str, Any] = {"n": len(photos), "photos": "HAM10000 lesion-grouped validation"}
-    for stage in stages:
-        engine.config.cam_stage = stage
-        on, area, peak = [], [], []
-        for it in photos:
-            with Image.open(D.item_path(data, it)) as img:
-                rgb = img.convert("RGB")
-            mask = lesion_mask(rgb, size)
-            probs = engine.probabilities([rgb], "dermoscopic")[0]
-            cam = engine.gradcam(rgb, "dermoscopic", int(probs.argmax()))
+    stats: dict[int, list[tuple[float, bool]]] = {stage: [] for stage in stages}  # (heat on lesion, peak on it)
+    areas = []
+    for it, _code in photos:  # each photo decoded, masked and classified once; its map drawn per stage
+        with Image.open(D.item_path(data, it)) as img:
+            rgb = img.convert("RGB")
+        mask = lesion_mask(rgb, size)
+        areas.append(float(mask.mean()))
+        top = int(engine.probabilities([rgb], "dermoscopic")[0].argmax())
+        for stage in stages:
+            engine.config.cam_stage = stage
+            cam = engine.gradcam(rgb, "dermoscopic", top)
             total = float(cam.sum())
-            on.append(float(cam[mask].sum()) / total if total > 0 else float(mask.mean()))
-            area.append(float(mask.mean()))
-            peak.append(bool(mask.flat[int(cam.argmax())]))
-        out[f"stage{stage}"] = {"heat_on_lesion": float(np.mean(on)), "lesion_area": float(np.mean(area)),
-                                "peak_on_lesion": float(np.mean(peak))}
+            stats[stage].append((float(cam[mask].sum()) / total if total > 0 else float(mask.mean()),
+                                 bool(mask.flat[int(cam.argmax())])))
+    out: dict[str, Any] = {"n": len(photos), "photos": "HAM10000 lesion-grouped validation"}
+    for stage, rows in stats.items():
+        out[f"stage{stage}"] = {"heat_on_lesion": float(np.mean([on for on, _ in rows])),
+                                "lesion_area": float(np.mean(areas)),
+                                "peak_on_lesion": float(np.mean([peak for _, peak in rows]))}
     return out
 
 
@@ -96,7 +100,7 @@ def saliency_grid(model: Path, data: Path, out: Path, *, per_source: int = 12, c
     engine = ClassifierEngine.load(model, device="cpu")
     tiles = []
     for source, image_type in (("ham10000", "dermoscopic"), ("dermnet", "clinical")):
-        for it in validation_photos(data, source, per_source):
+        for it, label in validation_photos(data, source, per_source):
             with Image.open(D.item_path(data, it)) as img:
                 rgb = img.convert("RGB")
             probs = engine.probabilities([rgb], image_type)[0]
@@ -108,7 +112,6 @@ def saliency_grid(model: Path, data: Path, out: Path, *, per_source: int = 12, c
             framed = Image.new("RGB", (tile, tile + 30), "white")
             framed.paste(square, (0, 0))
             draw = ImageDraw.Draw(framed)
-            label = D.item_codes([it])[1][0]
             draw.text((3, tile + 2), f"true {label[:22]}", fill="black")
             draw.text((3, tile + 15), f"AI {engine.config.class_codes[top][:18]} {float(probs[top]):.0%}", fill="black")
             tiles.append(framed)

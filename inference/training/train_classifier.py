@@ -13,7 +13,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from inference.training import data as D
 from inference.training.augment import augment, normalise
-from inference.engines.classifier_net import ClassifierConfig
+from inference.engines.classifier_net import ANY_MALIGNANT, ClassifierConfig, point_members
 from inference.training.evaluate import (
     evaluate_split,
     fit_temperature,
@@ -32,6 +32,7 @@ from inference.training.evaluate import (
     logits_for,
     operating_point,
     plot_confusion,
+    point_scores,
     topk_metrics,
 )
 from inference.training.run import TrainingRun, prepare_run
@@ -290,41 +291,38 @@ def calibrate_and_evaluate(out: Path, labelled: D.Labelled, masks: dict[str, np.
     """
     from inference.vocabulary import load_vocabulary
 
-    model, config_dict = load_model(out)
+    model, _ = load_model(out)
     config = ClassifierConfig.load(out)
     codes = config.class_codes
     index = {c: k for k, c in enumerate(codes)}
     targets = np.asarray([index.get(c, -1) for c in labelled.codes])
-
-    def logits(mask: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        rows = np.flatnonzero(mask & (targets >= 0))
-        return rows, logits_for(model, labelled.images[rows], labelled.image_type[rows], config.mean, config.std,
-                                views=config.tta_views)
-
-    val_rows, lval = logits(masks["val"])
-    config.temperature = fit_temperature(lval, torch.from_numpy(targets[val_rows])) if len(val_rows) else 1.0
+    # each validation photo through the net once (all its views): for the temperature and the points
+    val: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
+    for source in ("ham", "dermnet"):
+        rows = np.flatnonzero(masks[f"{source}-grouped-val"] & (targets >= 0))
+        val[source] = rows, logits_for(model, labelled.images[rows], labelled.image_type[rows], config.mean,
+                                       config.std, views=config.tta_views)
+    val_rows = np.concatenate([rows for rows, _ in val.values()])
+    config.temperature = (fit_temperature(torch.cat([lv for _, lv in val.values()]),
+                                          torch.from_numpy(targets[val_rows])) if len(val_rows) else 1.0)
     vocab = load_vocabulary()
-    malignant = [c for c in codes if c in vocab and vocab.get(c).malignant]
-    operating: dict[str, dict[str, float]] = {}
+    config.malignant_codes = [c for c in codes if c in vocab and vocab.get(c).malignant]
     points: dict[str, Any] = {}
     for image_type, source in (("dermoscopic", "ham"), ("clinical", "dermnet")):
-        rows, lv = logits(masks[f"{source}-grouped-val"])
+        rows, lv = val[source]
         probs = torch.softmax(lv / config.temperature, 1).numpy() if len(rows) else np.zeros((0, len(codes)))
         true = [labelled.codes[i] for i in rows]
-        ops, report = {}, {}
-        for key, members in (("melanoma", ["melanoma"]), ("any_malignant", malignant)):
-            positive = np.asarray([c in members for c in true], dtype=bool)
-            if not positive.any() or not all(m in index for m in members):
+        points[image_type] = {}
+        for key in ("melanoma", ANY_MALIGNANT):
+            members = point_members(key, codes, config.malignant_codes)
+            if not members:
                 continue
-            score = probs[:, [index[m] for m in members]].sum(1)
-            report[key] = {"validation": operating_point(score, positive, sensitivity)}
-            ops[key] = report[key]["validation"]["threshold"]
-        operating[image_type], points[image_type] = ops, report
-    config.operating_points = operating
-    config.malignant_codes = malignant
-    config.save(out)
-    config_dict = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    config_dict["training"] = training
+            score, positive = point_scores(probs, codes, true, members)
+            if positive.any():
+                points[image_type][key] = {"validation": operating_point(score, positive, sensitivity)}
+    config.operating_points = {image_type: {key: report["validation"]["threshold"] for key, report in kinds.items()}
+                               for image_type, kinds in points.items()}
+    config_dict = {**asdict(config), "training": training}
     (out / "config.json").write_text(json.dumps(config_dict, indent=2), encoding="utf-8")
 
     metrics: dict[str, Any] = {"temperature": config.temperature, "operating_points": points}
