@@ -104,6 +104,24 @@ def tiny_model_env(root: Path, clinic: Any = None) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def served_vlm(folder: Path, base_models: Mapping[str, str], monkeypatch: Any) -> Iterator[Any]:
+    """The VLM in ``folder`` as the worker loads it (``load_engines``, CPU), beside ``base_models``
+    (:func:`tiny_model_env`); the settings and engine caches are cleared before and after."""
+    from inference.engines.registry import clear_engine_cache, load_engines
+    from skinbridge.settings import get_settings, reset_settings_cache
+
+    for key, value in {**base_models, "SKINBRIDGE_VLM_PATH": str(folder), "SKINBRIDGE_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(key, value)
+    reset_settings_cache()
+    clear_engine_cache()
+    try:
+        yield load_engines(get_settings()).vlm
+    finally:
+        clear_engine_cache()
+        reset_settings_cache()
+
+
 # --- the Celery worker ----------------------------------------------------------------------------
 class Worker:
     """A real `skinbridge worker` process (prefork pool, beat for the sweeper)."""

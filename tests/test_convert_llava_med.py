@@ -15,11 +15,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from inference.engines.convert import convert_llava_med
-from inference.engines.registry import clear_engine_cache, load_engines
 from inference.engines.synthetic import train_tokenizer
 from inference.followup import answer
-from skinbridge.settings import get_settings, reset_settings_cache
-from tests.e2e_support import tiny_model_env
+from tests.e2e_support import served_vlm, tiny_model_env
 from tests.tiny_models import ScriptedAnswers
 
 DIAGNOSIS = '{"differential": [{"condition": "Melanoma", "probability": 0.6}]}'
@@ -116,13 +114,7 @@ def test_converted_logits_equal_the_original_layout_model(original, converted: P
 
 def test_converted_model_answers_through_the_worker(converted: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {**tiny_model_env(tmp_path), "SKINBRIDGE_VLM_PATH": str(converted),
-                       "SKINBRIDGE_DEVICE": "cpu"}.items():
-        monkeypatch.setenv(key, value)
-    reset_settings_cache()
-    clear_engine_cache()
-    try:
-        vlm = load_engines(get_settings()).vlm
+    with served_vlm(converted, tiny_model_env(tmp_path), monkeypatch) as vlm:
         hook = ScriptedAnswers(vlm.processor.tokenizer, {"describe": ["Brown patch."], "diagnose": [DIAGNOSIS],
                                                          "followup": ["Keep it moisturised."]})
         vlm.generation_hook = hook
@@ -133,9 +125,6 @@ def test_converted_model_answers_through_the_worker(converted: Path, tmp_path: P
         reply = answer("What can I do about it?", pred.differential, "en", vlm=vlm, photos=lambda: photos)
         assert (reply.text, reply.flags) == ("Keep it moisturised.", [])
         assert hook.steps == ["describe", "diagnose", "followup"]
-    finally:
-        clear_engine_cache()
-        reset_settings_cache()
 
 
 def test_refuses_what_it_cannot_convert(original, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -19,11 +19,9 @@ from PIL import Image
 
 from inference.engines.convert import SKINGPT4_SYSTEM, convert_skingpt4
 from inference.engines.families import build_inputs, family_of
-from inference.engines.registry import clear_engine_cache, load_engines
 from inference.engines.synthetic import train_tokenizer
 from inference.followup import answer
-from skinbridge.settings import get_settings, reset_settings_cache
-from tests.e2e_support import tiny_model_env
+from tests.e2e_support import served_vlm, tiny_model_env
 from tests.tiny_models import ScriptedAnswers
 
 DIAGNOSIS = '{"differential": [{"condition": "Melanoma", "probability": 0.6}]}'
@@ -249,13 +247,7 @@ def test_the_only_difference_is_ln_vision_eps(original, converted: Path) -> None
 
 def test_converted_model_answers_through_the_worker(converted: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {**tiny_model_env(tmp_path), "SKINBRIDGE_VLM_PATH": str(converted),
-                       "SKINBRIDGE_DEVICE": "cpu"}.items():
-        monkeypatch.setenv(key, value)
-    reset_settings_cache()
-    clear_engine_cache()
-    try:
-        vlm = load_engines(get_settings()).vlm
+    with served_vlm(converted, tiny_model_env(tmp_path), monkeypatch) as vlm:
         tokenizer = vlm.processor.tokenizer
         # the model runs on past MiniGPT-4's "###" separator: generation stops there, as MiniGPT-4's does
         hook = ScriptedAnswers(tokenizer, {"describe": ["Brown patch."], "diagnose": [DIAGNOSIS],
@@ -282,9 +274,6 @@ def test_converted_model_answers_through_the_worker(converted: Path, tmp_path: P
             assert text.startswith("<s>" + SKINGPT4_SYSTEM + "###Human: <Img><image>")
             assert ids.count(tokenizer.bos_token_id) == 1
             assert text.endswith("###Assistant:") and ids.count(vlm.model.config.image_token_index) == QUERIES
-    finally:
-        clear_engine_cache()
-        reset_settings_cache()
 
 
 def test_refuses_what_it_cannot_convert(original, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,11 +13,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from inference.engines.registry import clear_engine_cache, load_engines
 from inference.engines.vlm import FLAG_PHOTOS_LEFT_OUT
 from inference.followup import answer
-from skinbridge.settings import get_settings, reset_settings_cache
-from tests.e2e_support import tiny_model_env
+from tests.e2e_support import served_vlm, tiny_model_env
 from tests.family_models import BUILDERS, build_family
 from tests.tiny_models import ScriptedAnswers
 
@@ -44,13 +42,8 @@ def base_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def worker_vlm(request: pytest.FixtureRequest, base_models: dict[str, str], tmp_path: Path,
                monkeypatch: pytest.MonkeyPatch) -> Any:
     folder = build_family(request.param, tmp_path / request.param, [DIAGNOSIS, REPLY, "Brown patch."] * 20)
-    for key, value in {**base_models, "SKINBRIDGE_VLM_PATH": str(folder), "SKINBRIDGE_DEVICE": "cpu"}.items():
-        monkeypatch.setenv(key, value)
-    reset_settings_cache()
-    clear_engine_cache()
-    yield request.param, load_engines(get_settings()).vlm
-    clear_engine_cache()
-    reset_settings_cache()
+    with served_vlm(folder, base_models, monkeypatch) as vlm:
+        yield request.param, vlm
 
 
 def _record_prompts(vlm: Any, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
