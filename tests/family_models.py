@@ -8,7 +8,9 @@ public checkpoints ship (``chat_template.json``), reproduced here because nothin
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,53 @@ IDEFICS3_TEMPLATE = (
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
     "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+
+
+# Qwen/Qwen2-VL-7B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct: ChatML with a default system turn; no BOS at all
+QWEN2_VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# HuggingFaceTB/SmolVLM-Instruct: Idefics3's turns; BOS written by the template, not added by the tokenizer
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@dataclass
+class VideoCapableProcessor:
+    """A processor that also handles video (Qwen2-VL, Qwen2.5-VL, SmolVLM), saved the way ``save_pretrained``
+    writes it where torchvision is installed: processor_config.json carries the video processor too. It
+    cannot be built here (its video part needs torchvision), so its parts are written as transformers would."""
+
+    processor_class: str
+    image_processor: Any
+    tokenizer: Any
+    video_processor: dict[str, Any]
+    chat_template: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save_pretrained(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder)
+        config = {"image_processor": self.image_processor.to_dict(), "processor_class": self.processor_class,
+                  "video_processor": self.video_processor, **self.extra}
+        (Path(folder) / "processor_config.json").write_text(json.dumps(config, indent=2, default=str))
+        (Path(folder) / "chat_template.jinja").write_text(self.chat_template)
 
 
 def _vision(cls: Any, **extra: Any) -> Any:
@@ -218,9 +267,80 @@ def idefics3(tokenizer_texts: list[str]) -> tuple[Any, Any]:
     return _finish(Idefics3ForConditionalGeneration(config), tok), processor
 
 
+def _qwen_tokenizer(tokenizer_texts: list[str]) -> Any:
+    tok = train_tokenizer(tokenizer_texts, special_tokens=["<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                                           "<|vision_end|>", "<|video_pad|>"],
+                          bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>",
+                          extra_special_tokens={"image_token": "<|image_pad|>"}, chat_template=QWEN2_VL_TEMPLATE)
+    tok.bos_token = None  # Qwen's tokenizers have none: the prompt starts with <|im_start|>
+    return tok
+
+
+def _qwen(tokenizer_texts: list[str], version: str) -> tuple[Any, Any]:
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = _qwen_tokenizer(tokenizer_texts)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
+        ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=640, max_position_embeddings=4096,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        config_cls, model_cls, processor_class = "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"
+    else:  # 2.5: windowed attention in the vision tower, full attention in the listed blocks
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                      fullatt_block_indexes=[1], window_size=56)
+        config_cls, model_cls = "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"
+        processor_class = "Qwen2_5_VLProcessor"
+    config = getattr(transformers, config_cls)(
+        vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        text_config=text, image_token_id=tok.image_token_id, **ids)
+    pixels = dict(min_pixels=28 * 28 * 4, max_pixels=56 * 56)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels)
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2,
+             "temporal_patch_size": 2, **pixels}
+    model = _finish(getattr(transformers, model_cls)(config), tok)
+    return model, VideoCapableProcessor(processor_class, image_processor, tok, video, QWEN2_VL_TEMPLATE)
+
+
+def qwen2_vl(tokenizer_texts: list[str]) -> tuple[Any, Any]:
+    return _qwen(tokenizer_texts, "2")
+
+
+def qwen2_5_vl(tokenizer_texts: list[str]) -> tuple[Any, Any]:
+    return _qwen(tokenizer_texts, "2.5")
+
+
+def smolvlm(tokenizer_texts: list[str]) -> tuple[Any, Any]:
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil, \
+        SmolVLMVisionConfig
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = train_tokenizer(tokenizer_texts, special_tokens=["<fake_token_around_image>", "<end_of_utterance>",
+                                                           "<global-img>", "<|im_end|>", *grid],
+                          bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>",
+                          chat_template=SMOLVLM_TEMPLATE)
+    config = SmolVLMConfig(
+        vision_config=_vision(SmolVLMVisionConfig, image_size=28, patch_size=7).to_dict(),
+        text_config=_text(LlamaConfig, tok, 640).to_dict(), scale_factor=2, image_token_id=tok.image_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 56}, max_image_size={"longest_edge": 28})
+    video = {"video_processor_type": "SmolVLMVideoProcessor", "size": {"longest_edge": 56},
+             "max_image_size": {"longest_edge": 28}, "num_frames": 8, "fps": 1}
+    model = _finish(SmolVLMForConditionalGeneration(config), tok)
+    return model, VideoCapableProcessor("SmolVLMProcessor", image_processor, tok, video, SMOLVLM_TEMPLATE,
+                                        {"image_seq_len": 4})
+
+
 BUILDERS: dict[str, Callable[[list[str]], tuple[Any, Any]]] = {
     "gemma3": gemma3, "paligemma": paligemma, "blip-2": blip2, "instructblip": instructblip,
-    "llava_next": llava_next, "idefics3": idefics3,
+    "llava_next": llava_next, "idefics3": idefics3, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
+    "smolvlm": smolvlm,
 }
 
 

@@ -4,14 +4,22 @@ Most processors carry a chat template; a few families do not (PaliGemma, BLIP-2,
 a plain prompt in their own format, unless the checkpoint brings a template (a converted SkinGPT-4).
 Families differ in how many photos one prompt may carry, and some
 templates emit the BOS token that the tokenizer adds again (Gemma 3 / MedGemma): one BOS only.
+Qwen2-VL, Qwen2.5-VL and SmolVLM processors also handle video, which needs torchvision; where it is not
+installed they load without their video part (:func:`load_processor`): SkinBridge sends photos only.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,72 @@ def context_limit(model: Any, tokenizer: Any) -> int | None:
     text_config = getattr(config, "text_config", None) or config
     limit = getattr(text_config, "max_position_embeddings", None)
     return int(limit) if limit else None
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load_processor(path: Path) -> Any:
+    """The checkpoint's processor, from the local folder only.
+
+    A processor that also handles video (Qwen2-VL, Qwen2.5-VL, SmolVLM) builds its video processor on
+    torchvision; without torchvision (the CPU machines here: their only torchvision wheel is a CUDA build)
+    it is built from the same folder without that part. Photos go through the image processor's PIL
+    backend exactly as they would otherwise; a video passed to it would fail, and none ever is."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        processor = _image_only_processor(Path(path))
+        if processor is None:
+            raise
+        log.info("torchvision is not installed: %s loaded without its video processor (photos only)",
+                 type(processor).__name__)
+        return processor
+
+
+def _image_only_processor(path: Path) -> Any | None:
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    config: dict[str, Any] = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (path / name).is_file() and not config.get("processor_class"):
+            config = json.loads((path / name).read_text())
+    cls = getattr(transformers, str(config.get("processor_class", "")), None)
+    if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
+        return None
+
+    video_settings = config.get("video_processor") or {}
+
+    class ImageOnly(cls):  # type: ignore[misc, valid-type]
+        # ProcessorMixin takes its parts from __init__'s signature: without video_processor it asks for none
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
+                     **kwargs: Any) -> None:
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            self.video_processor = _NoVideo(video_settings)  # its settings (SmolVLM's template reads them)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    template_file = path / "chat_template.jinja"
+    legacy_file = path / "chat_template.json"
+    template = (template_file.read_text() if template_file.is_file()
+                else json.loads(legacy_file.read_text()).get("chat_template") if legacy_file.is_file()
+                else config.get("chat_template") or getattr(tokenizer, "chat_template", None))
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = {key: value for key, value in config.items()
+             if key in accepted and key not in ("image_processor", "tokenizer", "video_processor", "chat_template")}
+    return ImageOnly(AutoImageProcessor.from_pretrained(path, local_files_only=True), tokenizer,
+                     chat_template=template, **extra)
+
+
+class _NoVideo:
+    """Where a processor's video part would be: the checkpoint's video settings, and a clear error if a video
+    is ever processed."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.__dict__.update(settings)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("this processor was loaded without video support: torchvision is not installed")

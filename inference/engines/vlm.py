@@ -21,7 +21,7 @@ from PIL import Image
 from inference.engines.base import Prediction, model_sha256, pick_device
 from inference.engines.checks import AnswerRejected, VLMDiagnosis, check_reply, data_block, validate_diagnosis
 from inference.engines.guardrails import PROMPTS_DIR, GuardRails, load_guardrails
-from inference.engines.families import build_inputs, context_limit, family_of
+from inference.engines.families import build_inputs, context_limit, family_of, load_processor
 from inference.engines.loading import plan_load
 
 LANGUAGE_NAMES = {"en": "English", "de": "German"}
@@ -122,12 +122,12 @@ class VLMEngine:
              device_map: str | None = None, **kwargs: Any) -> "VLMEngine":
         """Load from a local folder only; nothing is downloaded. dtype, attention and placement follow
         inference.engines.loading (bf16/fp16 on GPUs, fp32 on CPU; SDPA or FlashAttention-2)."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         path = Path(path)
         device = pick_device(device)
         plan = plan_load(device, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = load_processor(path)
         options = plan.from_pretrained_kwargs()
         try:
             model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, **options)
