@@ -14,7 +14,7 @@ from clinic_db.keys import KeyRing, keyring_from_settings
 from clinic_db.vault import Vault
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, pre_ping: bool = False, **kwargs: Any) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -30,7 +30,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    return create_engine(url, pool_pre_ping=pre_ping, pool_size=pool_size, max_overflow=pool_size, **kwargs)
 
 
 @dataclass
@@ -42,8 +42,8 @@ class Clinic:
     vault: Vault
 
     @classmethod
-    def open(cls, database_url: str, keyring: KeyRing) -> "Clinic":
-        engine = make_engine(database_url)
+    def open(cls, database_url: str, keyring: KeyRing, **engine_options: Any) -> "Clinic":
+        engine = make_engine(database_url, **engine_options)
         return cls(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False), vault=Vault(keyring))
 
     def session(self) -> Session:
@@ -59,4 +59,5 @@ def get_clinic() -> Clinic:
     from skinbridge.settings import get_settings
 
     settings = get_settings()
-    return Clinic.open(settings.resolved_database_url, keyring_from_settings(settings))
+    return Clinic.open(settings.resolved_database_url, keyring_from_settings(settings),
+                       pool_size=settings.db_pool_size, pre_ping=settings.db_pre_ping)

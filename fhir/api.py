@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from sqlalchemy import and_, false, literal, select, tuple_
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -91,11 +92,25 @@ class FhirRoute(APIRoute):
                 return outcome(400, "invalid", str(exc.errors()))
             except HTTPException as exc:
                 return outcome(exc.status_code, ISSUE_CODES.get(exc.status_code, "processing"), str(exc.detail))
+            except OperationalError as exc:  # a dropped connection or the database away: try again shortly
+                return database_unavailable(request, exc)
             except Exception:  # a bug: still an OperationOutcome (and logged), never a bare text body
                 log.exception("FHIR request %s %s failed", request.method, request.url.path)
                 return outcome(500, "exception", "internal error (logged on the server)")
 
         return handler
+
+
+def database_unavailable(request: Request, exc: OperationalError) -> Response:
+    """503 + Retry-After. Without pre-ping (settings.db_pre_ping) this is also what the first request on a
+    connection PostgreSQL dropped gets; SQLAlchemy has then replaced the pool's connections."""
+    log.warning("request %s %s: database unavailable (%s)", request.method, request.url.path,
+                type(exc.orig).__name__ if exc.orig is not None else exc)
+    retry = {"Retry-After": "1"}
+    if request.url.path == smart.TOKEN_PATH:
+        return JSONResponse({"error": "temporarily_unavailable", "error_description": "try again shortly"}, 503,
+                            headers=retry)
+    return outcome(503, "transient", "the database is unavailable for a moment; try again", retry)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -119,6 +134,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if request.url.path.startswith("/console"):
             return await request_validation_exception_handler(request, exc)
         return outcome(400, "invalid", str(exc.errors()))
+
+    @app.exception_handler(OperationalError)
+    async def unavailable(request: Request, exc: OperationalError) -> Response:
+        return database_unavailable(request, exc)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> Response:

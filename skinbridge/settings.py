@@ -69,6 +69,13 @@ class Settings(BaseSettings):
 
     # --- storage -------------------------------------------------------------------------
     database_url: str | None = None  # default: sqlite:///<var_dir>/skinbridge.db
+    # connections each process keeps open to PostgreSQL (more are opened for a burst, then closed)
+    db_pool_size: int = Field(10, ge=1, le=200)
+    # test each pooled connection before use: one more round trip per transaction. Off by default: a
+    # connection PostgreSQL dropped fails one transaction with OperationalError, which every part treats
+    # as transient (tasks retry, the bot handles the update again, the API answers 503 + Retry-After),
+    # and SQLAlchemy then replaces the pool's connections
+    db_pre_ping: bool = False
 
     # --- keys ----------------------------------------------------------------------------
     # Master keys live in key_dir as <kid>.key files (0600); ACTIVE names the current one.
@@ -104,6 +111,9 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     public_base_url: str | None = None
+    # threads per API process that run request handlers: more than a few only makes them fight over the
+    # GIL (measured in docs/benchmarks/fhir-postgresql.md); more clients wait in the event loop instead
+    api_threads: int = Field(4, ge=1, le=64)
     session_secret: SecretStr = SecretStr(DEFAULT_SECRET)
 
     # --- Telegram ------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
+
+import anyio
 
 import h11
 import orjson
@@ -16,13 +20,22 @@ from skinbridge.settings import get_settings
 log = logging.getLogger(__name__)
 
 
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Request handlers run in anyio's thread pool (40 threads by default). Forty threads serving at once
+    # spend their time passing the GIL around: on 2 cores one process served 190 reads/s with 40 and
+    # 420 with 4 (docs/benchmarks/fhir-postgresql.md). Requests beyond the limit wait in the event loop.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().api_threads
+    yield
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     settings.check_safe()
     if not settings.public_base_url:
         log.warning("SKINBRIDGE_PUBLIC_BASE_URL is not set: FHIR URLs and the token endpoint's audience follow "
                     "each request's Host header. Fine for development; set it wherever EHRs connect.")
-    app = FastAPI(title="SkinBridge", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="SkinBridge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

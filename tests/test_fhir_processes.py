@@ -76,3 +76,38 @@ def test_two_api_processes_share_the_replay_cache_and_tokens(clinic, tmp_path):
         assert bundle["entry"][0]["fullUrl"] == f"{PUBLIC}/fhir/DiagnosticReport/{case.id}"
     started = (tmp_path / "a.log").read_text()
     assert started.count("Started server process") >= 2, started[-2000:]
+
+
+def test_a_connection_postgresql_dropped_costs_one_503_not_a_500(pg_clinic, tmp_path):
+    """API processes run without pre-ping (settings.db_pre_ping): a pooled connection that PostgreSQL
+    closed (restart, failover, idle timeout) fails the one request that meets it with 503 + Retry-After,
+    an OperationOutcome the EHR retries; the pool is rebuilt and the next request is served."""
+    from sqlalchemy import text
+
+    key = rsa_key()
+    client_id = register_client(pg_clinic, "EHR", {"keys": [key.public_jwk]}, ["system/*.rs"])
+    with pg_clinic.session() as s:
+        case = make_case(pg_clinic, s, 4002)
+    database = pg_clinic.engine.url.database
+    with api_process(1, tmp_path / "api.log") as (base, _):
+        form = {"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": key.assertion(client_id, PUBLIC + "/auth/token"), "scope": "system/*.rs"}
+        token = httpx.post(base + "/auth/token", data=form, timeout=30).json()["access_token"]
+        h = {"Authorization": f"Bearer {token}"}
+        url = f"{base}/fhir/DiagnosticReport/{case.id}"
+        assert httpx.get(url, headers=h, timeout=30).status_code == 200
+
+        pg_clinic.dispose()
+        with pg_clinic.engine.connect() as conn:  # what a PostgreSQL restart does to the API's pool
+            dropped = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                        "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).scalar()
+        assert dropped >= 1
+
+        after = httpx.get(url, headers=h, timeout=30)
+        assert after.status_code == 503, after.text
+        assert after.headers["retry-after"] == "1"
+        assert after.json()["resourceType"] == "OperationOutcome"
+        assert after.json()["issue"][0]["code"] == "transient"
+        again = httpx.get(url, headers=h, timeout=30)
+        assert again.status_code == 200 and again.json()["id"] == str(case.id)
+    assert "database unavailable" in (tmp_path / "api.log").read_text()
