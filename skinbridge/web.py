@@ -26,7 +26,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # spend their time passing the GIL around: on 2 cores one process served 190 reads/s with 40 and
     # 420 with 4 (docs/benchmarks/fhir-postgresql.md). Requests beyond the limit wait in the event loop.
     anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().api_threads
-    yield
+    # each API process beats (clinic_db.heartbeat): `skinbridge check --liveness api`, `skinbridge up`
+    from clinic_db import heartbeat
+    from clinic_db.db import get_clinic
+
+    beater = heartbeat.start(get_clinic(), "api")
+    try:
+        yield
+    finally:
+        beater.stop()
 
 
 def create_app() -> FastAPI:

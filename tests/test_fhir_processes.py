@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from clinic_db import heartbeat
 from fhir.bench import child_processes
 from fhir.smart import register_client
 from tests.support import free_port, wait_for
@@ -56,6 +57,11 @@ def test_two_api_processes_share_the_replay_cache_and_tokens(clinic, tmp_path):
         case = make_case(clinic, s, 4001)
     with api_process(2, tmp_path / "a.log") as (a, proc_a), api_process(1, tmp_path / "b.log") as (b, _):
         wait_for(lambda: len(child_processes(proc_a.pid)) >= 2, timeout=60, message="two worker processes")
+        # every serving process beats: `skinbridge check --liveness api` sees three
+        wait_for(lambda: len(heartbeat.alive(clinic, "api")) == 3, timeout=30, message="three API heartbeats")
+        check = subprocess.run([sys.executable, "-m", "skinbridge", "check", "--liveness", "api"], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and "3 live process(es)" in check.stdout, check.stdout + check.stderr
         # one assertion, addressed to the public token URL that both processes answer for
         assertion = key.assertion(client_id, PUBLIC + "/auth/token")
         form = {"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
@@ -74,6 +80,7 @@ def test_two_api_processes_share_the_replay_cache_and_tokens(clinic, tmp_path):
         assert read.status_code == 200 and read.json()["id"] == str(case.id)
         bundle = httpx.get(f"{a}/fhir/DiagnosticReport", headers=h, timeout=30).json()
         assert bundle["entry"][0]["fullUrl"] == f"{PUBLIC}/fhir/DiagnosticReport/{case.id}"
+    assert heartbeat.alive(clinic, "api") == []  # a clean shutdown removes the rows
     started = (tmp_path / "a.log").read_text()
     assert started.count("Started server process") >= 2, started[-2000:]
 
