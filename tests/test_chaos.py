@@ -69,6 +69,7 @@ def _result_messages(chat: Chat) -> int:
 
 
 def _report(clinic, chats: list[Chat], name: str, recovery_s: float) -> dict:  # type: ignore[no-untyped-def]
+    clinic.engine.dispose()  # the test's own pooled connections may predate a database restart (no pre-ping)
     with clinic.session() as session:
         cases = session.scalars(select(Case)).all()
         results = session.scalars(select(OutboxMessage).where(OutboxMessage.kind == "result")).all()
