@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import secrets
 import signal
@@ -74,9 +75,7 @@ class SkinBridgeApplication(Application):
     inbox: Inbox
     user_limit: UserRateLimit
     sender_task: asyncio.Task | None = None
-    # set by on_error when a handler hit a transient database error: the update is retried, not answered
-    transient_failure: bool = False
-    current_attempt: int = 0
+    concurrency: int = 1  # updates of different users handled at once (settings.bot_concurrency)
 
     async def process_update(self, update: object) -> None:
         await super().process_update(update)
@@ -85,10 +84,18 @@ class SkinBridgeApplication(Application):
 
     async def handle(self, update: Update, attempt: int = 0) -> None:
         """Handle one update from the inbox; raise TransientFailure to have it retried later."""
-        self.transient_failure, self.current_attempt = False, attempt
-        await self.process_update(update)
-        if self.transient_failure:
+        state = _Handling(attempt)
+        token = _handling.set(state)  # seen by on_error, which PTB awaits inside process_update
+        try:
+            await self.process_update(update)
+        finally:
+            _handling.reset(token)
+        if state.transient_failure:
             raise TransientFailure("a handler hit a transient database error")
+
+    async def exclusive(self, update: Update) -> bool:
+        """A linked dermatologist's update is handled with no other beside it (bot.inbox.Gate)."""
+        return update.effective_user is not None and await asyncio.to_thread(clinician.from_linked_clinician, update)
 
     async def admit(self, update: Update) -> bool:
         """The per-user rate limit: over it, the update waits in the inbox; the user hears so once."""
@@ -141,15 +148,27 @@ class TransientFailure(RuntimeError):
     """The update's handling failed for a reason that a retry can fix (database locked or down)."""
 
 
+@dataclass
+class _Handling:
+    """The update being handled in this task: its earlier tries, and whether a handler hit a transient
+    database error (then the update is retried, not answered). Per task, since several run at once."""
+
+    attempt: int
+    transient_failure: bool = False
+
+
+_handling: contextvars.ContextVar[_Handling] = contextvars.ContextVar("skinbridge_handling")
+
+
 async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     ref = secrets.token_hex(4).upper()
     app = context.application
-    if isinstance(context.error, OperationalError) and isinstance(app, SkinBridgeApplication) \
-            and app.current_attempt < MAX_ATTEMPTS - 1:
+    state = _handling.get(None)
+    if isinstance(context.error, OperationalError) and state is not None and state.attempt < MAX_ATTEMPTS - 1:
         # database locked or unreachable: the update stays in the inbox and is handled again shortly
         log.warning("error %s: transient database error while handling an update; it will be retried", ref,
                     exc_info=context.error)
-        app.transient_failure = True
+        state.transient_failure = True
         return
     log.error("error %s while handling an update", ref, exc_info=context.error)
     if isinstance(update, Update) and update.effective_chat is not None:
@@ -211,6 +230,7 @@ def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> 
     app.clinic = clinic
     app.inbox = Inbox(clinic)
     app.user_limit = UserRateLimit(settings.bot_user_limit, settings.bot_user_window_s)
+    app.concurrency = settings.bot_concurrency
     app.sender_interval_s = sender_interval_s  # type: ignore[attr-defined]
     clinician.register(app)  # group -1: linked dermatologists, before the patient handlers
     handlers.register(app)
@@ -246,7 +266,8 @@ async def _consume(app: SkinBridgeApplication, wake: asyncio.Event, stop: asynci
         wake.clear()
         handled = 0
         try:
-            handled = await handle_pending(app.bot, app.inbox, app.handle, app.admit)
+            handled = await handle_pending(app.bot, app.inbox, app.handle, app.admit, exclusive=app.exclusive,
+                                           concurrency=app.concurrency)
         except Exception:  # noqa: BLE001 - e.g. the database is down: log, wait, try again
             log.exception("error %s in the update loop; it goes on", secrets.token_hex(4).upper())
         now = time.monotonic()

@@ -74,12 +74,17 @@ def _linked(session: Session, update: Update) -> Clinician | None:
     return None if user is None else tr.find(_clinic(), session, user.id)
 
 
+def from_linked_clinician(update: Update) -> bool:
+    """Whether the update comes from a Telegram account linked to an active dermatologist."""
+    with _clinic().session() as session:
+        return _linked(session, update) is not None
+
+
 class LinkedClinician(filters.UpdateFilter):
     """Updates from a Telegram account linked to an active dermatologist."""
 
     def filter(self, update: Update) -> bool:
-        with _clinic().session() as session:
-            return _linked(session, update) is not None
+        return from_linked_clinician(update)
 
 
 LINKED = LinkedClinician(name="LinkedClinician")

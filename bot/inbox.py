@@ -8,8 +8,8 @@ so a bot killed mid-way lost every message in flight. Here:
 1. intake (:func:`poll` or the webhook in :mod:`bot.webhook`) seals each update with the system data
    key, inserts it into ``bot_inbox`` keyed by ``update_id`` (a re-delivered id is ignored) and commits;
    only then is the update confirmed (next poll's offset / the webhook's 200);
-2. :func:`handle_pending` hands the pending rows, oldest first, to the application and marks each one
-   done, dropping its payload. A bot killed before that replays the row on restart; the handlers are
+2. :func:`handle_pending` hands the pending rows to the application, each user's oldest first and
+   several users side by side, and marks each one done, dropping its payload. A bot killed before that replays the row on restart; the handlers are
    written so a replay of an interrupted update has the effect of one (they check the case's state).
 
 A user over the per-user rate limit is not dropped: their updates stay pending and are handled when
@@ -19,10 +19,11 @@ the window allows, and they are told once that their messages will be answered i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -185,40 +186,100 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> None:
 # --- handling -----------------------------------------------------------------------------------------
 Handle = Callable[[Update, int], Awaitable[None]]  # (update, earlier failed tries)
 Admit = Callable[[Update], Awaitable[bool]]
+Exclusive = Callable[[Update], Awaitable[bool]]
+
+
+class Gate:
+    """Up to ``limit`` updates in handling at once; an exclusive one waits for the others to finish and
+    runs alone (new ones wait behind it).
+
+    Handlers do their database work in short synchronous transactions on the event loop, committed
+    before they await Telegram, so two users' handlers interleave safely. The dermatologists'
+    handlers keep a session open across their replies: they run alone, so no other handler can block
+    the loop on a lock they hold."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self._running = 0
+        self._alone = False
+        self._waiting_alone = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def enter(self, alone: bool) -> AsyncIterator[None]:
+        async with self._changed:
+            if alone:
+                self._waiting_alone += 1
+                try:
+                    await self._changed.wait_for(lambda: not self._alone and self._running == 0)
+                finally:
+                    self._waiting_alone -= 1
+                self._alone = True
+            else:
+                await self._changed.wait_for(
+                    lambda: not self._alone and not self._waiting_alone and self._running < self.limit)
+            self._running += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._running -= 1
+                if alone:
+                    self._alone = False
+                self._changed.notify_all()
+
+
+async def _never_exclusive(update: Update) -> bool:
+    return False
 
 
 async def handle_pending(bot: Bot, inbox: Inbox, handle: Handle, admit: Admit, *,
+                         exclusive: Exclusive = _never_exclusive, concurrency: int = 1,
                          timeout_s: float = 300.0) -> int:
-    """Handle every pending update once, oldest first; returns how many were finished.
+    """Handle every pending update once; returns how many were finished.
 
-    ``admit(update)`` says whether the update may be handled now (the per-user rate limit): a user's
-    update that is not admitted stays pending, and so do that user's later ones, keeping their order.
-    Any error is logged with a reference and counted on the row; the loop goes on with the next one.
+    Each user's updates are handled one after the other, oldest first; different users' updates are
+    handled side by side, up to ``concurrency`` at once (those for which ``exclusive(update)`` is true
+    alone, see :class:`Gate`). ``admit(update)`` says whether the update may be handled now (the
+    per-user rate limit): a user's update that is not admitted stays pending, and so do that user's
+    later ones, keeping their order. Any error is logged with a reference and counted on the row; the
+    other users' updates go on.
     """
-    finished = 0
-    deferred: set[int] = set()
-    for item in await asyncio.to_thread(inbox.pending):
-        user = item.user_id
-        if user is not None and user in deferred:
-            continue
-        try:
-            update = Update.de_json(item.payload, bot)
-            if not await admit(update):
-                if user is not None:
-                    deferred.add(user)
-                continue
+    lanes: dict[Any, list[Pending]] = {}
+    for item in await asyncio.to_thread(inbox.pending):  # oldest first
+        lanes.setdefault(item.user_id if item.user_id is not None else ("update", item.update_id), []).append(item)
+    gate = Gate(concurrency)
+
+    async def lane(items: list[Pending]) -> int:
+        finished = 0
+        for item in items:
+            outcome = await _handle_one(bot, inbox, item, handle, admit, exclusive, gate, timeout_s)
+            if outcome == "wait":
+                break  # keep this user's order: their later updates wait for the retry or the window
+            finished += outcome == "done"
+        return finished
+
+    return sum(await asyncio.gather(*(lane(items) for items in lanes.values())))
+
+
+async def _handle_one(bot: Bot, inbox: Inbox, item: Pending, handle: Handle, admit: Admit, exclusive: Exclusive,
+                      gate: Gate, timeout_s: float) -> str:
+    """Handle one update: "done", "parked" (failed too many times) or "wait" (not admitted now, or failed
+    and to be tried again)."""
+    try:
+        update = Update.de_json(item.payload, bot)
+        if not await admit(update):
+            return "wait"
+        async with gate.enter(await exclusive(update)):
             await asyncio.wait_for(handle(update, item.attempts), timeout=timeout_s)
-        except Exception as exc:  # noqa: BLE001 - one bad update never stops the others
-            ref = secrets.token_hex(4).upper()
-            log.error("error %s handling update %s (try %d)", ref, item.update_id, item.attempts + 1, exc_info=exc)
-            try:
-                parked = await asyncio.to_thread(inbox.failed_attempt, item.update_id, f"{type(exc).__name__} {ref}")
-            except Exception:  # noqa: BLE001 - the database itself failed: the row stays pending for a retry
-                log.exception("could not record error %s on update %s", ref, item.update_id)
-                parked = False
-            if not parked and user is not None:
-                deferred.add(user)  # keep this user's order: their later updates wait for the retry
-            continue
-        await asyncio.to_thread(inbox.done, item.update_id)
-        finished += 1
-    return finished
+    except Exception as exc:  # noqa: BLE001 - one bad update never stops the others
+        ref = secrets.token_hex(4).upper()
+        log.error("error %s handling update %s (try %d)", ref, item.update_id, item.attempts + 1, exc_info=exc)
+        try:
+            parked = await asyncio.to_thread(inbox.failed_attempt, item.update_id, f"{type(exc).__name__} {ref}")
+        except Exception:  # noqa: BLE001 - the database itself failed: the row stays pending for a retry
+            log.exception("could not record error %s on update %s", ref, item.update_id)
+            parked = False
+        return "parked" if parked else "wait"
+    await asyncio.to_thread(inbox.done, item.update_id)
+    return "done"

@@ -125,6 +125,8 @@ class Settings(BaseSettings):
     # per-user rate limit: updates beyond it wait in the bot's inbox (the user is told once), none is dropped
     bot_user_limit: int = Field(30, ge=1)  # a whole consultation is about 12 updates
     bot_user_window_s: float = Field(60.0, gt=0)
+    # updates of different users handled at once (each user's in order; a dermatologist's alone)
+    bot_concurrency: int = Field(8, ge=1, le=64)
 
     # --- models --------------------------------------------------------------------------
     classifier_path: Path | None = None  # default: the weights shipped in inference/weights

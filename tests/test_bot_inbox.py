@@ -87,9 +87,72 @@ def test_a_user_over_the_limit_waits_in_the_inbox_in_order(clinic) -> None:  # t
         return budget[user] >= 0
 
     asyncio.run(handle_pending(bot(), inbox, handle, admit))
-    assert handled == ["message 1", "message 2", "other"]
+    assert sorted(handled) == ["message 1", "message 2", "other"]  # the other user is not held up
+    assert handled.index("message 1") < handled.index("message 2")
     assert [p.update_id for p in inbox.pending()] == [3, 4, 5]  # kept, not dropped
     budget[21] = 10  # the window moved on
     asyncio.run(handle_pending(bot(), inbox, handle, admit))
     assert handled[3:] == ["message 3", "message 4", "message 5"]
     assert inbox.pending() == []
+
+
+def test_users_are_handled_side_by_side_each_in_order_and_a_dermatologist_alone(clinic) -> None:  # type: ignore[no-untyped-def]
+    """A slow update (a photo download, a reply Telegram is slow to take) holds up only its own user.
+    Each user's updates still run one after the other, oldest first; a dermatologist's update runs with
+    no other handler beside it."""
+    inbox = Inbox(clinic)
+    inbox.store([text_update(1, 31, "slow"), text_update(2, 31, "after slow"), text_update(3, 32, "quick"),
+                 text_update(4, 33, "derm"), text_update(5, 34, "late")])
+    order: list[str] = []
+    running: dict[int, int] = {}
+    beside_derm: list[int] = []
+    quick_done = asyncio.Event()
+
+    async def handle(update: Update, attempt: int) -> None:
+        user, text = update.effective_user.id, update.effective_message.text
+        assert running.get(user, 0) == 0, "two updates of one user at once"
+        running[user] = 1
+        try:
+            if text == "slow":  # finishes only once another user's update was handled meanwhile
+                await asyncio.wait_for(quick_done.wait(), timeout=10)
+            if text == "derm":
+                beside_derm.append(sum(running.values()))
+                await asyncio.sleep(0.05)
+                beside_derm.append(sum(running.values()))
+            await asyncio.sleep(0)
+            order.append(text)
+            if text == "quick":
+                quick_done.set()
+        finally:
+            running[user] = 0
+
+    async def admit(update: Update) -> bool:
+        return True
+
+    async def exclusive(update: Update) -> bool:
+        return update.effective_user.id == 33
+
+    finished = asyncio.run(handle_pending(bot(), inbox, handle, admit, exclusive=exclusive, concurrency=4))
+    assert finished == 5 and inbox.pending() == []
+    assert order.index("quick") < order.index("slow") < order.index("after slow")
+    assert beside_derm == [1, 1]  # alone from start to end
+
+
+def test_one_at_a_time_when_concurrency_is_one(clinic) -> None:  # type: ignore[no-untyped-def]
+    inbox = Inbox(clinic)
+    inbox.store([text_update(i, 40 + i, f"m{i}") for i in range(1, 5)])
+    at_once: list[int] = []
+    running = 0
+
+    async def handle(update: Update, attempt: int) -> None:
+        nonlocal running
+        running += 1
+        at_once.append(running)
+        await asyncio.sleep(0.01)
+        running -= 1
+
+    async def admit(update: Update) -> bool:
+        return True
+
+    assert asyncio.run(handle_pending(bot(), inbox, handle, admit, concurrency=1)) == 4
+    assert max(at_once) == 1
