@@ -415,6 +415,8 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
     span = max(written) - min(queued) if written and queued else 0.0
     return {
         "cases": len(cases), "with_result": len(ok), "with_pictures": len(pictures),
+        # the others' top condition is one the generator does not draw: no pictures, by design
+        "expecting_pictures": sum(bool(c.get("pictures_expected", True)) for c in ok),
         "results_per_minute": round(60 * len(written) / span, 1) if span > 0 and len(written) > 1 else None,
         "duplicated_results": sum(max(0, c.get("result_messages", 0) - 1) for c in cases),
         "end_to_end_s": {
@@ -463,7 +465,8 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     raise click.ClickException(f"warm-up patient: {warm.error}\n{procs.log('bot')}")
                 _wait(lambda: _deliveries(emulator).get(WARMUP_USER, {}).get("result"), timeout_s,
                       "the warm-up patient's result", procs)
-                if _expects_pictures():
+                drawable = _drawable_codes()
+                if _pictures_expected(WARMUP_USER, drawable):
                     _wait(lambda: _deliveries(emulator).get(WARMUP_USER, {}).get("pictures"), timeout_s,
                           "the warm-up patient's pictures", procs)
                 echo(f"{patients} patient(s) at once")
@@ -477,8 +480,13 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
 
                 def all_done() -> bool:
                     seen = _deliveries(emulator)
-                    wanted = ("result", "pictures") if _expects_pictures() else ("result",)
-                    return all(p.error or all(seen.get(p.user_id, {}).get(k) for k in wanted) for p in crowd)
+
+                    def done(p: Patient) -> bool:
+                        got = seen.get(p.user_id, {})
+                        return bool(p.error) or bool(got.get("result")) and (
+                            bool(got.get("pictures")) or not _pictures_expected(p.user_id, drawable))
+
+                    return all(done(p) for p in crowd)
 
                 try:
                     _wait(all_done, timeout_s, "every patient's result and pictures", procs)
@@ -491,6 +499,8 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                 seen = _deliveries(emulator)
                 empty: dict[str, list[float]] = {"result": [], "pictures": [], "progress": []}
                 records = [_case_record(get_clinic(), p.user_id, p, seen.get(p.user_id, empty)) for p in crowd]
+                for record, p in zip(records, crowd):
+                    record["pictures_expected"] = _pictures_expected(p.user_id, drawable)
                 warm_record = _case_record(get_clinic(), WARMUP_USER, warm, seen.get(WARMUP_USER, empty))
                 intake = _bot_intake(get_clinic(), load_start_at)
             finally:
@@ -528,6 +538,35 @@ def _expects_pictures() -> bool:
     return get_settings().explanation_images > 0
 
 
+def _drawable_codes() -> set[str]:
+    """Conditions the served generator draws (all approved by _prepare_clinic); empty without pictures."""
+    from inference.engines.clinical_review import generator_subject
+    from inference.engines.paths import DEFAULT_GENERATOR
+    from skinbridge.settings import get_settings
+
+    settings = get_settings()
+    if not _expects_pictures() or settings.sd_path is not None:
+        return set()
+    return set(generator_subject(settings.generator_path or DEFAULT_GENERATOR).codes)
+
+
+def _pictures_expected(user_id: int, drawable: set[str]) -> bool:
+    """Whether this patient's case gets example pictures: only when its top condition is one the generator
+    draws (inference.tasks._pictures_planned); a patient whose result names another gets none, by design."""
+    from sqlalchemy import select
+
+    from clinic_db import cases, patients
+    from clinic_db.db import get_clinic
+    from clinic_db.models import Case
+
+    clinic = get_clinic()
+    with clinic.session() as session:
+        row = patients.find_by_telegram(clinic, session, user_id)
+        case = session.scalar(select(Case).where(Case.patient_id == row.id)) if row is not None else None
+        preferred = cases.preferred_result(session, case) if case is not None else None
+        return preferred is None or preferred.top_condition_code in drawable
+
+
 def _models() -> dict[str, Any]:
     from inference.engines.paths import DEFAULT_CLASSIFIER, DEFAULT_GENERATOR
     from skinbridge.settings import get_settings
@@ -546,7 +585,8 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
     echo(f"{report['patients']} patient(s), shape {report['shape']}, {report['worker_processes']} worker process(es); "
          f"load average at start {m['loadavg_at_start'][0]}, at end {m['loadavg_at_end'][0]} "
          f"({m['usable_cpus']} CPUs)")
-    echo(f"cases with a result: {s['with_result']}/{s['cases']}, with pictures: {s['with_pictures']}, "
+    echo(f"cases with a result: {s['with_result']}/{s['cases']}, with pictures: {s['with_pictures']} "
+         f"(of {s.get('expecting_pictures')} whose condition the generator draws), "
          f"duplicated results: {s['duplicated_results']}, results per minute: {s['results_per_minute']}")
     for name, v in e2e.items():
         echo(f"  {name:28s} p50 {v['p50']} s  p95 {v['p95']} s")

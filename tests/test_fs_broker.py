@@ -115,3 +115,33 @@ def test_the_embedded_profile_uses_the_project_transport_and_redis_stays_redis(t
         assert conn.transport.client.transport_options["data_folder_in"] == str(tmp_path / "broker" / "out")
     redis = make_celery(Settings(var_dir=tmp_path, broker_url="redis://127.0.0.1:1/0"))
     assert redis.connection_for_write().transport.driver_type == "redis"
+
+
+def test_a_task_reaches_its_own_queue_only(tmp_path, monkeypatch):
+    """Once a worker has declared its queues (Celery binds all three to its default exchange with one
+    routing key), each task is still exactly one message, on its own queue: a gpu step never reaches a
+    cpu-only worker and no step is copied."""
+    from skinbridge.celery_app import app, configure
+    from skinbridge.settings import get_settings, reset_settings_cache
+
+    monkeypatch.setenv("SKINBRIDGE_VAR_DIR", str(tmp_path))
+    monkeypatch.delenv("SKINBRIDGE_BROKER_URL", raising=False)
+    reset_settings_cache()
+    configure(app, get_settings())
+    try:
+        from inference import tasks
+
+        with app.connection_for_write() as conn:  # what `celery worker -Q gpu,cpu,sweeper` does at start
+            for queue in app.amqp.queues.values():
+                queue(conn.default_channel).declare()
+        tasks.explain.apply_async(args=["case-1"])
+        tasks.notify.apply_async(args=["case-1"])
+        tasks.sweep.apply_async()
+        out = get_settings().broker_folder / "out"
+        sent = sorted((p.name.split(".")[-2], json.loads(p.read_bytes())["headers"]["task"])
+                      for p in out.iterdir() if p.is_file())
+    finally:
+        monkeypatch.undo()
+        reset_settings_cache()
+        configure(app, get_settings())
+    assert sent == [("cpu", "skinbridge.notify"), ("gpu", "skinbridge.explain"), ("sweeper", "skinbridge.sweep")]
