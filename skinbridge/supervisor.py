@@ -37,6 +37,10 @@ class Child:
 
 def components(settings: Settings) -> list[Child]:
     children = [Child("worker", ["worker", "--queues", "gpu,cpu", "--beat"], component="worker")]
+    if _worker_processes(settings.device) > 1:
+        # on CPU a second worker process: 30 patients at once waited about half as long for their
+        # results as with one (docs/benchmarks/pipeline.md); one worker's prefork pool of two did not help
+        children.append(Child("worker2", ["worker", "--queues", "gpu,cpu"], component="worker"))
     children.append(Child("web", ["api"], component="api"))
     if settings.telegram_token is None:
         # no Telegram account needed: the local Bot API emulator with its chat page stands in
@@ -93,6 +97,15 @@ def banner(settings: Settings) -> str:
     if note := legacy_var_note(settings):
         lines.insert(2, f"  note: {note}")
     return "\n".join(lines)
+
+
+def _worker_processes(device: str) -> int:
+    """One on a GPU (each process holds its own copy of the models); two on CPU where two cores allow."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 1 if device.startswith("cuda") else min(2, len(os.sched_getaffinity(0)))
 
 
 def run_all(settings: Settings) -> int:

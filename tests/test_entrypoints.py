@@ -99,3 +99,17 @@ def test_celery_worker_process(clinic, tmp_path):
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def test_up_starts_two_worker_processes_on_cpu_and_one_on_a_gpu():
+    """`skinbridge up` on CPU: two worker processes (the first runs the sweeper); on a GPU one, since each
+    process holds its own copy of the models."""
+    from skinbridge.settings import Settings
+    from skinbridge.supervisor import components
+
+    cpu = [c.argv for c in components(Settings(device="cpu")) if c.component == "worker"]
+    expected = min(2, len(os.sched_getaffinity(0)))
+    assert cpu[0] == ["worker", "--queues", "gpu,cpu", "--beat"] and len(cpu) == expected
+    assert all("--beat" not in argv for argv in cpu[1:])
+    gpu = [c.argv for c in components(Settings(device="cuda:0")) if c.component == "worker"]
+    assert gpu == [["worker", "--queues", "gpu,cpu", "--beat"]]
