@@ -30,7 +30,7 @@ from clinic_db import cases, explainer_review, outbox, review
 from inference import leases
 from clinic_db.audit import Actor
 from clinic_db.db import Clinic, get_clinic
-from clinic_db.models import AIResult, Case, CaseMessage, ExplanationImage, OutboxMessage, utcnow
+from clinic_db.models import AIResult, Case, CaseMessage, ExplanationImage, OutboxMessage, Patient, utcnow
 from clinic_db.states import PIPELINE_STATES, CaseStatus
 from skinbridge.celery_app import PIPELINE_QUEUES, SWEEPER_QUEUE, app
 from skinbridge.settings import get_settings
@@ -317,7 +317,11 @@ def explain(self, case_id: str) -> None:
             top, explainer, approved = planned
             seed = _seed(case.id)
             try:
-                pngs = explainer.generate(top, settings.explanation_images, seed, approved=approved)
+                # an image-conditioned explainer starts from the patient's first photo (read and audited)
+                photo = _photos(clinic, session, case)[0] if explainer.uses_photo else None
+                patient = session.get(Patient, case.patient_id)  # captions in the patient's language
+                pngs = explainer.generate(top, settings.explanation_images, seed, patient.language if patient else "en",
+                                          approved=approved, photo=photo)
             except Exception as exc:  # noqa: BLE001 - pictures are optional: the result goes out without them
                 pngs = []
                 if _retry_model_error(self, exc):

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     explanation_min_recognition: float | None = Field(None, ge=0.0, le=1.0)
     vlm_path: Path | None = None  # optional transformers image-text-to-text checkpoint
     sd_path: Path | None = None  # optional Stable-Diffusion checkpoint with per-condition LoRAs
+    # SD examples drawn over the patient's first photo, noised by this much (0-1: more keeps less of the photo),
+    # so they follow the body site and skin tone; unset: from text alone. Part of what a dermatologist approves.
+    sd_img2img_strength: float | None = Field(None, gt=0.0, lt=1.0)
     device: str = "auto"
     # VLM loading (inference.engines.loading): auto = bf16 on GPUs that have it, else fp16; fp32 on CPU
     vlm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

@@ -117,3 +117,33 @@ def test_a_folder_with_only_broken_loras_offers_nothing(tmp_path: Path) -> None:
     explainer = StableDiffusionExplainer.load(tmp_path, device="cpu", num_inference_steps=1)
     assert explainer.codes == [] and explainer.review_subject.codes == ()
     assert list(explainer.unusable) == ["melanoma"]
+
+
+def test_examples_can_start_from_the_patients_photo_and_say_so(sd_dir: Path) -> None:
+    """SKINBRIDGE_SD_IMG2IMG_STRENGTH: the example starts from the patient's photo (so it follows their body
+    site and skin tone), through the same weights and LoRA; its caption says it is drawn over their photo
+    and is not their skin; a dermatologist's approval of text-only pictures does not cover it."""
+    from inference.engines.base import read_ai_marker
+
+    explainer = StableDiffusionExplainer.load(sd_dir, device="cpu", num_inference_steps=4, img2img_strength=0.6)
+    plain = StableDiffusionExplainer.load(sd_dir, device="cpu", num_inference_steps=4)
+    assert explainer.uses_photo and not plain.uses_photo
+    assert explainer.review_subject != plain.review_subject  # reviewed anew
+    approved = explainer.codes
+    pale = Image.new("RGB", (50, 40), (235, 200, 180))
+    dark = Image.new("RGB", (50, 40), (90, 60, 40))
+
+    (on_pale,) = explainer.generate("melanoma", 1, seed=5, approved=approved, photo=pale)
+    (on_pale_again,) = explainer.generate("melanoma", 1, seed=5, approved=approved, photo=pale)
+    (on_dark,) = explainer.generate("melanoma", 1, seed=5, approved=approved, photo=dark)
+    size = TINY_SD.image_size
+    assert (_pixels(on_pale) == _pixels(on_pale_again)).all()  # seeded: the same photo, the same example
+    assert np.abs(_pixels(on_pale)[:size] - _pixels(on_dark)[:size]).mean() > 1.0  # it follows the photo
+    marker = read_ai_marker(on_pale)
+    assert marker["ai_generated"] == "true" and "drawn over the layout of your photo" in marker["caption"]
+    assert "not your skin" in marker["caption"]
+    (german,) = explainer.generate("melanoma", 1, seed=5, lang="de", approved=approved, photo=dark)
+    assert "über den Aufbau Ihres Fotos gezeichnet" in read_ai_marker(german)["caption"]
+
+    (no_photo,) = explainer.generate("melanoma", 1, seed=5, approved=approved)  # none given: from text alone
+    assert "drawn over" not in read_ai_marker(no_photo)["caption"]

@@ -142,3 +142,61 @@ def test_sweeper_finishes_pictures_that_were_announced_but_never_drawn(worker) -
     tasks.explain.apply(args=[case_id])
     assert _outbox(worker, case_id)[-2:] == ["pictures", "progress:ready"]
     assert tasks.sweep()["notified"] == 0  # finished: nothing more to re-send
+
+
+def test_an_sd_explainer_draws_over_the_patients_photo_in_their_language(clinic, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker with a Stable-Diffusion explainer and SKINBRIDGE_SD_IMG2IMG_STRENGTH: the explain step reads
+    the patient's photo (audited), draws the approved examples over it, and captions them in the patient's
+    language as AI-made and not their skin."""
+    from clinic_db import clinicians, explainer_review
+    from clinic_db.models import AuditEvent, Patient
+    from inference.engines.base import read_ai_marker
+    from inference.engines.explainer import StableDiffusionExplainer
+    from inference.engines.synthetic import TINY_SD, build_sd_pipeline, save_random_lora
+    from inference.vocabulary import load_vocabulary
+
+    sd = tmp_path / "sd"
+    pipe = build_sd_pipeline(TINY_SD)
+    pipe.save_pretrained(sd)
+    for seed, code in enumerate(load_vocabulary().classifier_classes()):  # whatever the tiny classifier says
+        save_random_lora(pipe, sd / "loras" / code, seed=seed)
+    for key, value in {**tiny_model_env(tmp_path / "models"), "SKINBRIDGE_DEVICE": "cpu", "SKINBRIDGE_SD_PATH": str(sd),
+                       "SKINBRIDGE_SD_IMG2IMG_STRENGTH": "0.5", "SKINBRIDGE_EXPLANATION_IMAGES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    reset_settings_cache()
+    configure(app, get_settings())
+    tasks.engines.cache_clear()
+    clear_engine_cache()
+    try:
+        explainer = tasks.engines().explainer
+        assert isinstance(explainer, StableDiffusionExplainer) and explainer.uses_photo
+        with clinic.session() as s:  # a dermatologist approves these examples, drawn this way
+            reviewer, _ = clinicians.create(clinic, s, "sd-signoff", display_name="Dr SD", role="dermatologist",
+                                            password="sd sign-off password")
+            explainer_review.record(s, reviewer, explainer.review_subject, explainer_id=explainer.model_id,
+                                    approve=list(explainer.codes), reject={})
+            s.commit()
+        case_id = _queued_case(clinic)
+        with clinic.session() as s:
+            case = s.get(Case, uuid.UUID(case_id))
+            s.get(Patient, case.patient_id).language = "de"
+            s.commit()
+        tasks.analyse.apply(args=[case_id])
+        tasks.explain.apply(args=[case_id])
+        with clinic.session() as s:
+            images = s.scalars(select(ExplanationImage).where(ExplanationImage.case_id == uuid.UUID(case_id))).all()
+            assert len(images) == 1
+            png = clinic.vault.decrypt(s, images[0], "data")
+            reads = s.scalar(select(func.count()).select_from(AuditEvent).where(
+                AuditEvent.action == "image.read", AuditEvent.actor_id == "worker"))
+        assert reads == 2  # the analysis read the photo, and so did the step that drew over it
+        marker = read_ai_marker(png)
+        assert marker["ai_generated"] == "true"
+        assert "über den Aufbau Ihres Fotos gezeichnet" in marker["caption"] and "nicht Ihre Haut" in marker["caption"]
+        assert "pictures" in _outbox(clinic, case_id)
+    finally:
+        tasks.engines.cache_clear()
+        clear_engine_cache()
+        reset_settings_cache()
+        configure(app, get_settings())

@@ -19,7 +19,7 @@ from string import Template
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from inference.engines.base import mark_ai_generated, model_sha256, pick_device
 from inference.engines.clinical_review import ReviewSubject, generator_subject
@@ -29,6 +29,13 @@ from inference.engines.guardrails import PROMPTS_DIR
 CAPTIONS = {
     "en": "AI-generated example of $name - not your photo, not a diagnosis",
     "de": "KI-generiertes Beispiel: $name - nicht Ihr Foto, keine Diagnose",
+}
+# an example drawn over the patient's photo (SKINBRIDGE_SD_IMG2IMG_STRENGTH): it looks like their skin, so the
+# caption says plainly what it is
+PHOTO_CAPTIONS = {
+    "en": "AI-generated example of $name, drawn over the layout of your photo - not your skin, not a diagnosis",
+    "de": "KI-generiertes Beispiel: $name, über den Aufbau Ihres Fotos gezeichnet - nicht Ihre Haut, "
+          "keine Diagnose",
 }
 LORA_DIR = "loras"  # <sd_path>/loras/<condition code>/: a diffusers/kohya LoRA file or a PEFT adapter folder
 PEFT_PARTS = ("", "unet", "text_encoder")  # where a PEFT adapter_config.json may sit in loras/<code>/
@@ -52,8 +59,9 @@ def _default_vocabulary() -> Any | None:
     return load_vocabulary()
 
 
-def caption_for(vocabulary: Any | None, code: str, lang: str = "en") -> str:
-    return Template(CAPTIONS.get(lang, CAPTIONS["en"])).substitute(name=_condition_name(vocabulary, code, lang))
+def caption_for(vocabulary: Any | None, code: str, lang: str = "en", *, from_photo: bool = False) -> str:
+    captions = PHOTO_CAPTIONS if from_photo else CAPTIONS
+    return Template(captions.get(lang, captions["en"])).substitute(name=_condition_name(vocabulary, code, lang))
 
 
 MIN_RECOGNITION = 0.8  # the issue's bar for showing a generated class to patients
@@ -110,8 +118,10 @@ class ClassConditionalExplainer:
         ]).to(self.device, self.unet.dtype)
         return ddim_sample(self.unet, self.config, self.config.class_codes.index(code), noise, steps=steps)
 
+    uses_photo = False  # draws from its class alone
+
     def generate(self, condition_code: str, n: int, seed: int, lang: str = "en", *,
-                 approved: Collection[str]) -> list[bytes]:
+                 approved: Collection[str], photo: Image.Image | None = None) -> list[bytes]:
         """Captioned, provenance-marked PNGs for a patient: only classes it ``knows`` that are ``approved``."""
         _check_patient_ready(self, condition_code, approved, "not trained, or recognised below the bar")
         return self.render(condition_code, n, seed, lang)
@@ -152,8 +162,9 @@ class StableDiffusionExplainer:
     ``prompts.json`` (same form as ``prompts/sd_conditions.json``)."""
 
     def __init__(self, path: str | Path, device: str = "auto", vocabulary: Any | None = None,
-                 num_inference_steps: int | None = None, image_size: int | None = None) -> None:
-        from diffusers import StableDiffusionPipeline
+                 num_inference_steps: int | None = None, image_size: int | None = None,
+                 img2img_strength: float | None = None) -> None:
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
         self.path = Path(path)
         self.device = pick_device(device)
@@ -163,6 +174,11 @@ class StableDiffusionExplainer:
             self.path, local_files_only=True, safety_checker=None, requires_safety_checker=False, **extra,
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        # image-conditioned examples (SkinGEN's "faithful visual reconstruction"): the same weights and
+        # adapters, starting from the patient's photo noised by this much (0-1), so the example follows their
+        # body site and skin tone; None: from text alone
+        self.img2img_strength = img2img_strength
+        self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(self.pipe) if img2img_strength else None
         prompts_file = self.path / "prompts.json"
         self.prompts: dict[str, Any] = json.loads(
             (prompts_file if prompts_file.exists() else PROMPTS_DIR / "sd_conditions.json").read_text(encoding="utf-8")
@@ -189,7 +205,7 @@ class StableDiffusionExplainer:
         self.review_subject = ReviewSubject(tuple(self.codes), self.weights_sha256, {
             "guidance_scale": float(self.prompts.get("guidance_scale", 7.0)),
             "num_inference_steps": self.num_inference_steps, "image_size": self.image_size,
-            "prompts_sha256": prompts_sha})
+            "prompts_sha256": prompts_sha, "img2img_strength": img2img_strength})
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> "StableDiffusionExplainer":
@@ -220,28 +236,36 @@ class StableDiffusionExplainer:
             raise KeyError(f"no usable LoRA adapter for {code!r} under {self.path / LORA_DIR} ({why})")
         self.pipe.set_adapters([code], adapter_weights=[float(self.prompts.get("lora_scale", 1.0))])
 
-    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en", *,
-                 approved: Collection[str]) -> list[bytes]:
-        """Captioned, provenance-marked PNGs for a patient: only classes it ``knows`` that are ``approved``."""
-        _check_patient_ready(self, condition_code, approved, "no LoRA adapter that loads")
-        return self.render(condition_code, n, seed, lang)
+    @property
+    def uses_photo(self) -> bool:
+        """Whether examples start from the patient's photo (the caller passes it to :meth:`generate`)."""
+        return self.img2img is not None
 
-    def render(self, condition_code: str, n: int, seed: int, lang: str = "en") -> list[bytes]:
+    def generate(self, condition_code: str, n: int, seed: int, lang: str = "en", *,
+                 approved: Collection[str], photo: Image.Image | None = None) -> list[bytes]:
+        """Captioned, provenance-marked PNGs for a patient: only classes it ``knows`` that are ``approved``;
+        drawn over ``photo`` when image-conditioned generation is on."""
+        _check_patient_ready(self, condition_code, approved, "no LoRA adapter that loads")
+        return self.render(condition_code, n, seed, lang, photo=photo)
+
+    def render(self, condition_code: str, n: int, seed: int, lang: str = "en", *,
+               photo: Image.Image | None = None) -> list[bytes]:
         """The PNGs ``generate`` would send, without the patient gate: for benchmarks and reviewers."""
         self._activate(condition_code)
         size = self.image_size or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-        result = self.pipe(
-            prompt=[self.prompt_for(condition_code)] * n,
-            negative_prompt=[self.prompts.get("negative", "")] * n,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=float(self.prompts.get("guidance_scale", 7.0)),
-            generator=generators,
-            height=size,
-            width=size,
-            output_type="pil",
-        )
-        caption = caption_for(self.vocabulary, condition_code, lang)
+        common = dict(prompt=[self.prompt_for(condition_code)] * n,
+                      negative_prompt=[self.prompts.get("negative", "")] * n,
+                      num_inference_steps=self.num_inference_steps,
+                      guidance_scale=float(self.prompts.get("guidance_scale", 7.0)),
+                      generator=generators, output_type="pil")
+        from_photo = photo is not None and self.img2img is not None
+        if from_photo:
+            start = ImageOps.fit(photo.convert("RGB"), (size, size))  # type: ignore[union-attr]
+            result = self.img2img(image=[start] * n, strength=self.img2img_strength, **common)  # type: ignore[misc]
+        else:
+            result = self.pipe(height=size, width=size, **common)
+        caption = caption_for(self.vocabulary, condition_code, lang, from_photo=from_photo)
         return [mark_ai_generated(img, caption, generator=self.model_id) for img in result.images]
 
 

@@ -32,7 +32,7 @@ _cache: dict[tuple[Any, ...], Engines] = {}
 def engine_key(settings: Any) -> tuple[Any, ...]:
     return (settings.classifier_path, settings.generator_path, settings.vlm_path, settings.sd_path, settings.device,
             settings.explanation_min_recognition, settings.vlm_dtype, settings.vlm_attn_implementation,
-            settings.vlm_device_map, settings.vlm_max_photos)
+            settings.vlm_device_map, settings.vlm_max_photos, settings.sd_img2img_strength)
 
 
 def load_engines(settings: Any, *, vocabulary: Any | None = None) -> Engines:
@@ -67,7 +67,7 @@ def load_explainer_for(settings: Any, device: str, *, vocabulary: Any | None = N
            else {"min_recognition": settings.explanation_min_recognition})
     if settings.sd_path:
         return StableDiffusionExplainer.load(_existing(settings.sd_path, "SD checkpoint"), device,
-                                             vocabulary=vocabulary)
+                                             vocabulary=vocabulary, img2img_strength=settings.sd_img2img_strength)
     if settings.generator_path:
         return ClassConditionalExplainer.load(_existing(settings.generator_path, "generator"), device,
                                               vocabulary=vocabulary, **bar)
