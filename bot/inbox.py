@@ -9,8 +9,9 @@ so a bot killed mid-way lost every message in flight. Here:
    key, inserts it into ``bot_inbox`` keyed by ``update_id`` (a re-delivered id is ignored) and commits;
    only then is the update confirmed (next poll's offset / the webhook's 200);
 2. :func:`handle_pending` hands the pending rows to the application, each user's oldest first and
-   several users side by side, and marks each one done, dropping its payload. A bot killed before that replays the row on restart; the handlers are
-   written so a replay of an interrupted update has the effect of one (they check the case's state).
+   several users side by side, and marks each one done, dropping its payload. A bot killed before
+   that replays the row on restart; the handlers are written so a replay of an interrupted update has
+   the effect of one (they check the case's state).
 
 A user over the per-user rate limit is not dropped: their updates stay pending and are handled when
 the window allows, and they are told once that their messages will be answered in a moment.

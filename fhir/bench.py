@@ -369,8 +369,8 @@ def bench_fhir(json_path: Path | None, size: int, seconds: float, clients: str, 
         "note": "load generator on the same machine; load_average_1m is the machine's 1-minute load average "
                 "(os.getloadavg) when the point finished, including any other work running there; cpu_steal the "
                 "share of the machine's CPU time during the point that the hypervisor gave to other machines",
-        "server_settings": {"api_threads": get_settings().api_threads, "db_pool_size": get_settings().db_pool_size,
-                            "db_pre_ping": get_settings().db_pre_ping},
+        "server_settings": {name: getattr(get_settings(), name) for name in ("api_threads", "db_pool_size",
+                                                                            "db_pre_ping")},
     }
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -478,13 +478,21 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                 for thread in threads:
                     thread.join(timeout=timeout_s)
 
+                # whether a patient gets pictures is fixed once their result is out: asked once, not every poll
+                expected: dict[int, bool] = {}
+
+                def pictures_expected(user_id: int) -> bool:
+                    if user_id not in expected:
+                        expected[user_id] = _pictures_expected(user_id, drawable)
+                    return expected[user_id]
+
                 def all_done() -> bool:
                     seen = _deliveries(emulator)
 
                     def done(p: Patient) -> bool:
                         got = seen.get(p.user_id, {})
                         return bool(p.error) or bool(got.get("result")) and (
-                            bool(got.get("pictures")) or not _pictures_expected(p.user_id, drawable))
+                            bool(got.get("pictures")) or not pictures_expected(p.user_id))
 
                     return all(done(p) for p in crowd)
 
@@ -500,7 +508,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                 empty: dict[str, list[float]] = {"result": [], "pictures": [], "progress": []}
                 records = [_case_record(get_clinic(), p.user_id, p, seen.get(p.user_id, empty)) for p in crowd]
                 for record, p in zip(records, crowd):
-                    record["pictures_expected"] = _pictures_expected(p.user_id, drawable)
+                    record["pictures_expected"] = pictures_expected(p.user_id)
                 warm_record = _case_record(get_clinic(), WARMUP_USER, warm, seen.get(WARMUP_USER, empty))
                 intake = _bot_intake(get_clinic(), load_start_at)
             finally:

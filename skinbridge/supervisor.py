@@ -102,9 +102,9 @@ def banner(settings: Settings) -> str:
 def _worker_processes(device: str) -> int:
     """One on a GPU (each process holds its own copy of the models); two on CPU where two cores allow."""
     if device == "auto":
-        import torch
+        from inference.engines.base import pick_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device(device)
     return 1 if device.startswith("cuda") else min(2, len(os.sched_getaffinity(0)))
 
 

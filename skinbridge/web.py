@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Request handlers run in anyio's thread pool (40 threads by default). Forty threads serving at once
-    # spend their time passing the GIL around: on 2 cores one process served 190 reads/s with 40 and
-    # 420 with 4 (docs/benchmarks/fhir-postgresql.md). Requests beyond the limit wait in the event loop.
+    # spend their time passing the GIL around: at 32 clients a read cost 5.9 ms of CPU with 40 and 4.0 ms
+    # with 4 (docs/benchmarks/fhir-postgresql.md). Requests beyond the limit wait in the event loop.
     anyio.to_thread.current_default_thread_limiter().total_tokens = get_settings().api_threads
     # each API process beats (clinic_db.heartbeat): `skinbridge check --liveness api`, `skinbridge up`
     from clinic_db import heartbeat

@@ -119,7 +119,8 @@ def _image_only_processor(path: Path) -> Any | None:
         if (path / name).is_file() and not config.get("processor_class"):
             config = json.loads((path / name).read_text())
     cls = getattr(transformers, str(config.get("processor_class", "")), None)
-    if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
+    accepted = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    if "video_processor" not in accepted:
         return None
 
     video_settings = config.get("video_processor") or {}
@@ -133,12 +134,11 @@ def _image_only_processor(path: Path) -> Any | None:
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = cls.__name__
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    template_file = path / "chat_template.jinja"
-    legacy_file = path / "chat_template.json"
-    template = (template_file.read_text() if template_file.is_file()
-                else json.loads(legacy_file.read_text()).get("chat_template") if legacy_file.is_file()
-                else config.get("chat_template") or getattr(tokenizer, "chat_template", None))
-    accepted = inspect.signature(cls.__init__).parameters
+    template = config.get("chat_template") or getattr(tokenizer, "chat_template", None)
+    if (path / "chat_template.json").is_file():  # older saves
+        template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    if (path / "chat_template.jinja").is_file():  # what transformers writes now
+        template = (path / "chat_template.jinja").read_text()
     extra = {key: value for key, value in config.items()
              if key in accepted and key not in ("image_processor", "tokenizer", "video_processor", "chat_template")}
     return ImageOnly(AutoImageProcessor.from_pretrained(path, local_files_only=True), tokenizer,
