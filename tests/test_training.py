@@ -111,7 +111,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data_dir: P
     runner = CliRunner()
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert runner.invoke(train_command, [*common, "--out", str(whole)], catch_exceptions=False).exit_code == 0
-    res = runner.invoke(train_command, [*common, "--out", str(parts), "--sitting-epochs", "1"], catch_exceptions=False)
+    res = runner.invoke(train_command, [*common, "--out", str(parts), "--sitting-epochs", "1",
+                                        "--checkpoint-every", "3600"], catch_exceptions=False)
     assert res.exit_code == 0 and "--resume" in res.output
     assert (parts / "checkpoint.pt").exists() and not (parts / "model.safetensors").exists()
     res = runner.invoke(train_command, [*common, "--out", str(parts), "--resume", "--lr", "0.1"])
@@ -651,7 +652,7 @@ def test_the_device_kit_carries_the_trainers_pixels_to_a_gpu_run(data_dir: Path,
     env = {**os.environ, "DEVICE": "cpu", "KIT": str(kit), "PYTHON": sys.executable, "OUT": str(out),
            "WHEELS": str(tmp_path / "no-wheels")}
     script = Path(__file__).resolve().parent.parent / "inference" / "training" / "device_train.sh"
-    done = subprocess.run(["bash", str(script), "tiny", "1", "--subset-per-label", "2", "--epochs", "1",
+    done = subprocess.run(["bash", str(script), "generator", "tiny", "1", "--subset-per-label", "2", "--epochs", "1",
                            "--classes", "melanoma,nevus", "--steps", "2", "--channels", "16,16,32",
                            "--classifier", str(tmp_path / "no-classifier")],
                           cwd=script.parents[2], env=env, capture_output=True, text=True, timeout=600)
@@ -662,3 +663,85 @@ def test_the_device_kit_carries_the_trainers_pixels_to_a_gpu_run(data_dir: Path,
     assert {"./generator/unet/diffusion_pytorch_model.safetensors", "./generator/MODEL_CARD.md",
             "./docs/img/generator_samples.png"} <= names
     assert config["class_codes"] == ["melanoma", "nevus", "_unconditional"]
+
+
+def test_a_gpu_classifier_run_and_its_distilled_student_come_back_from_the_device_script(
+        data_dir: Path, tmp_path: Path) -> None:
+    """The classifier's device call on a CPU: a WebP kit, a float16 teacher, a student distilled from it
+    at a smaller size, each packed into the archive a device call returns; the student serves."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from safetensors.torch import load_file
+
+    from inference.engines.classifier import ClassifierEngine
+    from inference.training.device_kit import build_device_kit
+
+    kit = tmp_path / "kit"
+    build_device_kit(data_dir, kit, 32, quality=85, image_format="webp", per_label=2)
+    photo = next((kit / "ham10000" / "images").glob("*.jpg"))
+    with Image.open(photo) as img:
+        assert img.format == "WEBP"  # under the data folder's own name, so every trainer finds it
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "KIT": str(kit), "PYTHON": sys.executable, "OUT": str(out),
+           "WHEELS": str(tmp_path / "no-wheels"), "CACHE": str(tmp_path / "cache")}
+    script = Path(__file__).resolve().parent.parent / "inference" / "training" / "device_train.sh"
+    common = ["--subset-per-label", "2", "--epochs", "2", "--width", "8", "--tta-views", "1", "--val-every", "5"]
+
+    def device_run(name: str, *options: str) -> Path:
+        done = subprocess.run(["bash", str(script), "classifier", name, "1", *common, *options],
+                              cwd=script.parents[2], env=env, capture_output=True, text=True, timeout=600)
+        unpacked = tmp_path / name
+        with tarfile.open(out / f"{name}.tgz") as tgz:
+            tgz.extractall(unpacked, filter="data")
+        assert done.returncode == 0, (unpacked / f"{name}.log").read_text()
+        return unpacked / "classifier"
+
+    teacher = device_run("t-teacher", "--image-size", "32", "--half-weights")
+    assert {t.dtype for k, t in load_file(str(teacher / "model.safetensors")).items() if t.is_floating_point()} \
+        == {torch.float16}
+    assert json.loads((teacher / "config.json").read_text())["training"]["weights_dtype"] == "float16"
+    log = [json.loads(line) for line in (teacher / "train_log.jsonl").read_text().splitlines()]
+    assert [("val_ham_balanced_acc" in r) for r in log] == [False, True]  # --val-every 5: the last epoch only
+
+    student = device_run("t-student", "--image-size", "16", "--teacher", str(teacher))
+    config = json.loads((student / "config.json").read_text())
+    assert config["image_size"] == 16
+    assert config["training"]["teacher"]["image_size"] == 32
+    assert len(config["training"]["teacher"]["weights_sha256"]) == 64
+    engine = ClassifierEngine.load(student, device="cpu")
+    with Image.open(photo) as img:
+        prediction, = engine.predict([img.convert("RGB")])
+    assert prediction.weights_sha256 == (student / "weights.sha256").read_text().split()[0]
+    assert prediction.differential[0]["code"] in config["class_codes"]
+
+    # a teacher that knows other classes is refused before any training
+    other = tmp_path / "other-teacher"
+    other.mkdir()
+    for f in teacher.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    wrong = json.loads((other / "config.json").read_text())
+    wrong["class_codes"] = wrong["class_codes"][::-1]
+    (other / "config.json").write_text(json.dumps(wrong))
+    from inference.training.cli import train_command
+
+    res = CliRunner().invoke(train_command, ["classifier", "--data", str(kit), "--out", str(tmp_path / "refused"),
+                                             "--cache-dir", str(tmp_path / "cache"), "--docs", str(tmp_path / "d"),
+                                             *common, "--image-size", "16", "--teacher", str(other)])
+    assert res.exit_code == 2 and "other classes" in res.output
+
+
+def test_the_teachers_term_vanishes_when_the_student_agrees_and_grows_when_it_does_not() -> None:
+    from inference.engines.classifier_net import SkinClassifierNet
+    from inference.training.train_classifier import Teacher
+
+    torch.manual_seed(0)
+    net = SkinClassifierNet(5, 2, 4).eval()
+    teacher = Teacher(net, 16, 4, torch.zeros(3), torch.ones(3), "0" * 64)
+    x01, types = torch.rand(6, 3, 16, 16), torch.zeros(6, dtype=torch.long)
+    with torch.no_grad():
+        same = net(x01, types)
+    assert float(teacher.loss(same, x01, types, 2.0, on_gpu=False)) == pytest.approx(0.0, abs=1e-5)
+    assert float(teacher.loss(same.flip(1) * 3, x01, types, 2.0, on_gpu=False)) > 0.01

@@ -1,5 +1,8 @@
 """Batched data augmentation in torch (one affine grid-sample per batch: cheap on a CPU).
 
+The random draws come from a CPU generator whatever device the photos are on, so a run's augmentations
+(and a resumed run's) are the same on a CPU and on a GPU up to floating-point rounding.
+
 Random resized crop, rotation, flips and colour jitter. Dermoscopy has no "up", so it gets any
 rotation; clinical photos keep roughly upright (faces, hands) with +-20 degrees.
 """
@@ -38,7 +41,7 @@ def augment(
     """B x H x W x 3 uint8 + image types (0 dermoscopic, 1 clinical) -> augmented B x 3 x H x W in [0, 1]."""
     x = to_float(images)
     b = x.shape[0]
-    clinical = image_type.bool()
+    clinical = image_type.cpu().bool()
     angle = _uniform(b, -math.pi, math.pi, gen)
     angle = torch.where(clinical, angle * (CLINICAL_MAX_ROTATION / math.pi), angle)
     side = _uniform(b, min_area, 1.0, gen).sqrt()
@@ -56,14 +59,13 @@ def augment(
             torch.stack([sin * sx * fx, cos * sy * fy, ty], dim=1),
         ],
         dim=1,
-    )
+    ).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
     # colour jitter: brightness, contrast, saturation (per image)
-    bright = _uniform(b, 1 - colour, 1 + colour, gen).view(b, 1, 1, 1)
-    contrast = _uniform(b, 1 - colour, 1 + colour, gen).view(b, 1, 1, 1)
-    sat = _uniform(b, 1 - colour, 1 + colour, gen).view(b, 1, 1, 1)
+    bright, contrast, sat = (_uniform(b, 1 - colour, 1 + colour, gen).view(b, 1, 1, 1).to(x.device)
+                             for _ in range(3))
     x = x * bright
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean

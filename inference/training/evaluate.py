@@ -153,6 +153,8 @@ def evaluate_split(
     labelled: D.Labelled,
     mask: np.ndarray,
     split: str,
+    *,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Metrics for one split of ``labelled`` (rows selected by ``mask``), incl. what each of the
     photo type's operating points does there (sensitivity, specificity, share of photos flagged)."""
@@ -160,7 +162,7 @@ def evaluate_split(
     class_codes = list(config["class_codes"])
     true = [labelled.codes[i] for i in rows]
     logits = logits_for(model, labelled.images[rows], labelled.image_type[rows], config["mean"], config["std"],
-                        views=config.get("tta_views", 1))
+                        views=config.get("tta_views", 1), device=device)
     probs = torch.softmax(logits / config.get("temperature", 1.0), dim=1).numpy() if len(rows) else np.zeros((0, 0))
     points = type_operating_points(config, split_image_type(split))
     out: dict[str, Any] = {"split": split}
