@@ -27,12 +27,12 @@ from sqlalchemy.exc import OperationalError
 from telegram import BotCommand, Update
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import AIORateLimiter, Application, ContextTypes, ExtBot
-from telegram.request import HTTPXRequest
 
 from bot import clinician, handlers
 from bot.i18n import LANGUAGES, pick_language, t
 from bot.inbox import MAX_ATTEMPTS, Inbox, handle_pending, poll
 from bot.persistence import SqlPersistence
+from bot.request import RetryingRequest
 from bot.sender import OutboxSender
 from clinic_db.db import Clinic, get_clinic
 from skinbridge.settings import Settings
@@ -215,8 +215,8 @@ def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> 
     clinic = get_clinic()
     token, base_url, base_file_url = connection(settings)
     bot = PatientBot(token=token, base_url=base_url, base_file_url=base_file_url,
-                     request=HTTPXRequest(connection_pool_size=256),
-                     get_updates_request=HTTPXRequest(connection_pool_size=1),
+                     request=RetryingRequest(connection_pool_size=256),
+                     get_updates_request=RetryingRequest(connection_pool_size=1),
                      rate_limiter=AIORateLimiter(max_retries=5))
     app = (
         Application.builder()

@@ -332,6 +332,9 @@ def _case_record(clinic: Any, user_id: int, patient: Patient, delivered: dict[st
                 "pictures_delivered": min(delivered["pictures"], default=None),
             },
             "steps": steps,
+            # photos in the classifier pass that diagnosed this case (above its own: batched with others)
+            "classifier_batch_photos": (session.scalar(select(AIResult.timings).where(
+                AIResult.case_id == case.id, AIResult.engine == "classifier")) or {}).get("batch_photos"),
             "outbox": outbox,
             "result_messages": len(delivered["result"]),
         }
@@ -413,12 +416,15 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
     written = [c["outbox"]["result"]["created"] for c in ok if (c.get("outbox") or {}).get("result")]
     queued = [c["t"]["status_queued"] for c in ok if c["t"].get("status_queued")]
     span = max(written) - min(queued) if written and queued else 0.0
+    batched = [float(c["classifier_batch_photos"]) for c in ok if c.get("classifier_batch_photos")]
     return {
         "cases": len(cases), "with_result": len(ok), "with_pictures": len(pictures),
         # the others' top condition is one the generator does not draw: no pictures, by design
         "expecting_pictures": sum(bool(c.get("pictures_expected", True)) for c in ok),
         "results_per_minute": round(60 * len(written) / span, 1) if span > 0 and len(written) > 1 else None,
         "duplicated_results": sum(max(0, c.get("result_messages", 0) - 1) for c in cases),
+        # photos per classifier pass, as each case saw it (1 everywhere: no batching)
+        "classifier_batch_photos": {"p50": _pct(batched, 50), "max": _pct(batched, 100)} if batched else None,
         "end_to_end_s": {
             "last_answer_to_result": {"p50": _pct(e2e, 50), "p95": _pct(e2e, 95), "max": _pct(e2e, 100)},
             "result_to_pictures": {"p50": _pct(pictures, 50), "p95": _pct(pictures, 95), "max": _pct(pictures, 100)},
@@ -521,12 +527,16 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     shutil.copytree(folder, keep, dirs_exist_ok=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    from skinbridge.settings import get_settings
+
     return {
         "schema": SCHEMA,
         "command": "skinbridge bench pipeline " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"]
                                                            else sys.argv[1:]),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "shape": shape, "patients": patients, "worker_processes": workers,
+        "batching": {"window_ms": get_settings().batch_window_ms, "slots": get_settings().batch_slots}
+        if get_settings().batch_window_ms > 0 else None,
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_before": [round(x, 2) for x in load_before],
@@ -596,6 +606,10 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
     echo(f"cases with a result: {s['with_result']}/{s['cases']}, with pictures: {s['with_pictures']} "
          f"(of {s.get('expecting_pictures')} whose condition the generator draws), "
          f"duplicated results: {s['duplicated_results']}, results per minute: {s['results_per_minute']}")
+    if report.get("batching"):
+        echo(f"batching: window {report['batching']['window_ms']} ms, {report['batching']['slots']} slots; photos per "
+             f"classifier pass p50 {s['classifier_batch_photos']['p50'] if s.get('classifier_batch_photos') else None}, "
+             f"max {s['classifier_batch_photos']['max'] if s.get('classifier_batch_photos') else None}")
     for name, v in e2e.items():
         echo(f"  {name:28s} p50 {v['p50']} s  p95 {v['p95']} s")
     intake = report.get("bot_intake") or {}

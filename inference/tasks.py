@@ -20,7 +20,7 @@ from typing import Any
 
 from celery import chain
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.signals import task_postrun, worker_process_init
+from celery.signals import task_postrun, worker_init, worker_process_init
 from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -52,6 +52,13 @@ def _init_worker_process(**_: Any) -> None:
     get_clinic().engine.dispose(close=False)
     if "gpu" in os.environ.get("SKINBRIDGE_WORKER_QUEUES", "gpu"):
         engines()
+
+
+@worker_init.connect
+def _init_threads_worker(**_: Any) -> None:
+    """A batching worker's threads pool forks nothing: its one process loads the models here."""
+    if get_settings().worker_pool == "threads":
+        _init_worker_process()
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 from kombu import Queue
 
 from skinbridge import fs_broker
@@ -96,3 +96,16 @@ def _start_heartbeat(**_: object) -> None:
 def _stop_heartbeat(**_: object) -> None:
     if _beater is not None:
         _beater.stop()
+
+
+# A threads pool (a batching worker) forks no pool process: its one process starts and stops here.
+@worker_init.connect(weak=False)
+def _start_heartbeat_threads(**_: object) -> None:
+    if get_settings().worker_pool == "threads":
+        _start_heartbeat()
+
+
+@worker_shutdown.connect(weak=False)
+def _stop_heartbeat_threads(**_: object) -> None:
+    if get_settings().worker_pool == "threads":
+        _stop_heartbeat()

@@ -139,7 +139,8 @@ def keys_rotate(retire: bool, wait_s: float | None, batch_size: int) -> None:
 # --- processes ------------------------------------------------------------------------------
 @main.command()
 @click.option("--queues", default="gpu,cpu", show_default=True, help="Celery queues to consume.")
-@click.option("--concurrency", type=int, default=None, help="Processes (one per GPU on GPU workers).")
+@click.option("--concurrency", type=int, default=None,
+              help="Processes (one per GPU on GPU workers); threads when batching (SKINBRIDGE_BATCH_SLOTS).")
 @click.option("--beat/--no-beat", default=False, help="Also run the periodic sweeper (one per deployment).")
 def worker(queues: str, concurrency: int | None, beat: bool) -> None:
     """Run a Celery worker (models load once per process after the fork)."""
@@ -156,8 +157,9 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
     level = logs.for_worker()  # one line per case step; periodic tasks at DEBUG
     argv = [
         *(["--quiet"] if level > logging.DEBUG else []),  # no start-up banner; "ready" is still logged
-        "worker", f"--loglevel={logging.getLevelName(level)}", "--pool=prefork", "-Q", queues,
-        f"--concurrency={concurrency or settings.worker_concurrency}", "-E",
+        "worker", f"--loglevel={logging.getLevelName(level)}", f"--pool={settings.worker_pool}", "-Q", queues,
+        f"--concurrency={concurrency or (settings.batch_slots if settings.batch_window_ms > 0 else settings.worker_concurrency)}",
+        "-E",
         f"--hostname=skinbridge-{queues.replace(',', '-')}@%h",
     ]
     if beat:  # the beat worker also consumes the sweeper's own queue (skinbridge.celery_app.SWEEPER_QUEUE)

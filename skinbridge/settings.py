@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     broker_poll_interval: float = 0.1  # filesystem broker; the library default of 1 s slows chains
     worker_concurrency: int = 1
+    # Micro-batching (inference.engines.batching): above 0, a worker runs up to batch_slots tasks at once in
+    # threads, and the classifier calls of cases arriving within this many milliseconds share one forward
+    # pass. Celery enforces no time limits on a threads pool: the leases and the sweeper remain.
+    batch_window_ms: float = Field(0.0, ge=0.0, le=1000.0)
+    batch_slots: int = Field(8, ge=1, le=64)
+    batch_max_photos: int = Field(32, ge=1, le=512)
     task_soft_time_limit: int = 600
     task_time_limit: int = 660
     sweeper_interval_s: float = 30.0
@@ -157,6 +163,11 @@ class Settings(BaseSettings):
     @property
     def resolved_var_dir(self) -> Path:
         return self.var_dir
+
+    @property
+    def worker_pool(self) -> str:
+        """Celery's pool for this worker: threads when batching (tasks must share a process), else prefork."""
+        return "threads" if self.batch_window_ms > 0 else "prefork"
 
     @property
     def resolved_database_url(self) -> str:

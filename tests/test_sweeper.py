@@ -315,3 +315,33 @@ def test_a_result_waiting_for_its_message_is_not_flooded_with_notifies(swept):
         s.commit()
     assert sweep()["notified"] == 1  # quiet, broker empty: the notify was lost
     assert sweep()["notified"] == 0  # the one just sent waits in the broker
+
+
+@pytest.mark.slow
+def test_a_batching_worker_diagnoses_concurrent_cases_in_shared_passes_each_on_its_own(clinic, worker_env):
+    """SKINBRIDGE_BATCH_WINDOW_MS: one worker process runs several cases at once in threads, their photos
+    share classifier passes, and every case still gets exactly one result, one message and its own audit
+    trail; the worker beats like any other."""
+    from clinic_db import heartbeat
+    from clinic_db.models import AIResult
+
+    n = 6
+    worker = worker_env(SKINBRIDGE_BATCH_WINDOW_MS="400", SKINBRIDGE_BATCH_SLOTS=str(n)).start()
+    wait_for(lambda: any(b.component == "worker" for b in heartbeat.alive(clinic, within_s=60)), 120,
+             message="the batching worker's heartbeat")
+    ids = [_case(clinic) for _ in range(n)]
+    for case_id in ids:
+        submit_case(case_id)
+    wait_for(lambda: _results(clinic, ids) == n or "failed" in _statuses(clinic, ids), 180, interval=0.5,
+             message="the cases' results")
+    assert _statuses(clinic, ids).get("failed", 0) == 0 and _results(clinic, ids) == n
+    with clinic.session() as s:
+        rows = s.execute(select(AIResult.case_id, AIResult.timings).where(AIResult.case_id.in_(ids),
+                                                                         AIResult.engine == "classifier")).all()
+        trails = {c: s.scalar(select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.entity_id == str(c), AuditEvent.detail["to_status"].as_string() == "analysing")) for c in ids}
+    assert sorted(str(c) for c, _ in rows) == sorted(str(c) for c in ids)  # one classifier result per case
+    passes = [t["batch_photos"] for _, t in rows]
+    assert max(passes) > 1, passes  # cases submitted together shared a forward pass
+    assert set(trails.values()) == {1}  # each case moved (and was audited) on its own
+    assert worker.proc.poll() is None

@@ -99,4 +99,7 @@ def run(host: str = "127.0.0.1", port: int = 8081) -> None:
 
     hosts = LOOPBACK_HOSTS if is_loopback(host) else ["*"]
     logs.setup()  # the bot polls this server all the time: its requests are logged at DEBUG only
-    uvicorn.run(create_app(allowed_hosts=hosts), host=host, port=port, log_config=None, log_level=None)
+    # idle connections are kept longer than clients keep them (httpx: 5 s), as Telegram's servers do: a
+    # server closing one just as a client reuses it would fail that call (bot.request retries it anyway)
+    uvicorn.run(create_app(allowed_hosts=hosts), host=host, port=port, log_config=None, log_level=None,
+                timeout_keep_alive=75)

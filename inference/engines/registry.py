@@ -32,7 +32,8 @@ _cache: dict[tuple[Any, ...], Engines] = {}
 def engine_key(settings: Any) -> tuple[Any, ...]:
     return (settings.classifier_path, settings.generator_path, settings.vlm_path, settings.sd_path, settings.device,
             settings.explanation_min_recognition, settings.vlm_dtype, settings.vlm_attn_implementation,
-            settings.vlm_device_map, settings.vlm_max_photos, settings.sd_img2img_strength)
+            settings.vlm_device_map, settings.vlm_max_photos, settings.sd_img2img_strength,
+            settings.batch_window_ms, settings.batch_max_photos)
 
 
 def load_engines(settings: Any, *, vocabulary: Any | None = None) -> Engines:
@@ -91,4 +92,15 @@ def _load(settings: Any, vocabulary: Any | None) -> Engines:
         offered = [c for c in explainer.review_subject.codes if explainer.knows(c)]
         log.info("explanation pictures offered: %s; patients get those a dermatologist approved in the "
                  "console (Explanation pictures)", ", ".join(offered) or "none (none recognised at the bar)")
+    if settings.batch_window_ms > 0:
+        # a batching worker runs its tasks in threads: the classifier's calls are batched, and each model
+        # serves one call at a time (its own lock: a case's analysis never waits for another's pictures)
+        from inference.engines.batching import BatchedClassifier, Serialised
+
+        return Engines(classifier=BatchedClassifier(classifier, threading.RLock(),  # type: ignore[arg-type]
+                                                    settings.batch_window_ms / 1000, settings.batch_max_photos),
+                       vlm=Serialised(vlm, threading.RLock()) if vlm is not None else None,  # type: ignore[arg-type]
+                       explainer=(Serialised(explainer, threading.RLock())  # type: ignore[arg-type]
+                                  if explainer is not None else None),
+                       device=device)
     return Engines(classifier=classifier, vlm=vlm, explainer=explainer, device=device)
