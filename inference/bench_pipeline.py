@@ -531,7 +531,8 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
 
     return {
         "schema": SCHEMA,
-        "command": "skinbridge bench pipeline " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"]
+        "command": (f"SKINBRIDGE_BATCH_WINDOW_MS={get_settings().batch_window_ms:g} " if get_settings().batch_window_ms > 0
+                    else "") + "skinbridge bench pipeline " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"]
                                                            else sys.argv[1:]),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "shape": shape, "patients": patients, "worker_processes": workers,
