@@ -463,6 +463,11 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         key = "note.saved_history" if step == "history" else "note.saved_photos"
         markup = _continue_keyboard(me.lang) if key == "note.saved_photos" and photo_count(clinic(), case.id) else None
         await message.reply_text(t(me.lang, key), reply_markup=markup)
+        index = user_data.get("q", -1)
+        if step == "history" and 0 <= index < len(QUESTIONS):
+            # the open question again, with its buttons: whatever happened to the last copy (scrolled away, or
+            # never sent because a handler failed after saving the previous answer), the patient can go on
+            await _ask(message, me.lang, index)
     elif status == CaseStatus.in_review.value:
         await message.reply_text(t(me.lang, "note.to_dermatologist"))
     else:  # queued / analysing: the result follows; the note is there for a dermatologist

@@ -135,10 +135,11 @@ def test_german_patient_in_the_sandbox_page(clinic, system: System, shared_data:
             fields = list(HISTORY.items())
             for i, (field, value) in enumerate(fields):
                 question = bot_says(t("de", f"history.q.{field}"))
-                if i == 1:  # the patient types instead of tapping: kept as a note, the question stays
+                if i == 1:  # the patient types instead of tapping: kept as a note, and the question comes again
                     page.fill("#text", "Es ist am linken Unterarm und juckt nachts.")
                     page.click("#send")
                     expect(bot_says(t("de", "note.saved_history"))).to_be_visible()
+                    expect(page.locator("li.msg.bot", has_text=t("de", f"history.q.{field}"))).to_have_count(2)
                 question.get_by_role("button", name=t("de", f"history.a.{value}"), exact=True).click()
                 expect(question.get_by_role("button")).to_have_count(0)
             expect(bot_says(t("de", "history.done"))).to_be_visible()
