@@ -437,7 +437,7 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- the run ---------------------------------------------------------------------------------------------------
 def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, workers: int, timeout_s: float,
-                  poll_s: float, keep: Path | None = None, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
+                  poll_s: float, rounds: int = 1, keep: Path | None = None, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="sb-bench-pipeline-"))
     load_before = os.getloadavg()
     started = time.time()
@@ -475,15 +475,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                 if _pictures_expected(WARMUP_USER, drawable):
                     _wait(lambda: _deliveries(emulator).get(WARMUP_USER, {}).get("pictures"), timeout_s,
                           "the warm-up patient's pictures", procs)
-                echo(f"{patients} patient(s) at once")
                 load_start, load_start_at = os.getloadavg(), time.time()
-                crowd = [Patient(emulator, FIRST_USER + i, lesion_photo(i + 1), poll_s) for i in range(patients)]
-                threads = [threading.Thread(target=p.consult, daemon=True) for p in crowd]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join(timeout=timeout_s)
-
                 # whether a patient gets pictures is fixed once their result is out: asked once, not every poll
                 expected: dict[int, bool] = {}
 
@@ -492,21 +484,33 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                         expected[user_id] = _pictures_expected(user_id, drawable)
                     return expected[user_id]
 
-                def all_done() -> bool:
-                    seen = _deliveries(emulator)
+                crowd: list[Patient] = []
+                for r in range(rounds):  # each round starts once the previous one has everything
+                    echo(f"{patients} patient(s) at once" + (f", round {r + 1} of {rounds}" if rounds > 1 else ""))
+                    group = [Patient(emulator, FIRST_USER + r * patients + i, lesion_photo(r * patients + i + 1),
+                                     poll_s) for i in range(patients)]
+                    crowd += group
+                    threads = [threading.Thread(target=p.consult, daemon=True) for p in group]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join(timeout=timeout_s)
 
-                    def done(p: Patient) -> bool:
-                        got = seen.get(p.user_id, {})
-                        return bool(p.error) or bool(got.get("result")) and (
-                            bool(got.get("pictures")) or not pictures_expected(p.user_id))
+                    def all_done() -> bool:
+                        seen = _deliveries(emulator)
 
-                    return all(done(p) for p in crowd)
+                        def done(p: Patient) -> bool:
+                            got = seen.get(p.user_id, {})
+                            return bool(p.error) or bool(got.get("result")) and (
+                                bool(got.get("pictures")) or not pictures_expected(p.user_id))
 
-                try:
-                    _wait(all_done, timeout_s, "every patient's result and pictures", procs)
-                except click.ClickException as exc:
-                    echo(f"WARNING: {exc.message}; reporting what arrived")
-                time.sleep(1.0)  # a duplicate result would show up in the sender's next round
+                        return all(done(p) for p in group)
+
+                    try:
+                        _wait(all_done, timeout_s, "every patient's result and pictures", procs)
+                    except click.ClickException as exc:
+                        echo(f"WARNING: {exc.message}; reporting what arrived")
+                    time.sleep(1.0)  # a duplicate result would show up in the sender's next round
                 load_end = os.getloadavg()
                 from clinic_db.db import get_clinic
 
@@ -535,7 +539,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     else "") + "skinbridge bench pipeline " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"]
                                                            else sys.argv[1:]),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
-        "shape": shape, "patients": patients, "worker_processes": workers,
+        "shape": shape, "patients": patients, "rounds": rounds, "worker_processes": workers,
         "batching": {"window_ms": get_settings().batch_window_ms, "slots": get_settings().batch_slots}
         if get_settings().batch_window_ms > 0 else None,
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
@@ -601,7 +605,8 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
     s = report["summary"]
     e2e = s["end_to_end_s"]
     m = report["machine"]
-    echo(f"{report['patients']} patient(s), shape {report['shape']}, {report['worker_processes']} worker process(es); "
+    rounds = f" x {report['rounds']} rounds" if report.get("rounds", 1) > 1 else ""
+    echo(f"{report['patients']} patient(s){rounds}, shape {report['shape']}, {report['worker_processes']} worker process(es); "
          f"load average at start {m['loadavg_at_start'][0]}, at end {m['loadavg_at_end'][0]} "
          f"({m['usable_cpus']} CPUs)")
     echo(f"cases with a result: {s['with_result']}/{s['cases']}, with pictures: {s['with_pictures']} "
@@ -639,11 +644,14 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
               help="Seconds to wait for the patients' results.")
 @click.option("--poll", "poll_s", type=float, default=0.2, show_default=True,
               help="How often a played patient looks for the bot's next question (does not enter the timings).")
+@click.option("--rounds", type=click.IntRange(1, 200), default=1, show_default=True,
+              help="Groups of --patients played one after another (each once the last has everything): "
+                   "with --patients 1, a p95 for one patient alone.")
 def bench_pipeline(patients: int, shape: str, json_path: Path | None, workers: int, postgres_url: str,
-                   redis_url: str, timeout_s: float, poll_s: float) -> None:
+                   redis_url: str, timeout_s: float, poll_s: float, rounds: int) -> None:
     """Time a consultation through the real processes, stage by stage (last answer -> result -> pictures)."""
     report = run_benchmark(patients=patients, shape=shape, admin_url=postgres_url, redis_url=redis_url,
-                           workers=workers, timeout_s=timeout_s, poll_s=poll_s)
+                           workers=workers, timeout_s=timeout_s, poll_s=poll_s, rounds=rounds)
     print_report(report)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
