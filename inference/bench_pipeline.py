@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -435,6 +436,95 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# --- the workers' pace: a backlog straight into the queue ------------------------------------------------------
+def _backlog_cases(clinic: Any, n: int, first: int = 0) -> list[str]:
+    """``n`` cases as the bot leaves them (consented patient, one photo, history complete), not yet submitted."""
+    from clinic_db import cases, patients
+    from inference.pipeline import mark_history_complete
+    from inference.quality import sanitize
+
+    ids = []
+    with clinic.session() as session:
+        for i in range(first, first + n):  # a patient and a photo of their own each
+            patient = patients.register(clinic, session, FIRST_USER + 10_000 + i, consent_version="bench")
+            case = cases.open_case(clinic, session, patient)
+            cases.add_image(clinic, session, case, sanitize(lesion_photo(i + 1)), source_ref=f"bench:{i}")
+            mark_history_complete(session, case)
+            ids.append(str(case.id))
+        session.commit()
+    return ids
+
+
+def run_backlog(*, cases_n: int, shape: str, admin_url: str, redis_url: str, workers: int, timeout_s: float,
+                echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
+    """Submit ``cases_n`` cases at once (no bot, no patients: nothing but the workers competes for the CPUs)
+    and time how fast the workers write their results: the pipeline's capacity in cases per minute."""
+    from sqlalchemy import func, select
+
+    folder = Path(tempfile.mkdtemp(prefix="sb-bench-backlog-"))
+    try:
+        with _backing_services(shape, admin_url, redis_url, folder) as services:
+            env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
+            env.update(services)
+            env.update({"SKINBRIDGE_VAR_DIR": str(folder), "SKINBRIDGE_PROFILE": "embedded",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))})
+            _prepare_clinic(env)
+            from clinic_db.db import get_clinic
+            from clinic_db.models import Case, OutboxMessage
+            from inference.pipeline import submit_case
+
+            clinic = get_clinic()
+            procs = Processes(folder, env)
+            try:
+                for i in range(workers):
+                    procs.start(f"worker{i}", "worker", "--queues", "gpu,cpu", *(["--beat"] if i == 0 else []))
+                warm = _backlog_cases(clinic, 1)  # the workers have loaded their models once this is done
+                submit_case(warm[0])
+
+                def results(ids: list[str]) -> int:
+                    with clinic.session() as session:
+                        return session.scalar(select(func.count()).select_from(OutboxMessage).where(
+                            OutboxMessage.dedup_key.in_([f"result:{c}" for c in ids])))
+
+                _wait(lambda: results(warm) == 1, timeout_s, "the warm-up case's result", procs)
+                time.sleep(5.0)  # every worker process up and idle (the warm-up case's pictures drawn)
+                ids = _backlog_cases(clinic, cases_n, first=1)
+                echo(f"{cases_n} cases submitted at once to {workers} worker process(es), shape {shape}")
+                load_start, started = os.getloadavg(), time.time()
+                for case_id in ids:
+                    submit_case(case_id)
+                _wait(lambda: results(ids) == cases_n, timeout_s, "every case's result", procs)
+                with clinic.session() as session:
+                    written = session.scalars(select(OutboxMessage.created_at).where(
+                        OutboxMessage.dedup_key.in_([f"result:{c}" for c in ids]))).all()
+                    failed = session.scalar(select(func.count()).select_from(Case).where(
+                        Case.id.in_([uuid.UUID(c) for c in ids]), Case.status == "failed"))
+                load_end = os.getloadavg()
+            finally:
+                procs.stop()
+                clinic.dispose()
+                get_clinic.cache_clear()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    span = max(_epoch(t) for t in written) - started
+    from skinbridge.settings import get_settings
+
+    return {
+        "schema": SCHEMA + "#backlog",
+        "command": (f"SKINBRIDGE_BATCH_WINDOW_MS={get_settings().batch_window_ms:g} " if get_settings().batch_window_ms > 0
+                    else "") + "skinbridge bench pipeline " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"]
+                                                                       else sys.argv[1:]),
+        "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "shape": shape, "backlog": cases_n, "worker_processes": workers,
+        "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_at_start": [round(x, 2) for x in load_start],
+                    "loadavg_at_end": [round(x, 2) for x in load_end]},
+        "models": _models(),
+        "failed": failed, "drain_s": round(span, 2), "cases_per_minute": round(60 * cases_n / span, 1),
+    }
+
+
 # --- the run ---------------------------------------------------------------------------------------------------
 def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, workers: int, timeout_s: float,
                   poll_s: float, rounds: int = 1, keep: Path | None = None, echo: Callable[[str], None] = click.echo) -> dict[str, Any]:
@@ -647,17 +737,27 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
 @click.option("--rounds", type=click.IntRange(1, 200), default=1, show_default=True,
               help="Groups of --patients played one after another (each once the last has everything): "
                    "with --patients 1, a p95 for one patient alone.")
+@click.option("--backlog", type=click.IntRange(1, 5000), default=None,
+              help="Instead of patients: this many cases submitted at once straight to the queue (no bot), "
+                   "timed until every result is written: the workers' capacity in cases per minute.")
 def bench_pipeline(patients: int, shape: str, json_path: Path | None, workers: int, postgres_url: str,
-                   redis_url: str, timeout_s: float, poll_s: float, rounds: int) -> None:
+                   redis_url: str, timeout_s: float, poll_s: float, rounds: int, backlog: int | None) -> None:
     """Time a consultation through the real processes, stage by stage (last answer -> result -> pictures)."""
-    report = run_benchmark(patients=patients, shape=shape, admin_url=postgres_url, redis_url=redis_url,
-                           workers=workers, timeout_s=timeout_s, poll_s=poll_s, rounds=rounds)
-    print_report(report)
+    if backlog is not None:
+        report = run_backlog(cases_n=backlog, shape=shape, admin_url=postgres_url, redis_url=redis_url,
+                             workers=workers, timeout_s=timeout_s)
+        click.echo(f"{backlog} cases drained in {report['drain_s']} s: {report['cases_per_minute']} cases per minute, "
+                   f"{report['failed']} failed (load average {report['machine']['loadavg_at_start'][0]} -> "
+                   f"{report['machine']['loadavg_at_end'][0]})")
+    else:
+        report = run_benchmark(patients=patients, shape=shape, admin_url=postgres_url, redis_url=redis_url,
+                               workers=workers, timeout_s=timeout_s, poll_s=poll_s, rounds=rounds)
+        print_report(report)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))
         click.echo(f"wrote {json_path}")
-    if report["summary"]["with_result"] < report["patients"]:
+    if (report["failed"] if backlog is not None else report["summary"]["with_result"] < report["patients"]):
         sys.exit(1)
 
 

@@ -61,3 +61,17 @@ def test_bench_pipeline_redis(tmp_path: Path, redis_url: str) -> None:  # type: 
     from tests.conftest import PG_ADMIN_URL
 
     _check(_bench(tmp_path, "--shape", "redis", "--postgres-url", PG_ADMIN_URL))
+
+
+def test_bench_pipeline_backlog_times_the_workers_draining_a_queue(tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "backlog.json"
+    env = {**os.environ, **tiny_model_env(tmp_path / "models"), **pythonpath_env()}
+    proc = subprocess.run([sys.executable, "-m", "skinbridge", "bench", "pipeline", "--backlog", "3", "--json",
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["backlog"] == 3 and report["failed"] == 0 and report["worker_processes"] == 1
+    assert report["drain_s"] > 0 and report["cases_per_minute"] == pytest.approx(60 * 3 / report["drain_s"], rel=0.01)
+    assert "3 cases drained in" in proc.stdout
