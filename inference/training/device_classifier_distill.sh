@@ -12,14 +12,8 @@ here=$(dirname "$0")
 teacher_minutes=${TEACHER:-4.2}
 student_minutes=${STUDENT:-1.6}
 extra=${EXTRA:-}
-if [ "${PREBUILD:-1}" = 1 ]; then
-    export CACHE=/tmp/cache
-    for size in 96 128; do
-        PYTHONPATH=$PWD "${PYTHON:-python3}" -c "from pathlib import Path; from inference.training import data as D
-D.build_cache(Path('${KIT:-.devkit/data}'), $size, Path('$CACHE'), progress=False)" &
-    done
-    wait
-fi
+# shellcheck source=inference/training/device_cache.sh
+source "$here/device_cache.sh"
 S="--batch-size 512 --class-balance 0.5 --mix-prob 0.3 --tta-views 8 --cam-stage -2 --epochs 100000 --val-every 10
    --checkpoint-every 3600 $extra"
 # shellcheck disable=SC2086

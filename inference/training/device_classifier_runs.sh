@@ -19,15 +19,8 @@ arm=${ARM:-7.2}
 teacher_minutes=${TEACHER:-3.8}
 student_minutes=${STUDENT:-3.1}
 extra=${EXTRA:-}
-if [ "${PREBUILD:-1}" = 1 ]; then
-    # every run reads the same decoded photos: decode the kit once per size, before the runs start
-    export CACHE=/tmp/cache
-    for size in 96 128; do
-        PYTHONPATH=$PWD "${PYTHON:-python3}" -c "from pathlib import Path; from inference.training import data as D
-D.build_cache(Path('${KIT:-.devkit/data}'), $size, Path('$CACHE'), progress=False)" &
-    done
-    wait
-fi
+# shellcheck source=inference/training/device_cache.sh
+source "$here/device_cache.sh"
 # batch 128 with lr 3e-3 (the CPU run: 64 with 2e-3); no checkpoints inside a 9-minute call
 S="--batch-size 128 --lr 3e-3 --class-balance 0.5 --mix-prob 0.3 --tta-views 8 --cam-stage -2 --epochs 100000
    --val-every 5 --checkpoint-every 3600 $extra"
