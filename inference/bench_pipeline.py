@@ -436,6 +436,25 @@ def summarise(cases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _process_env(folder: Path, services: dict[str, str], **extra: str) -> dict[str, str]:
+    """The environment of the processes a run starts: this one's, less its own clinic's settings, on ``folder``."""
+    env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
+    env.update(services)
+    env.update({"SKINBRIDGE_VAR_DIR": str(folder), "SKINBRIDGE_PROFILE": "embedded",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
+                **extra})
+    return env
+
+
+def _command() -> str:
+    """The command line that reruns this benchmark, the batching setting (an environment variable) included."""
+    from skinbridge.settings import get_settings
+
+    window = get_settings().batch_window_ms
+    args = sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"] else sys.argv[1:]
+    return (f"SKINBRIDGE_BATCH_WINDOW_MS={window:g} " if window > 0 else "") + "skinbridge bench pipeline " + " ".join(args)
+
+
 # --- the workers' pace: a backlog straight into the queue ------------------------------------------------------
 def _backlog_cases(clinic: Any, n: int, first: int = 0) -> list[str]:
     """``n`` cases as the bot leaves them (consented patient, one photo, history complete), not yet submitted."""
@@ -464,10 +483,7 @@ def run_backlog(*, cases_n: int, shape: str, admin_url: str, redis_url: str, wor
     folder = Path(tempfile.mkdtemp(prefix="sb-bench-backlog-"))
     try:
         with _backing_services(shape, admin_url, redis_url, folder) as services:
-            env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
-            env.update(services)
-            env.update({"SKINBRIDGE_VAR_DIR": str(folder), "SKINBRIDGE_PROFILE": "embedded",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))})
+            env = _process_env(folder, services)
             _prepare_clinic(env)
             from clinic_db.db import get_clinic
             from clinic_db.models import Case, OutboxMessage
@@ -507,13 +523,9 @@ def run_backlog(*, cases_n: int, shape: str, admin_url: str, redis_url: str, wor
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     span = max(_epoch(t) for t in written) - started
-    from skinbridge.settings import get_settings
-
     return {
         "schema": SCHEMA + "#backlog",
-        "command": (f"SKINBRIDGE_BATCH_WINDOW_MS={get_settings().batch_window_ms:g} " if get_settings().batch_window_ms > 0
-                    else "") + "skinbridge bench pipeline " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"]
-                                                                       else sys.argv[1:]),
+        "command": _command(),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "shape": shape, "backlog": cases_n, "worker_processes": workers,
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
@@ -535,14 +547,8 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
         with _backing_services(shape, admin_url, redis_url, folder) as services:
             port = _free_port()
             emulator = f"http://127.0.0.1:{port}"
-            env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
-            env.update(services)
-            env.update({
-                "SKINBRIDGE_VAR_DIR": str(folder), "SKINBRIDGE_PROFILE": "embedded",
-                "SKINBRIDGE_TELEGRAM_BASE_URL": f"{emulator}/bot",
-                "SKINBRIDGE_TELEGRAM_BASE_FILE_URL": f"{emulator}/file/bot",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])),
-            })
+            env = _process_env(folder, services, SKINBRIDGE_TELEGRAM_BASE_URL=f"{emulator}/bot",
+                               SKINBRIDGE_TELEGRAM_BASE_FILE_URL=f"{emulator}/file/bot")
             _prepare_clinic(env)
             procs = Processes(folder, env)
             try:
@@ -625,9 +631,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
 
     return {
         "schema": SCHEMA,
-        "command": (f"SKINBRIDGE_BATCH_WINDOW_MS={get_settings().batch_window_ms:g} " if get_settings().batch_window_ms > 0
-                    else "") + "skinbridge bench pipeline " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"]
-                                                           else sys.argv[1:]),
+        "command": _command(),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "shape": shape, "patients": patients, "rounds": rounds, "worker_processes": workers,
         "batching": {"window_ms": get_settings().batch_window_ms, "slots": get_settings().batch_slots}
@@ -703,9 +707,9 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
          f"(of {s.get('expecting_pictures')} whose condition the generator draws), "
          f"duplicated results: {s['duplicated_results']}, results per minute: {s['results_per_minute']}")
     if report.get("batching"):
+        passes = s.get("classifier_batch_photos") or {}
         echo(f"batching: window {report['batching']['window_ms']} ms, {report['batching']['slots']} slots; photos per "
-             f"classifier pass p50 {s['classifier_batch_photos']['p50'] if s.get('classifier_batch_photos') else None}, "
-             f"max {s['classifier_batch_photos']['max'] if s.get('classifier_batch_photos') else None}")
+             f"classifier pass p50 {passes.get('p50')}, max {passes.get('max')}")
     for name, v in e2e.items():
         echo(f"  {name:28s} p50 {v['p50']} s  p95 {v['p95']} s")
     intake = report.get("bot_intake") or {}

@@ -158,8 +158,7 @@ def worker(queues: str, concurrency: int | None, beat: bool) -> None:
     argv = [
         *(["--quiet"] if level > logging.DEBUG else []),  # no start-up banner; "ready" is still logged
         "worker", f"--loglevel={logging.getLevelName(level)}", f"--pool={settings.worker_pool}", "-Q", queues,
-        f"--concurrency={concurrency or (settings.batch_slots if settings.batch_window_ms > 0 else settings.worker_concurrency)}",
-        "-E",
+        f"--concurrency={concurrency or settings.worker_slots}", "-E",
         f"--hostname=skinbridge-{queues.replace(',', '-')}@%h",
     ]
     if beat:  # the beat worker also consumes the sweeper's own queue (skinbridge.celery_app.SWEEPER_QUEUE)

@@ -170,6 +170,11 @@ class Settings(BaseSettings):
         return "threads" if self.batch_window_ms > 0 else "prefork"
 
     @property
+    def worker_slots(self) -> int:
+        """Tasks one worker runs at once: its threads when batching, else its pool processes."""
+        return self.batch_slots if self.batch_window_ms > 0 else self.worker_concurrency
+
+    @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -7,7 +7,7 @@
 #   s128, w24  the same at 128 px, and wider (24): what resolution and width buy on validation.
 #
 # Prepared here:  skinbridge train device-kit --size 128 --format webp --quality 85 --out .devkit/data
-# (both data sets, about 34 MiB), then with the device tool: carry [".devkit"], timeout_s 600, and run
+# (both data sets, about 30 MiB), then with the device tool: carry [".devkit"], timeout_s 600, and run
 #   bash inference/training/device_classifier_runs.sh
 # Results: $OUT/<run>.tgz (cut into .00, .01, ... when over 15 MiB), see device_train.sh.
 #

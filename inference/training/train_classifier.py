@@ -362,7 +362,7 @@ class Teacher:
         model, config = load_model(run.teacher)
         if list(config["class_codes"]) != class_codes:
             raise TeacherMismatch(f"the teacher in {run.teacher} knows other classes than this run learns "
-                             "(train it on the same data and --min-per-class)")
+                                  "(train it on the same data and --min-per-class)")
         for p in model.parameters():
             p.requires_grad_(False)
         return cls(model.to(device).eval(), int(config["image_size"]), int(config["width"]),
