@@ -30,7 +30,7 @@ from telegram.ext import AIORateLimiter, Application, ContextTypes, ExtBot
 
 from bot import clinician, handlers
 from bot.i18n import LANGUAGES, pick_language, t
-from bot.inbox import MAX_ATTEMPTS, Inbox, handle_pending, poll
+from bot.inbox import MAX_ATTEMPTS, Consumer, Inbox, poll
 from bot.persistence import SqlPersistence
 from bot.request import RetryingRequest
 from bot.sender import OutboxSender
@@ -217,7 +217,7 @@ def build_application(settings: Settings, *, sender_interval_s: float = 1.0) -> 
     bot = PatientBot(token=token, base_url=base_url, base_file_url=base_file_url,
                      request=RetryingRequest(connection_pool_size=256),
                      get_updates_request=RetryingRequest(connection_pool_size=1),
-                     rate_limiter=AIORateLimiter(max_retries=5))
+                     rate_limiter=AIORateLimiter(overall_max_rate=settings.bot_max_rate, max_retries=5))
     app = (
         Application.builder()
         .application_class(SkinBridgeApplication)
@@ -260,35 +260,40 @@ def _beat(app: SkinBridgeApplication, counts: dict[str, int]) -> None:
 
 
 async def _consume(app: SkinBridgeApplication, wake: asyncio.Event, stop: asyncio.Event) -> None:
-    """Handle the inbox until stopped. Nothing that goes wrong here ends the loop."""
+    """Hand the inbox to the application until stopped: a read when intake stores updates (``wake``) and
+    every IDLE_TICK_S (updates held for the rate limit or a retry). Nothing that goes wrong ends the loop."""
+    consumer = Consumer(app.bot, app.inbox, app.handle, app.admit, exclusive=app.exclusive,
+                        concurrency=app.concurrency, hold_s=IDLE_TICK_S)
     last_beat = last_prune = 0.0
-    while not stop.is_set():
-        wake.clear()
-        handled = 0
-        try:
-            handled = await handle_pending(app.bot, app.inbox, app.handle, app.admit, exclusive=app.exclusive,
-                                           concurrency=app.concurrency)
-        except Exception:  # noqa: BLE001 - e.g. the database is down: log, wait, try again
-            log.exception("error %s in the update loop; it goes on", secrets.token_hex(4).upper())
-        now = time.monotonic()
-        if now - last_beat >= HEARTBEAT_S:
-            last_beat = now
+    beaten_at = 0  # consumer.finished at the last heartbeat
+    try:
+        while not stop.is_set():
+            wake.clear()
             try:
-                await asyncio.to_thread(_beat, app, {"handled": handled})
-            except Exception:  # noqa: BLE001 - a missed beat is visible as a stale heartbeat
-                log.warning("heartbeat not written", exc_info=True)
-        if now - last_prune >= PRUNE_EVERY_S:
-            last_prune = now
+                await consumer.fill()
+            except Exception:  # noqa: BLE001 - e.g. the database is down: log, wait, try again
+                log.exception("error %s in the update loop; it goes on", secrets.token_hex(4).upper())
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_S:
+                last_beat = now
+                try:
+                    await asyncio.to_thread(_beat, app, {"handled": consumer.finished - beaten_at,
+                                                         "in_hand": consumer.lanes.in_hand})
+                    beaten_at = consumer.finished
+                except Exception:  # noqa: BLE001 - a missed beat is visible as a stale heartbeat
+                    log.warning("heartbeat not written", exc_info=True)
+            if now - last_prune >= PRUNE_EVERY_S:
+                last_prune = now
+                try:
+                    await asyncio.to_thread(app.inbox.prune)
+                except Exception:  # noqa: BLE001
+                    log.warning("inbox prune failed", exc_info=True)
             try:
-                await asyncio.to_thread(app.inbox.prune)
-            except Exception:  # noqa: BLE001
-                log.warning("inbox prune failed", exc_info=True)
-        if handled:
-            continue  # more may have arrived meanwhile
-        try:
-            await asyncio.wait_for(wake.wait(), timeout=IDLE_TICK_S)
-        except asyncio.TimeoutError:
-            pass
+                await asyncio.wait_for(wake.wait(), timeout=IDLE_TICK_S)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await consumer.lanes.close()  # updates in hand stay pending: the next start handles them
 
 
 async def serve(app: SkinBridgeApplication, *, webhook: Webhook | None = None) -> None:

@@ -310,31 +310,36 @@ async def on_history_answer(update: Update, context: ContextTypes.DEFAULT_TYPE) 
         await query.answer(t(me.lang, "history.stale"))
         return
     c = clinic()
-    with c.session() as session:
+    with c.session() as session:  # closed before any await: many handlers run at once, each needs a connection
         case = own_case(session, me.patient, user_data.get("case_id"))  # type: ignore[arg-type]
-        if case is None:
-            await query.answer(t(me.lang, "history.stale"))
-            return
-        if answer != "skip":
-            cases.set_history(c, session, case, **{field: answer})
-            audit.record(session, Actor("patient", str(case.patient_id)), "case.history", "Case", case.id, field=field)
-        if index + 1 == len(QUESTIONS):
-            from inference import pipeline
+        if case is not None:
+            if answer != "skip":
+                cases.set_history(c, session, case, **{field: answer})
+                audit.record(session, Actor("patient", str(case.patient_id)), "case.history", "Case", case.id,
+                             field=field)
+            if index + 1 == len(QUESTIONS):
+                from inference import pipeline
 
-            # with the last answer: a bot that dies before submitting leaves the sweeper a case to submit
-            pipeline.mark_history_complete(session, case)
-        session.commit()
+                # with the last answer: a bot that dies before submitting leaves the sweeper a case to submit
+                pipeline.mark_history_complete(session, case)
+            session.commit()
+    if case is None:
+        await query.answer(t(me.lang, "history.stale"))
+        return
     await query.answer()
-    await query.edit_message_text(
-        t(me.lang, "history.answered", question=t(me.lang, f"history.q.{field}"), answer=t(me.lang, f"history.a.{answer}"))
-    )
+    answered = t(me.lang, "history.answered", question=t(me.lang, f"history.q.{field}"),
+                 answer=t(me.lang, f"history.a.{answer}"))
     if index + 1 < len(QUESTIONS):
+        await query.edit_message_text(answered)
         user_data["q"] = index + 1
         await _ask(query.message, me.lang, index + 1)  # type: ignore[arg-type]
         return
+    # the last answer: the case goes to the pipeline before anything is sent (the wait for the result starts
+    # here, and Telegram's rate limit can hold a message back), then one edit both records the answer and
+    # says so; the pipeline's progress message comes below it, whichever arrives first
     await submit(user_data["case_id"])
     user_data.update({"step": "submitted", "q": len(QUESTIONS)})
-    await query.message.reply_text(t(me.lang, "history.done"))  # type: ignore[union-attr]
+    await query.edit_message_text(f"{answered}\n\n{t(me.lang, 'history.done')}")
 
 
 async def submit(case_id: str) -> None:

@@ -8,8 +8,8 @@ so a bot killed mid-way lost every message in flight. Here:
 1. intake (:func:`poll` or the webhook in :mod:`bot.webhook`) seals each update with the system data
    key, inserts it into ``bot_inbox`` keyed by ``update_id`` (a re-delivered id is ignored) and commits;
    only then is the update confirmed (next poll's offset / the webhook's 200);
-2. :func:`handle_pending` hands the pending rows to the application, each user's oldest first and
-   several users side by side, and marks each one done, dropping its payload. A bot killed before
+2. :class:`Consumer` hands the pending rows to the application as they arrive, each user's oldest
+   first and several users side by side, and marks each one done, dropping its payload. A bot killed before
    that replays the row on restart; the handlers are written so a replay of an interrupted update has
    the effect of one (they check the case's state).
 
@@ -36,6 +36,7 @@ from telegram.error import Conflict, NetworkError, RetryAfter, TimedOut
 
 from clinic_db.db import Clinic
 from clinic_db.models import InboxUpdate, utcnow
+from bot.lanes import Lanes
 from clinic_db.vault import SYSTEM_KEY_ID
 
 log = logging.getLogger(__name__)
@@ -234,33 +235,50 @@ async def _never_exclusive(update: Update) -> bool:
     return False
 
 
+class Consumer:
+    """Hands pending updates to the application as they arrive (:class:`bot.lanes.Lanes`).
+
+    Each user's updates are handled one after the other, oldest first; different users' updates side
+    by side, up to ``concurrency`` at once (those for which ``exclusive(update)`` is true alone, see
+    :class:`Gate`). ``admit(update)`` says whether the update may be handled now (the per-user rate
+    limit): a user's update that is not admitted stays pending, and so do that user's later ones,
+    keeping their order, until a read ``hold_s`` later offers them again; so does an update whose
+    handling failed. Any error is logged with a reference and counted on the row; the other users'
+    updates go on.
+    """
+
+    def __init__(self, bot: Bot, inbox: Inbox, handle: Handle, admit: Admit, *,
+                 exclusive: Exclusive = _never_exclusive, concurrency: int = 1, timeout_s: float = 300.0,
+                 hold_s: float = 1.0):
+        self.bot, self.inbox, self.handle, self.admit, self.exclusive = bot, inbox, handle, admit, exclusive
+        self.gate = Gate(concurrency)
+        self.timeout_s = timeout_s
+        self.finished = 0  # updates handled since start (not counting parked ones)
+        self.lanes: Lanes[Pending] = Lanes(self._one, hold_s=hold_s)
+
+    async def fill(self) -> int:
+        """Read the pending updates and start those not in hand yet; returns how many were started."""
+        self.lanes.reading()
+        # past the ones in hand, so a crowd larger than one page is still read to its end
+        rows = await asyncio.to_thread(self.inbox.pending, self.lanes.in_hand + 100)
+        return sum(self.lanes.offer(item.user_id if item.user_id is not None else ("update", item.update_id),
+                                    item.update_id, item) for item in rows)
+
+    async def _one(self, item: Pending) -> bool:
+        outcome = await _handle_one(self.bot, self.inbox, item, self.handle, self.admit, self.exclusive, self.gate,
+                                    self.timeout_s)
+        self.finished += outcome == "done"
+        return outcome != "wait"  # a parked update is finished with: the user's next one goes on
+
+
 async def handle_pending(bot: Bot, inbox: Inbox, handle: Handle, admit: Admit, *,
                          exclusive: Exclusive = _never_exclusive, concurrency: int = 1,
                          timeout_s: float = 300.0) -> int:
-    """Handle every pending update once; returns how many were finished.
-
-    Each user's updates are handled one after the other, oldest first; different users' updates are
-    handled side by side, up to ``concurrency`` at once (those for which ``exclusive(update)`` is true
-    alone, see :class:`Gate`). ``admit(update)`` says whether the update may be handled now (the
-    per-user rate limit): a user's update that is not admitted stays pending, and so do that user's
-    later ones, keeping their order. Any error is logged with a reference and counted on the row; the
-    other users' updates go on.
-    """
-    lanes: dict[Any, list[Pending]] = {}
-    for item in await asyncio.to_thread(inbox.pending):  # oldest first
-        lanes.setdefault(item.user_id if item.user_id is not None else ("update", item.update_id), []).append(item)
-    gate = Gate(concurrency)
-
-    async def lane(items: list[Pending]) -> int:
-        finished = 0
-        for item in items:
-            outcome = await _handle_one(bot, inbox, item, handle, admit, exclusive, gate, timeout_s)
-            if outcome == "wait":
-                break  # keep this user's order: their later updates wait for the retry or the window
-            finished += outcome == "done"
-        return finished
-
-    return sum(await asyncio.gather(*(lane(items) for items in lanes.values())))
+    """Handle every update pending now once (see :class:`Consumer`); returns how many were finished."""
+    consumer = Consumer(bot, inbox, handle, admit, exclusive=exclusive, concurrency=concurrency, timeout_s=timeout_s)
+    await consumer.fill()
+    await consumer.lanes.drain()
+    return consumer.finished
 
 
 async def _handle_one(bot: Bot, inbox: Inbox, item: Pending, handle: Handle, admit: Admit, exclusive: Exclusive,

@@ -20,6 +20,7 @@ from telegram.error import BadRequest, Forbidden, TelegramError
 
 from bot.handlers import NS_PROGRESS, result_buttons
 from bot.i18n import pick_language, t
+from bot.lanes import Lanes
 from bot.render import condition_name, final_text, followup_text, result_text, review_requested_text
 from clinic_db import audit, cases, outbox, patients, review
 from clinic_db.audit import Actor
@@ -29,33 +30,67 @@ from clinic_db.states import CaseStatus
 
 log = logging.getLogger(__name__)
 # The pipeline's messages are written by worker processes: the sender looks for due ones this often (one
-# indexed query) and goes on at once while there are more; a failed round waits ``interval_s``.
+# indexed query); a failed read waits ``interval_s``.
 POLL_S = 0.1
+# Sends at once. A send keeps its session's read transaction, so a database connection, while Telegram (or
+# the rate limiter) makes it wait: with 32 at once the bot's pool (15 on SQLite) ran dry and the event loop
+# blocked on it for 30 s at a time. Four keep a slow patient from holding up the others, well inside the pool.
+SENDS_AT_ONCE = 4
 
 
 class OutboxSender:
+    """Each patient's messages in the order they were written, several patients' side by side (up to
+    SENDS_AT_ONCE sends at once), each started as soon as a read sees it (:class:`bot.lanes.Lanes`)."""
+
     def __init__(self, bot: Bot, clinic: Clinic, interval_s: float = 1.0):
         self.bot = bot
         self.clinic = clinic
         self.interval_s = interval_s
+        self._sending = asyncio.Semaphore(SENDS_AT_ONCE)
+        self.lanes: Lanes[uuid.UUID] = Lanes(self._deliver_in_turn, hold_s=interval_s)
 
     async def run(self) -> None:
-        while True:
-            try:
-                pause = 0.0 if await self.deliver_due() else POLL_S
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the loop must survive a bad message or a DB hiccup
-                log.exception("outbox delivery round failed")
-                pause = self.interval_s
-            await asyncio.sleep(pause)
+        try:
+            while True:
+                try:
+                    await self.offer_due()
+                    pause = POLL_S
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the loop must survive a DB hiccup
+                    log.exception("outbox read failed")
+                    pause = self.interval_s
+                await asyncio.sleep(pause)
+        finally:
+            await self.lanes.close()  # messages in hand stay pending: sent on the next start
 
-    async def deliver_due(self) -> int:
+    async def offer_due(self) -> int:
+        """Start the due messages not in hand yet; returns how many were started."""
+        self.lanes.reading()
         with self.clinic.session() as session:
-            ids = [msg.id for msg in outbox.due(session)]
-        for msg_id in ids:
-            await self.deliver(msg_id)
-        return len(ids)
+            due = [(msg.patient_id, msg.id) for msg in outbox.due(session, limit=self.lanes.in_hand + 50)]
+        return sum(self.lanes.offer(patient_id, msg_id, msg_id) for patient_id, msg_id in due)
+
+    async def _deliver_in_turn(self, msg_id: uuid.UUID) -> bool:
+        async with self._sending:
+            try:
+                await self.deliver(msg_id)
+            except Exception as exc:  # noqa: BLE001 - one bad message never stops the others
+                log.exception("outbox %s: delivery failed", msg_id)
+                self._count_failure(msg_id, type(exc).__name__)  # the text may name patient data
+        return True
+
+    def _count_failure(self, msg_id: uuid.UUID, error: str) -> None:
+        """A message that broke the sender (not Telegram) is tried again later, then given up on
+        (clinic_db.outbox.mark_failed), instead of being picked up again at once."""
+        try:
+            with self.clinic.session() as session:
+                msg = session.get(OutboxMessage, msg_id)
+                if msg is not None and msg.status == "pending":
+                    outbox.mark_failed(session, msg, error)
+                    session.commit()
+        except Exception:  # noqa: BLE001 - the database itself is down: the next read tries again
+            log.warning("outbox %s: failure not recorded", msg_id, exc_info=True)
 
     async def deliver(self, msg_id: uuid.UUID) -> None:
         with self.clinic.session() as session:

@@ -47,9 +47,14 @@ TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
 
 # --- per-process set-up -------------------------------------------------------------------------
 @worker_process_init.connect
-def _init_worker_process(**_: Any) -> None:
-    """After the fork: fresh DB connections, and models loaded once (never touch CUDA before the fork)."""
+def init_worker_process(**_: Any) -> None:
+    """After the fork: fresh DB connections, torch's share of the cores, and models loaded once (never touch
+    CUDA before the fork)."""
     get_clinic().engine.dispose(close=False)
+    if threads := get_settings().torch_threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if "gpu" in os.environ.get("SKINBRIDGE_WORKER_QUEUES", "gpu"):
         engines()
 
@@ -58,7 +63,7 @@ def _init_worker_process(**_: Any) -> None:
 def _init_threads_worker(**_: Any) -> None:
     """A batching worker's threads pool forks nothing: its one process loads the models here."""
     if get_settings().worker_pool == "threads":
-        _init_worker_process()
+        init_worker_process()
 
 
 @functools.lru_cache(maxsize=1)

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     broker_poll_interval: float = 0.1  # filesystem broker; the library default of 1 s slows chains
     worker_concurrency: int = 1
+    # torch's threads in each worker process (default: torch's own, one per core). Several worker processes
+    # on a CPU-only machine each take their share: `skinbridge up` starts two on two cores with one thread
+    # each (60 cases at once: 340 instead of 286 per minute, docs/benchmarks/pipeline.md)
+    torch_threads: int | None = Field(None, ge=1, le=256)
     # Micro-batching (inference.engines.batching): above 0, a worker runs up to batch_slots tasks at once in
     # threads, and the classifier calls of cases arriving within this many milliseconds share one forward
     # pass. Celery enforces no time limits on a threads pool: the leases and the sweeper remain.
@@ -131,8 +135,14 @@ class Settings(BaseSettings):
     # per-user rate limit: updates beyond it wait in the bot's inbox (the user is told once), none is dropped
     bot_user_limit: int = Field(30, ge=1)  # a whole consultation is about 12 updates
     bot_user_window_s: float = Field(60.0, gt=0)
-    # updates of different users handled at once (each user's in order; a dermatologist's alone)
-    bot_concurrency: int = Field(8, ge=1, le=64)
+    # updates of different users handled at once (each user's in order; a dermatologist's alone), and the
+    # outbox's sends at once: most of a handler's time is spent waiting for Telegram (its rate limit below), so
+    # with 8, 30 patients at once waited 1.8 s for the bot to take their last answer, with 32 0.3 s
+    # (docs/benchmarks/pipeline.md)
+    bot_concurrency: int = Field(32, ge=1, le=64)
+    # messages the bot sends (or edits) per second, all chats together: Telegram's limit for a bot without
+    # paid broadcasts is about 30; 0 = no limit (a local Bot API server that has none)
+    bot_max_rate: float = Field(30.0, ge=0)
 
     # --- models --------------------------------------------------------------------------
     classifier_path: Path | None = None  # default: the weights shipped in inference/weights
@@ -168,6 +178,13 @@ class Settings(BaseSettings):
     def worker_pool(self) -> str:
         """Celery's pool for this worker: threads when batching (tasks must share a process), else prefork."""
         return "threads" if self.batch_window_ms > 0 else "prefork"
+
+    def worker_env(self, processes: int) -> dict[str, str]:
+        """The environment of each of ``processes`` worker processes started side by side on this machine:
+        a share of the cores each for torch (unless torch_threads is set)."""
+        if processes <= 1 or self.torch_threads:
+            return {}
+        return {"SKINBRIDGE_TORCH_THREADS": str(max(1, len(os.sched_getaffinity(0)) // processes))}
 
     @property
     def worker_slots(self) -> int:

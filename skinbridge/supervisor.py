@@ -36,11 +36,14 @@ class Child:
 
 
 def components(settings: Settings) -> list[Child]:
-    children = [Child("worker", ["worker", "--queues", "gpu,cpu", "--beat"], component="worker")]
-    if _worker_processes(settings.device) > 1:
-        # on CPU a second worker process: 30 patients at once waited about half as long for their
-        # results as with one (docs/benchmarks/pipeline.md); one worker's prefork pool of two did not help
-        children.append(Child("worker2", ["worker", "--queues", "gpu,cpu"], component="worker"))
+    workers = _worker_processes(settings.device)
+    # on CPU a second worker process: 30 patients at once waited about half as long for their results as
+    # with one (docs/benchmarks/pipeline.md); one worker's prefork pool of two did not help. Each takes its
+    # share of the cores for torch, unless SKINBRIDGE_TORCH_THREADS says otherwise.
+    env = settings.worker_env(workers)
+    children = [Child("worker", ["worker", "--queues", "gpu,cpu", "--beat"], env=env, component="worker")]
+    if workers > 1:
+        children.append(Child("worker2", ["worker", "--queues", "gpu,cpu"], env=env, component="worker"))
     children.append(Child("web", ["api"], component="api"))
     if settings.telegram_token is None:
         # no Telegram account needed: the local Bot API emulator with its chat page stands in

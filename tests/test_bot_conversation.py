@@ -115,7 +115,9 @@ def test_consent_album_history_and_submission(clinic, emulator: str, bot: BotPro
     assert count(clinic, ImageRow) == 2
     chat.tap(saved, "photos:done")
     answer_history(chat, HISTORY)
-    chat.expect_text("submitted")
+    # the last question, edited once: the answer and the submission in one message, no reply below it
+    done = chat.expect_text("submitted")
+    assert done["edited"] and done["text"] == "Optional: what is your skin type? Skip\n\nThank you. Your case has been submitted."
     progress = chat.expect_text("received and is waiting")  # the progress message, from the outbox
 
     case = only_case(clinic)

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from telegram import Bot, Update
 
-from bot.inbox import MAX_ATTEMPTS, Inbox, handle_pending
+from bot.inbox import MAX_ATTEMPTS, Consumer, Inbox, handle_pending
 from clinic_db.models import InboxUpdate
 
 
@@ -156,3 +156,67 @@ def test_one_at_a_time_when_concurrency_is_one(clinic) -> None:  # type: ignore[
 
     assert asyncio.run(handle_pending(bot(), inbox, handle, admit, concurrency=1)) == 4
     assert max(at_once) == 1
+
+
+def test_an_update_stored_while_others_are_in_hand_is_handled_at_once_and_only_once(clinic) -> None:  # type: ignore[no-untyped-def]
+    """The consumer reads the inbox again whenever intake stores something: a new user's message does
+    not wait for a slow handler of someone else, and an update in hand (or finished while a read ran)
+    is never started twice."""
+    inbox = Inbox(clinic)
+    inbox.store([text_update(1, 51, "slow"), text_update(2, 52, "first")])
+    handled: list[str] = []
+    late_done = asyncio.Event()
+
+    async def handle(update: Update, attempt: int) -> None:
+        text = update.effective_message.text
+        if text == "slow":  # finishes only once the update stored after it was handled
+            await asyncio.wait_for(late_done.wait(), timeout=10)
+        handled.append(text)
+        if text == "late":
+            late_done.set()
+
+    async def admit(update: Update) -> bool:
+        return True
+
+    async def scenario() -> None:
+        consumer = Consumer(bot(), inbox, handle, admit, concurrency=4)
+        assert await consumer.fill() == 2
+        while "first" not in handled:
+            await asyncio.sleep(0.01)
+        inbox.store([text_update(3, 53, "late"), text_update(4, 51, "after slow")])
+        assert await consumer.fill() == 2  # "slow" is in hand, "first" done: only the new ones start
+        assert await consumer.fill() == 0  # read again at once: nothing starts twice
+        await asyncio.wait_for(consumer.lanes.drain(), timeout=10)
+        assert consumer.finished == 4
+
+    asyncio.run(scenario())
+    assert handled == ["first", "late", "slow", "after slow"]
+    assert inbox.pending() == []
+
+
+def test_a_held_user_is_read_again_after_the_hold(clinic) -> None:  # type: ignore[no-untyped-def]
+    """A user over the rate limit keeps their order: nothing of theirs starts before the hold is over."""
+    inbox = Inbox(clinic)
+    inbox.store([text_update(1, 61, "one"), text_update(2, 61, "two")])
+    handled: list[str] = []
+    allow = False
+
+    async def handle(update: Update, attempt: int) -> None:
+        handled.append(update.effective_message.text)
+
+    async def admit(update: Update) -> bool:
+        return allow
+
+    async def scenario() -> None:
+        nonlocal allow
+        consumer = Consumer(bot(), inbox, handle, admit, hold_s=0.2)
+        await consumer.fill()
+        await consumer.lanes.drain()
+        allow = True
+        assert await consumer.fill() == 0  # still held
+        await asyncio.sleep(0.25)
+        assert await consumer.fill() == 2
+        await consumer.lanes.drain()
+
+    asyncio.run(scenario())
+    assert handled == ["one", "two"]

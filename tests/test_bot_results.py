@@ -275,3 +275,33 @@ def test_a_message_waiting_out_a_429_holds_up_no_other_patient(  # type: ignore[
     assert len(attempts) == 2 and all(fragment in c["params"]["text"] for c in attempts)  # 429, then sent
     assert not [m for m in a.messages() + b.messages() if "went wrong" in (m.get("text") or "")]  # no error reference
     assert "database is locked" not in bot.log()
+
+
+def test_a_message_that_breaks_the_sender_is_tried_later_and_holds_up_no_one(  # type: ignore[no-untyped-def]
+        clinic, emulator: str, bot: BotProcess) -> None:
+    """An outbox message the sender cannot render (here: a result for a case that is gone) used to be read
+    again first in every round, ahead of every patient's messages. It is now counted as a failed try and
+    backed off (given up after clinic_db.outbox.MAX_ATTEMPTS), and the other patients' messages go out."""
+    a = Chat(emulator, 2201)
+    submitted_case(a)
+    a.expect_text("received and is waiting")
+    a_case = only_case(clinic)
+    with clinic.session() as session:
+        broken = outbox.enqueue(clinic, session, patient_id=a_case.patient_id, case_id=None, kind="result",
+                                dedup_key="result:gone", payload={"case_id": str(uuid.uuid4())})
+        broken_id = broken.id
+        session.commit()
+
+    def tried() -> outbox.OutboxMessage | None:
+        with clinic.session() as session:
+            msg = session.get(outbox.OutboxMessage, broken_id)
+            return msg if msg.attempts else None
+
+    msg = wait_for(tried, timeout=30, message="the broken message's first try")
+    assert msg.status == "pending" and msg.last_error == "LookupError"  # the type only: no patient data
+    assert msg.next_attempt_at > utcnow()  # backed off, not read again at once
+    publish_ai_result(clinic, a_case.id)  # the same patient's next messages are not held up either
+    a.expect_text("Most likely: Melanoma")
+    b = Chat(emulator, 2202)
+    consent(b)  # another patient's conversation goes on
+    assert "outbox " in bot.log() and "delivery failed" in bot.log()
