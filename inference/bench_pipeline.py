@@ -155,9 +155,10 @@ class Processes:
     env: dict[str, str]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, *argv: str) -> subprocess.Popen:
+    def start(self, name: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.folder / f"{name}.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "skinbridge", *argv], cwd=self.folder, env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "skinbridge", *argv], cwd=self.folder,
+                                env={**self.env, **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=_die_with_parent)
         self.procs[name] = proc
@@ -184,6 +185,39 @@ class Processes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def _cpu_seconds(procs: Processes) -> dict[str, float]:
+    """CPU seconds used so far by each process the run started (with its pool children: its session),
+    by the PostgreSQL and Redis servers, and by this process (the played patients), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    sessions = {proc.pid: name for name, proc in procs.procs.items()}
+    used: dict[str, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        command, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        session, cpu = int(fields[3]), (int(fields[11]) + int(fields[12])) / tick  # stat fields 6, 14 and 15
+        label = (sessions.get(session) or ("bench: played patients" if int(entry.name) == os.getpid() else None)
+                 or next((name for name in ("postgres", "redis") if command.startswith(name)), None))
+        if label is not None:
+            used[label] = used.get(label, 0.0) + cpu
+    return used
+
+
+def _cpu_report(start: dict[str, float], started_at: float, results: tuple[float, dict[str, float]] | None,
+                ) -> dict[str, Any] | None:
+    """Where the CPU went from the crowd's start until its last result was delivered: is the wait the cores'?"""
+    if results is None:
+        return None
+    at, end = results
+    used = {k: v - start.get(k, 0.0) for k, v in sorted(end.items())}
+    return {"window_s": round(at - started_at, 2), "cores_busy": round(sum(used.values()) / (at - started_at), 2),
+            "seconds": {k: round(v, 2) for k, v in used.items()}}
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str, procs: Processes | None = None) -> Any:
@@ -446,13 +480,16 @@ def _process_env(folder: Path, services: dict[str, str], **extra: str) -> dict[s
     return env
 
 
-def _command() -> str:
-    """The command line that reruns this benchmark, the batching setting (an environment variable) included."""
-    from skinbridge.settings import get_settings
+# settings (environment variables) that shape the pipeline's pace: a rerun needs them as they were
+PACE_SETTINGS = ("SKINBRIDGE_BATCH_WINDOW_MS", "SKINBRIDGE_BATCH_SLOTS", "SKINBRIDGE_BOT_CONCURRENCY",
+                 "SKINBRIDGE_BOT_MAX_RATE")
 
-    window = get_settings().batch_window_ms
+
+def _command() -> str:
+    """The command line that reruns this benchmark, with the pace settings set in the environment."""
     args = sys.argv[3:] if sys.argv[1:3] == ["bench", "pipeline"] else sys.argv[1:]
-    return (f"SKINBRIDGE_BATCH_WINDOW_MS={window:g} " if window > 0 else "") + "skinbridge bench pipeline " + " ".join(args)
+    env = "".join(f"{k}={os.environ[k]} " for k in PACE_SETTINGS if k in os.environ)
+    return env + "skinbridge bench pipeline " + " ".join(args)
 
 
 # --- the workers' pace: a backlog straight into the queue ------------------------------------------------------
@@ -492,8 +529,11 @@ def run_backlog(*, cases_n: int, shape: str, admin_url: str, redis_url: str, wor
             clinic = get_clinic()
             procs = Processes(folder, env)
             try:
-                for i in range(workers):
-                    procs.start(f"worker{i}", "worker", "--queues", "gpu,cpu", *(["--beat"] if i == 0 else []))
+                from skinbridge.settings import get_settings
+
+                for i in range(workers):  # as `skinbridge up` starts them (skinbridge.supervisor)
+                    procs.start(f"worker{i}", "worker", "--queues", "gpu,cpu", *(["--beat"] if i == 0 else []),
+                                env=get_settings().worker_env(workers))
                 warm = _backlog_cases(clinic, 1)  # the workers have loaded their models once this is done
                 submit_case(warm[0])
 
@@ -527,7 +567,7 @@ def run_backlog(*, cases_n: int, shape: str, admin_url: str, redis_url: str, wor
         "schema": SCHEMA + "#backlog",
         "command": _command(),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
-        "shape": shape, "backlog": cases_n, "worker_processes": workers,
+        "shape": shape, "backlog": cases_n, "worker_processes": workers, "worker_env": _worker_env(workers),
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                     "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_at_start": [round(x, 2) for x in load_start],
@@ -555,8 +595,11 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                 procs.start("emulator", "sandbox", "--port", str(port))
                 _wait(lambda: httpx.get(f"{emulator}/_emulator/calls", timeout=5).status_code == 200, 60,
                       "the emulator", procs)
-                for i in range(workers):  # the first runs beat (the sweeper), as one deployment does
-                    procs.start(f"worker{i}", "worker", "--queues", "gpu,cpu", *(["--beat"] if i == 0 else []))
+                from skinbridge.settings import get_settings
+
+                for i in range(workers):  # the first runs beat (the sweeper), as `skinbridge up` does
+                    procs.start(f"worker{i}", "worker", "--queues", "gpu,cpu", *(["--beat"] if i == 0 else []),
+                                env=get_settings().worker_env(workers))
                 procs.start("bot", "bot")
                 _wait(lambda: httpx.get(f"{emulator}/_emulator/calls", params={"method": "getUpdates"},
                                         timeout=5).json(), 120, "the bot's first poll", procs)
@@ -572,6 +615,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     _wait(lambda: _deliveries(emulator).get(WARMUP_USER, {}).get("pictures"), timeout_s,
                           "the warm-up patient's pictures", procs)
                 load_start, load_start_at = os.getloadavg(), time.time()
+                cpu_start = _cpu_seconds(procs)
                 # whether a patient gets pictures is fixed once their result is out: asked once, not every poll
                 expected: dict[int, bool] = {}
 
@@ -581,6 +625,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     return expected[user_id]
 
                 crowd: list[Patient] = []
+                results_at: list[tuple[float, dict[str, float]]] = []
                 for r in range(rounds):  # each round starts once the previous one has everything
                     echo(f"{patients} patient(s) at once" + (f", round {r + 1} of {rounds}" if rounds > 1 else ""))
                     group = [Patient(emulator, FIRST_USER + r * patients + i, lesion_photo(r * patients + i + 1),
@@ -594,6 +639,9 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
 
                     def all_done() -> bool:
                         seen = _deliveries(emulator)
+                        if rounds == 1 and not results_at and all(
+                                p.error or seen.get(p.user_id, {}).get("result") for p in crowd):
+                            results_at.append((time.time(), _cpu_seconds(procs)))  # the CPU the results took
 
                         def done(p: Patient) -> bool:
                             got = seen.get(p.user_id, {})
@@ -608,6 +656,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                         echo(f"WARNING: {exc.message}; reporting what arrived")
                     time.sleep(1.0)  # a duplicate result would show up in the sender's next round
                 load_end = os.getloadavg()
+                cpu = _cpu_report(cpu_start, load_start_at, results_at[0] if results_at else None)
                 from clinic_db.db import get_clinic
 
                 seen = _deliveries(emulator)
@@ -634,6 +683,7 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
         "command": _command(),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
         "shape": shape, "patients": patients, "rounds": rounds, "worker_processes": workers,
+        "worker_env": _worker_env(workers),
         "batching": {"window_ms": get_settings().batch_window_ms, "slots": get_settings().batch_slots}
         if get_settings().batch_window_ms > 0 else None,
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
@@ -643,10 +693,19 @@ def run_benchmark(*, patients: int, shape: str, admin_url: str, redis_url: str, 
                     "loadavg_at_end": [round(x, 2) for x in load_end]},
         "models": _models(),
         "summary": summarise(records),
+        "cpu_until_last_result": cpu,
         "bot_intake": intake,
         "warmup": {"segments": _segments(warm_record) if "t" in warm_record else {}, **warm_record},
         "cases": records,
     }
+
+
+def _worker_env(workers: int) -> dict[str, str]:
+    """The settings each worker process got beyond the run's own (its share of the cores)."""
+    from skinbridge.settings import get_settings
+
+    return {"SKINBRIDGE_TORCH_THREADS": str(get_settings().torch_threads)} if get_settings().torch_threads \
+        else get_settings().worker_env(workers)
 
 
 def _expects_pictures() -> bool:
@@ -712,6 +771,9 @@ def print_report(report: dict[str, Any], echo: Callable[[str], None] = click.ech
              f"classifier pass p50 {passes.get('p50')}, max {passes.get('max')}")
     for name, v in e2e.items():
         echo(f"  {name:28s} p50 {v['p50']} s  p95 {v['p95']} s")
+    if cpu := report.get("cpu_until_last_result"):
+        echo(f"  CPU from the crowd's start to its last result ({cpu['window_s']} s, {cpu['cores_busy']} cores busy): "
+             + ", ".join(f"{k} {v} s" for k, v in sorted(cpu["seconds"].items(), key=lambda kv: -kv[1])))
     intake = report.get("bot_intake") or {}
     if intake.get("handled_per_s"):
         echo(f"  bot: {intake['handled']} updates at {intake['handled_per_s']}/s, stored -> handled p50 "
