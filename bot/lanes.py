@@ -42,6 +42,8 @@ class Lanes(Generic[T]):
         """Call just before reading the table: an item finished while the read runs may still be in what
         it returns, and :meth:`offer` must not start it again."""
         self._finished_since_read.clear()
+        now = time.monotonic()
+        self._held = {owner: until for owner, until in self._held.items() if until > now}
 
     def offer(self, owner: Hashable, ident: Hashable, item: T) -> bool:
         """Queue ``item`` behind ``owner``'s items in hand (starting their lane if none runs); False when
@@ -68,7 +70,7 @@ class Lanes(Generic[T]):
                 try:
                     go_on = await self.work(item)
                 except Exception:  # noqa: BLE001 - work reports its own errors; this one stops the lane only
-                    log.exception("unexpected error in %s's lane", type(owner).__name__)
+                    log.exception("unexpected error in a lane; its later items wait for a later read")
                     go_on = False
                 lane.popleft()
                 self._forget(ident)

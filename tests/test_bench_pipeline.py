@@ -60,7 +60,13 @@ def test_bench_pipeline_embedded(tmp_path: Path) -> None:
 def test_bench_pipeline_redis(tmp_path: Path, redis_url: str) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import PG_ADMIN_URL
 
-    _check(_bench(tmp_path, "--shape", "redis", "--postgres-url", PG_ADMIN_URL))
+    report = _bench(tmp_path, "--shape", "redis", "--postgres-url", PG_ADMIN_URL)
+    _check(report)
+    # where the CPU went until the last result: every process the run started, and the database server
+    cpu = report["cpu_until_last_result"]
+    assert cpu["window_s"] > 0 and cpu["cores_busy"] > 0
+    assert {"bot", "worker0", "emulator", "postgres", "bench: played patients"} <= set(cpu["seconds"])
+    assert cpu["seconds"]["worker0"] > 0 and cpu["seconds"]["bot"] > 0
 
 
 def test_bench_pipeline_backlog_times_the_workers_draining_a_queue(tmp_path: Path) -> None:
