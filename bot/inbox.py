@@ -34,9 +34,9 @@ from sqlalchemy.exc import IntegrityError
 from telegram import Bot, Update
 from telegram.error import Conflict, NetworkError, RetryAfter, TimedOut
 
+from bot.lanes import Lanes
 from clinic_db.db import Clinic
 from clinic_db.models import InboxUpdate, utcnow
-from bot.lanes import Lanes
 from clinic_db.vault import SYSTEM_KEY_ID
 
 log = logging.getLogger(__name__)

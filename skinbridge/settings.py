@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = 1
     # torch's threads in each worker process (default: torch's own, one per core). Several worker processes
     # on a CPU-only machine each take their share: `skinbridge up` starts two on two cores with one thread
-    # each (60 cases at once: 340 instead of 286 per minute, docs/benchmarks/pipeline.md)
+    # each (60 cases at once: 350 instead of 286 per minute, docs/benchmarks/pipeline.md)
     torch_threads: int | None = Field(None, ge=1, le=256)
     # Micro-batching (inference.engines.batching): above 0, a worker runs up to batch_slots tasks at once in
     # threads, and the classifier calls of cases arriving within this many milliseconds share one forward
@@ -135,10 +135,9 @@ class Settings(BaseSettings):
     # per-user rate limit: updates beyond it wait in the bot's inbox (the user is told once), none is dropped
     bot_user_limit: int = Field(30, ge=1)  # a whole consultation is about 12 updates
     bot_user_window_s: float = Field(60.0, gt=0)
-    # updates of different users handled at once (each user's in order; a dermatologist's alone), and the
-    # outbox's sends at once: most of a handler's time is spent waiting for Telegram (its rate limit below), so
-    # with 8, 30 patients at once waited 1.8 s for the bot to take their last answer, with 32 0.3 s
-    # (docs/benchmarks/pipeline.md)
+    # updates of different users handled at once (each user's in order; a dermatologist's alone): most of a
+    # handler's time is spent waiting for Telegram (its rate limit below), so with 8, 30 patients at once
+    # waited 1.8 s for the bot to take their last answer, with 32 0.3 s (docs/benchmarks/pipeline.md)
     bot_concurrency: int = Field(32, ge=1, le=64)
     # messages the bot sends (or edits) per second, all chats together: Telegram's limit for a bot without
     # paid broadcasts is about 30; 0 = no limit (a local Bot API server that has none)

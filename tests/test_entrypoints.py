@@ -116,7 +116,7 @@ def test_up_starts_two_worker_processes_on_cpu_and_one_on_a_gpu():
 
 
 def test_worker_processes_side_by_side_share_the_cores_for_torch(monkeypatch):
-    """Two worker processes on a CPU each get their share of the cores for torch (60 cases at once: 340
+    """Two worker processes on a CPU each get their share of the cores for torch (60 cases at once: 350
     instead of 286 per minute on two cores); one alone, or an explicit SKINBRIDGE_TORCH_THREADS, is left be."""
     import torch
 
