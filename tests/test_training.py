@@ -101,6 +101,19 @@ def test_grouped_splits_keep_every_lesion_and_photo_series_on_one_side(data_dir:
                for i, it in enumerate(subset))
 
 
+def test_a_runs_seed_never_moves_the_held_out_photos(data_dir: Path, tmp_path: Path) -> None:
+    """Runs with other seeds (ensemble members, repeats) train on the same photos and are measured on the
+    same held-out ones: otherwise one run's test photos would be another's training photos."""
+    from inference.training.run import TrainingRun, prepare_run
+
+    masks = [prepare_run(TrainingRun(data=data_dir, out=tmp_path / f"s{seed}", seed=seed, threads=1,
+                                     items_per_label=2, cache_dir=tmp_path / "cache"), 16)[4] for seed in (0, 1, 7)]
+    for other in masks[1:]:
+        assert other.keys() == masks[0].keys()
+        assert all(np.array_equal(other[k], masks[0][k]) for k in masks[0]), "a seed moved a split"
+    assert masks[0]["dermnet-grouped-test"].any() and masks[0]["ham-grouped-test"].any()
+
+
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data_dir: Path, tmp_path: Path) -> None:
     """A schedule longer than one sitting: stop after one epoch, continue with --resume, same weights."""
     from inference.training.cli import train_command

@@ -307,12 +307,16 @@ def grouped_splits(items: Sequence[RawItem], *, seed: int = 0) -> dict[str, str]
     return {key: by_group[g] for key, g in group_of.items()}
 
 
-def split_masks(data: Path, labelled: Labelled | Sequence[RawItem], *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Boolean row masks over ``labelled`` (or bare items) for every split the trainer and evaluator use."""
+def split_masks(data: Path, labelled: Labelled | Sequence[RawItem]) -> dict[str, np.ndarray]:
+    """Boolean row masks over ``labelled`` (or bare items) for every split the trainer and evaluator use.
+
+    The splits are the project's, fixed: a run's ``--seed`` changes its initialisation and draws, never
+    which photos are held out (runs with other seeds would otherwise train on each other's test photos).
+    """
     items = labelled.items if isinstance(labelled, Labelled) else list(labelled)
     dm = dermamnist_split(data)
     hl = ham_lesion_split(data)
-    dn = dermnet_split(items, seed=seed)
+    dn = dermnet_split(items)
     n = len(items)
     masks = {k: np.zeros(n, dtype=bool) for k in (
         "train", "val", "dermamnist-train", "dermamnist-val", "dermamnist-test",
@@ -320,7 +324,7 @@ def split_masks(data: Path, labelled: Labelled | Sequence[RawItem], *, seed: int
         *(f"{src}-grouped-{s}" for src in ("ham", "dermnet") for s in ("train", "val", "test")),
     )}
     # assigned over the whole data sets, so a subset (one split, a test's few photos) gets the same sides
-    grouped = grouped_splits(ham_items(data) + dermnet_items(data), seed=seed)
+    grouped = grouped_splits(ham_items(data) + dermnet_items(data))
     for i, it in enumerate(items):
         if it.source == "ham10000":
             s = dm.get(it.key)

@@ -73,4 +73,4 @@ def prepare_run(run: TrainingRun, image_size: int, *, keep_log: bool = False
     if not keep_log:
         log_path.write_text("")
     labelled = D.label(D.build_cache(run.data, image_size, run.cache_dir, items=run_items(run)))
-    return gen, device, log_path, labelled, D.split_masks(run.data, labelled, seed=run.seed)
+    return gen, device, log_path, labelled, D.split_masks(run.data, labelled)

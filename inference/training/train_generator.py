@@ -142,7 +142,7 @@ def check_classes(run: GeneratorRun) -> list[str]:
     photos are decoded."""
     items = run_items(run)
     keep, codes = D.item_codes(items)
-    train = D.split_masks(run.data, [items[i] for i in keep], seed=run.seed)["train"]
+    train = D.split_masks(run.data, [items[i] for i in keep])["train"]
     return _learnable_codes(codes, train, run.min_per_class, run.classes)
 
 
