@@ -345,6 +345,66 @@ def test_classifier_report_adds_the_ab_table_and_grad_cam_on_the_lesion(trained:
     assert res.exit_code == 2 and "LABEL=FOLDER" in res.output
 
 
+def test_runs_with_other_seeds_join_into_an_ensemble_the_engine_serves(trained: dict[str, Path], data_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    import shutil
+
+    from inference.engines.classifier import ClassifierEngine
+    from inference.engines.classifier_net import dihedral_logits
+    from inference.training.cli import train_command
+    from inference.training.evaluate import load_model
+
+    runner = CliRunner()
+    common = ["--data", str(data_dir), "--threads", "1", "--cache-dir", str(trained["generator"].parent / "cache"),
+              "--subset-per-label", "3"]
+    seed0 = trained["classifier"]
+    seed1 = tmp_path / "seed1"
+    res = runner.invoke(train_command, ["classifier", *common, "--epochs", "1", "--docs", str(tmp_path / "d1"),
+                                        "--out", str(seed1), "--width", "8", "--seed", "1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "ensemble"
+    res = runner.invoke(train_command, ["classifier-ensemble", str(seed0), str(seed1), "--out", str(out), *common,
+                                        "--docs", str(tmp_path / "docs")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["members"] == 2 and config["temperature"] > 0
+    assert set(config["operating_points"]) == {"dermoscopic", "clinical"}
+    assert [m["seed"] for m in config["training"]["ensemble_of"]] == [0, 1]
+    # served: the engine averages the members' logits, then applies the ensemble's own temperature
+    engine = ClassifierEngine.load(out, device="cpu")
+    with Image.open(data_dir / "ham10000" / "images" / "ISIC_0027419.jpg") as img:
+        photo = img.copy()
+    [pred] = engine.predict([photo], "dermoscopic")
+    x, types = engine.preprocess([photo]), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        logits = torch.stack([dihedral_logits(load_model(m)[0], x, types, config["tta_views"])
+                              for m in (seed0, seed1)]).mean(0)
+    expected = torch.softmax(logits / config["temperature"], -1)[0]
+    top = pred.differential[0]
+    assert top["code"] == config["class_codes"][int(expected.argmax())]
+    assert top["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
+    assert pred.saliency_png and Image.open(__import__("io").BytesIO(pred.saliency_png)).size == photo.size
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["ensemble"]) == ["member · seed 0", "member · seed 1", "ensemble of 2"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "ensemble of 2 SkinClassifierNets" in card and "Joined with: `skinbridge train classifier-ensemble" in card
+    assert "--seed 1" in card and "The members and the ensemble" in card  # each member's own command
+    assert f" {seed0} {seed1} " in card  # the joined command reruns as recorded
+
+    # refused, and nothing written: another recipe, a lone run, the ensemble folder over a member
+    other = shutil.copytree(seed1, tmp_path / "wider")
+    (other / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()), "width": 16}))
+    for args, says in (([str(seed0), str(other)], "differs from"), ([str(seed0)], "at least two"),
+                       ([str(seed0), str(out)], "ensemble already")):
+        res = runner.invoke(train_command, ["classifier-ensemble", *args, "--out", str(tmp_path / "no"), *common])
+        assert res.exit_code == 2 and says in res.output, res.output
+        assert not (tmp_path / "no").exists()
+    res = runner.invoke(train_command, ["classifier-ensemble", str(seed0), str(seed1), "--out", str(seed1), *common])
+    assert res.exit_code == 2 and "one of the members" in res.output
+
+
 def test_photo_type_model_is_trained_beside_the_classifier_and_used_by_the_engine(
         trained: dict[str, Path], data_dir: Path, tmp_path: Path) -> None:
     import shutil
@@ -483,7 +543,7 @@ def test_memorisation_check_tells_copies_of_training_photos_from_new_pictures(da
     noise = np.random.default_rng(0).integers(0, 256, photos.shape, dtype=np.uint8)
     result = memorisation({"dermatofibroma": np.concatenate([copies, brighter, noise])}, data_dir)
     assert result["near_copies"] == pytest.approx(2 / 3)  # the copies and the brightened copies, not the noise
-    assert result["unseen_photos"] > 10 and 0 < result["threshold"] < result["median_distance"]["unseen_photos"]
+    assert result["unseen_photos"] >= 3 and 0 < result["threshold"] < result["median_distance"]["unseen_photos"]
     assert memorisation({"dermatofibroma": noise}, data_dir)["near_copies"] == 0.0
 
 

@@ -20,7 +20,9 @@ from inference.engines.classifier_net import (
     IMAGE_TYPES,
     WEIGHTS_NAME,
     ClassifierConfig,
+    SkinClassifierEnsemble,
     SkinClassifierNet,
+    build_classifier,
     dihedral_logits,
     dihedral_view,
     point_members,
@@ -34,7 +36,8 @@ SUSPECT_FLAG = "suspect:"  # + condition code: probability at or above the model
 PHOTO_TYPE_FLAG = "photo_type:"  # + "dermoscopic" | "clinical": whose operating points were applied
 
 
-def save_classifier(folder: str | Path, model: SkinClassifierNet, config: ClassifierConfig) -> Path:
+def save_classifier(folder: str | Path, model: SkinClassifierNet | SkinClassifierEnsemble,
+                    config: ClassifierConfig) -> Path:
     """Write a classifier folder exactly as :meth:`ClassifierEngine.load` reads it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +48,8 @@ def save_classifier(folder: str | Path, model: SkinClassifierNet, config: Classi
 
 
 class ClassifierEngine:
-    def __init__(self, model: SkinClassifierNet, config: ClassifierConfig, device: str, weights_sha256: str,
+    def __init__(self, model: SkinClassifierNet | SkinClassifierEnsemble, config: ClassifierConfig, device: str,
+                 weights_sha256: str,
                  photo_types: PhotoTypeModel | None = None) -> None:
         self.model = model.to(device).eval()
         self.config = config
@@ -59,7 +63,7 @@ class ClassifierEngine:
     def load(cls, path: str | Path, device: str = "auto") -> "ClassifierEngine":
         path = Path(path)
         config = ClassifierConfig.load(path)
-        model = SkinClassifierNet(config.num_classes, config.num_image_types, config.width)
+        model = build_classifier(config)
         state = load_file(str(path / WEIGHTS_NAME))
         model.load_state_dict(state)
         return cls(model, config, pick_device(device), model_sha256(path / WEIGHTS_NAME), PhotoTypeModel.load(path))
@@ -161,10 +165,13 @@ class ClassifierEngine:
         each view's map turned back before averaging: a single view's map carries the net's orientation
         artefacts (heat drifting to one border), which the views cancel as they do in the logits.
         """
-        store: dict[str, torch.Tensor] = {}
-        layer = self.model.target_layer(self.config.cam_stage)
-        fwd = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("act", out))
-        bwd = layer.register_full_backward_hook(lambda _m, _gi, go: store.__setitem__("grad", go[0]))
+        layers = self.model.target_layers(self.config.cam_stage)  # one per ensemble member
+        acts: dict[int, torch.Tensor] = {}
+        grads: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i, layer in enumerate(layers):
+            hooks.append(layer.register_forward_hook(lambda _m, _i, out, i=i: acts.__setitem__(i, out)))
+            hooks.append(layer.register_full_backward_hook(lambda _m, _gi, go, i=i: grads.__setitem__(i, go[0])))
         views = self.config.tta_views
         try:
             x = self.preprocess([image]).to(self.device)
@@ -174,11 +181,13 @@ class ClassifierEngine:
                 self.model.zero_grad(set_to_none=True)
                 logits[:, class_index].sum().backward()
         finally:
-            fwd.remove()
-            bwd.remove()
-        act, grad = store["act"].detach(), store["grad"].detach()
-        weights = grad.mean(dim=(2, 3), keepdim=True)
-        cams = F.relu((weights * act).sum(dim=1, keepdim=True))  # views x 1 x h x w
+            for hook in hooks:
+                hook.remove()
+        # views x 1 x h x w, summed over ensemble members: the averaged logit's gradient already weighs each
+        cams = torch.zeros(())
+        for i in range(len(layers)):
+            act, grad = acts[i].detach(), grads[i].detach()
+            cams = cams + F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
         cam = torch.stack([undo_dihedral_view(cams[k : k + 1], k)[0, 0] for k in range(views)]).mean(0)
         size = self.config.image_size
         cam = F.interpolate(cam[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]

@@ -43,12 +43,17 @@ class ClassifierConfig(JsonConfig):
     # number in training-time calibration, evaluation and serving, so the fitted numbers stay valid
     tta_views: int = 1
     cam_stage: int = -1  # the stage Grad-CAM reads: -1 the last (coarsest), -2 the one before (twice as fine)
+    # more than 1: an ensemble of that many nets of this shape, trained separately, their logits averaged
+    # (weights stored as ``members.<i>.<name>``)
+    members: int = 1
 
     def __post_init__(self) -> None:
         if len(self.class_codes) != self.num_classes:
             raise ValueError(f"{len(self.class_codes)} class codes for {self.num_classes} classes")
         if self.tta_views not in DIHEDRAL_VIEWS:
             raise ValueError(f"tta_views must be one of {DIHEDRAL_VIEWS}, not {self.tta_views}")
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1, not {self.members}")
 
 
 class _Block(nn.Module):
@@ -92,14 +97,41 @@ class SkinClassifierNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(8 * w, num_classes)
 
-    def target_layer(self, stage: int = -1) -> nn.Module:
+    def target_layers(self, stage: int = -1) -> list[nn.Module]:
         """The last block of ``stage``: the layer Grad-CAM reads activations and gradients from."""
-        return self.stages[stage][-1]
+        return [self.stages[stage][-1]]
 
     def forward(self, images: torch.Tensor, image_type: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(images))
         features = self.pool(x).flatten(1) + self.type_embedding(image_type)
         return self.head(self.dropout(features))
+
+
+class SkinClassifierEnsemble(nn.Module):
+    """Nets of one shape trained separately (other seeds); the logits are averaged.
+
+    Separately trained nets make partly different mistakes, so their average is more accurate and better
+    calibrated than each of them (Lakshminarayanan et al. 2017), at the cost of one forward pass each.
+    """
+
+    def __init__(self, members: list[SkinClassifierNet]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def target_layers(self, stage: int = -1) -> list[nn.Module]:
+        """Every member's Grad-CAM layer: the map of the averaged logit sums the members' maps."""
+        return [layer for member in self.members for layer in member.target_layers(stage)]
+
+    def forward(self, images: torch.Tensor, image_type: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(images, image_type) for member in self.members]).mean(0)
+
+
+def build_classifier(config: ClassifierConfig) -> SkinClassifierNet | SkinClassifierEnsemble:
+    """The untrained network a classifier folder's config describes (weights are loaded by the caller)."""
+    def net() -> SkinClassifierNet:
+        return SkinClassifierNet(config.num_classes, config.num_image_types, config.width)
+
+    return net() if config.members == 1 else SkinClassifierEnsemble([net() for _ in range(config.members)])
 
 
 ANY_MALIGNANT = "any_malignant"  # the operating point on the summed probability of ``malignant_codes``

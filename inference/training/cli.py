@@ -140,6 +140,44 @@ def classifier_report_cmd(model: Path, data: Path, ab_runs: tuple[str, ...], sal
     click.echo(json.dumps({k: metrics[k] for k in ("ab", "saliency") if k in metrics}, indent=2))
 
 
+@train_command.command("classifier-ensemble")
+@click.argument("members", nargs=-1, required=True,
+                type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="a new folder for the ensemble")
+@click.option("--data", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True)
+@click.option("--tta-views", type=click.Choice(["1", "2", "4", "8"]), default=None,
+              help="flips/rotations averaged per member (default: the members')")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("var/cache"), show_default=True)
+@click.option("--subset-per-label", type=int, default=None, hidden=True, help="tests: a few photos per label")
+@click.option("--docs", type=click.Path(path_type=Path), default=REPO_DOCS, show_default=True)
+def classifier_ensemble_cmd(members: tuple[Path, ...], out: Path, data: Path, tta_views: str | None, device: str,
+                            threads: int, cache_dir: Path, subset_per_label: int | None, docs: Path) -> None:
+    """Join finished classifier runs of one recipe (other seeds) into one ensemble: their logits averaged,
+    calibrated and thresholded on validation, measured on test; writes the folder, card and metrics."""
+    import torch
+
+    from inference.engines.base import pick_device
+    from inference.training.ensemble import EnsembleMismatch, join_classifiers
+
+    if len(members) < 2:
+        raise click.BadParameter("an ensemble needs at least two finished classifier runs", param_hint="MEMBERS")
+    for folder in members:
+        if not (folder / "metrics.json").exists() or not (folder / "config.json").exists():
+            raise click.BadParameter(f"{folder} is not a finished classifier run", param_hint="MEMBERS")
+    torch.set_num_threads(threads)
+    try:
+        metrics = join_classifiers(
+            list(members), out, data=data, cache_dir=cache_dir, tta_views=int(tta_views) if tta_views else None,
+            commands=[_card_command(folder, "Trained with") for folder in members], docs_img=docs / "img",
+            device=pick_device(device), items_per_label=subset_per_label)
+    except EnsembleMismatch as exc:
+        raise click.BadParameter(str(exc), param_hint="MEMBERS") from exc
+    _refresh_classifier_card(out, docs, trained_with=_command_line())
+    click.echo(json.dumps(_summary({k: v for k, v in metrics.items() if k != "ab"}), indent=2))
+
+
 @train_command.command("photo-type")
 @click.option("--model", type=click.Path(path_type=Path), default=WEIGHTS / "classifier", show_default=True,
               help="the classifier folder the photo-type model is stored in (photo_type.json)")
@@ -377,9 +415,9 @@ def _command_line(skip: tuple[str, ...] = ()) -> str:
             flags = opt.opts if value else opt.secondary_opts
             parts += flags[:1]
             continue
-        flag = opt.opts[0] if opt is not None else f"--{name.replace('_', '-')}"
+        flag = [opt.opts[0]] if opt is not None else []  # an argument (classifier-ensemble's members): bare
         for item in (value if isinstance(value, tuple) else (value,)):  # a repeatable option: once per value
-            parts += [flag, shlex.quote(_rel(item) if isinstance(item, Path) else str(item))]
+            parts += [*flag, shlex.quote(_rel(item) if isinstance(item, Path) else str(item))]
     return " ".join(parts)
 
 

@@ -22,11 +22,9 @@ def compare(folders: dict[str, Path], data: Path, cache_dir: Path = Path("var/ca
     for name, folder in folders.items():
         model, config = load_model(folder)
         labelled = D.label(D.build_cache(data, config["image_size"], cache_dir, progress=False))
-        m = D.split_masks(data, labelled)
-        unseen_ham = m["ham-lesion-test"] & (m["ham-grouped-val"] | m["ham-grouped-test"])
-        unseen_dn = m["dermnet-val"] & (m["dermnet-grouped-val"] | m["dermnet-grouped-test"])
-        h = evaluate_split(model, config, labelled, unseen_ham, "ham-grouped-test")
-        d = evaluate_split(model, config, labelled, unseen_dn, "dermnet-grouped-test")
+        unseen = D.never_trained_on(D.split_masks(data, labelled))
+        h = evaluate_split(model, config, labelled, unseen["ham10000"], "ham-grouped-test")
+        d = evaluate_split(model, config, labelled, unseen["dermnet"], "dermnet-grouped-test")
         out[name] = {"ham": {k: h[k] for k in ("n", "acc", "balanced_acc", "auc_macro_ovr")},
                      "ham_melanoma": h["operating_points"].get("melanoma"),
                      "dermnet": {k: d[k] for k in ("n", "top1", "top3")},

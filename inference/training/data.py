@@ -342,3 +342,18 @@ def split_masks(data: Path, labelled: Labelled | Sequence[RawItem]) -> dict[str,
     masks["train"] = masks["ham-grouped-train"] | masks["dermnet-grouped-train"]
     masks["val"] = masks["ham-grouped-val"] | masks["dermnet-grouped-val"]
     return masks
+
+
+def ever_trained_on(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """Photos a default model may have trained on: the grouped training split (the classifier since v2, the
+    generator runs since 3 December 2026) or the earlier DermaMNIST-train / DermNet-80 % split (classifier
+    v1 and the generator runs before)."""
+    return masks["train"] | masks["dermamnist-train"] | masks["dermnet-train"]
+
+
+def never_trained_on(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per source, the photos held out by both split schemes (lesion-disjoint for HAM10000): the fair ground
+    for measuring a model whichever scheme it trained on, and for comparing models of both."""
+    held_out = masks["ham-grouped-val"] | masks["ham-grouped-test"]
+    return {"ham10000": masks["ham-lesion-test"] & held_out,
+            "dermnet": masks["dermnet-val"] & (masks["dermnet-grouped-val"] | masks["dermnet-grouped-test"])}

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
-from inference.engines.classifier_net import WEIGHTS_NAME, SkinClassifierNet, dihedral_logits, point_members
+from inference.engines.classifier_net import (
+    WEIGHTS_NAME,
+    ClassifierConfig,
+    build_classifier,
+    dihedral_logits,
+    point_members,
+)
 from inference.training import data as D
 from inference.training.augment import normalise, to_float
 
@@ -190,7 +196,7 @@ def load_model(folder: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model = SkinClassifierNet(config["num_classes"], config.get("num_image_types", 2), config["width"])
+    model = build_classifier(ClassifierConfig.load(folder))
     state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
     model.load_state_dict(state)
     return model.eval(), config

@@ -64,6 +64,14 @@ def _point_rows(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _recipe(tr: dict[str, Any]) -> str:
+    """How one classifier run trained, from its config's ``training`` record."""
+    mixing = f", mixup/CutMix on {100 * tr['mix_prob']:.0f} % of batches" if tr.get("mix_prob") else ""
+    return ("AdamW + warm-up/cosine, EMA (the last EMA weights ship: no epoch was picked on validation data), "
+            f"class-balanced loss (weights ∝ n^-{tr.get('class_balance')}), label smoothing "
+            f"{tr.get('label_smoothing', 0.05)}{mixing}, flips/rotations/colour jitter/random resized crops")
+
+
 def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: str,
                     command: str | None = None) -> str:
     tr = config.get("training", {})
@@ -75,7 +83,6 @@ def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: 
     views = int(config.get("tta_views", 1))
     tta = (f"Each prediction averages the logits of {views} flips/rotations of the photo (test-time "
            "augmentation) — in calibration, evaluation and serving alike. ") if views > 1 else ""
-    mixing = (f", mixup/CutMix on {100 * tr['mix_prob']:.0f} % of batches" if tr.get("mix_prob") else "")
     stage = "the last stage (1/32 of the input)" if config.get("cam_stage", -1) == -1 else \
         "the second-to-last stage (1/16 of the input: 6×6 cells at 96 px)"
     ab = ""
@@ -97,21 +104,45 @@ def classifier_card(config: dict[str, Any], metrics: dict[str, Any], model_dir: 
                     f"point is on it in {_pct(chosen.get('peak_on_lesion'))} of photos (heat / peak by stage: "
                     f"{others}). A map spread evenly would put {_pct(chosen.get('lesion_area'))} on the lesion.\n\n"
                     "![Grad-CAM on validation photos](img/classifier_gradcam_grid.png)\n")
-    return f"""## Classifier `{config['model_id']}` {config['model_version']}
-
-SkinClassifierNet (compact ResNet, width {config['width']}, image-type embedding), trained **from
-scratch on {where}** at **{config['image_size']}×{config['image_size']} px**, {len(config['class_codes'])} vocabulary
-classes, on HAM10000 (dermoscopic) + DermNet (clinical) jointly. **Splits without leakage:** HAM10000
+    splits = """**Splits without leakage:** HAM10000
 is split 70/15/15 by `lesion_id` (no lesion on two sides) and DermNet 70/15/15 by photo series, both
 stratified by diagnosis; training, temperature, operating points and every choice below used the
-train and validation parts only, the test parts were measured once.
+train and validation parts only, the test parts were measured once."""
+    members = tr.get("ensemble_of")
+    if members:
+        runs = "\n".join(
+            f"- seed {m.get('seed')}: {m.get('epochs_done')} epochs ({m.get('steps')} steps, batch "
+            f"{m.get('batch_size')}, {m.get('wall_s')} s wall on {_trained_on(m)}), weights "
+            f"`{str(m.get('weights_sha256', ''))[:12]}`" + (f": `{m['command']}`" if m.get("command") else "")
+            for m in members)
+        head = f"""An **ensemble of {len(members)} SkinClassifierNets** (compact ResNet, width {config['width']}, image-type
+embedding), each trained **from scratch** at **{config['image_size']}×{config['image_size']} px** with the same recipe and another
+seed; each prediction averages their logits. {len(config['class_codes'])} vocabulary classes, HAM10000 (dermoscopic) + DermNet (clinical)
+jointly. {splits} Every member trained on the same training photos (the splits do not move with the seed).
+Recipe of each member: {_recipe(members[0])}.
+
+{runs}
+
+{tta}Temperature scaling of the averaged logits on validation data: T = {config['temperature']:.3f}. Grad-CAM reads
+{stage} of every member and sums their maps (the gradient of the averaged logit weighs each).
+{_trained_with(command).replace("Trained with", "Joined with")}
+"""
+    else:
+        head = f"""SkinClassifierNet (compact ResNet, width {config['width']}, image-type embedding), trained **from
+scratch on {where}** at **{config['image_size']}×{config['image_size']} px**, {len(config['class_codes'])} vocabulary
+classes, on HAM10000 (dermoscopic) + DermNet (clinical) jointly. {splits}
 Training: {tr.get('epochs_done')} epochs ({tr.get('steps')} steps, batch {tr.get('batch_size')},
-{tr.get('wall_s')} s wall, seed {tr.get('seed')}), AdamW + warm-up/cosine, EMA (the last EMA weights ship:
-no epoch was picked on validation data), class-balanced loss (weights ∝ n^-{tr.get('class_balance')}),
-label smoothing {tr.get('label_smoothing', 0.05)}{mixing}, flips/rotations/colour jitter/random resized
-crops. {tta}Temperature scaling on validation data: T = {config['temperature']:.3f}. Grad-CAM reads {stage}.
+{tr.get('wall_s')} s wall, seed {tr.get('seed')}), {_recipe(tr)}. {tta}Temperature scaling on validation data: T = {config['temperature']:.3f}. Grad-CAM reads {stage}.
 {_trained_with(command)}
-| Metric | Value | Reproduce |
+"""
+    members_table = ""
+    if metrics.get("ensemble"):
+        members_table = ("\n### The members and the ensemble (validation)\n\nEach member alone (its own "
+                         "temperature and operating points) against the ensemble; validation numbers only.\n\n"
+                         f"{ab_table(metrics['ensemble'])}\n")
+    return f"""## Classifier `{config['model_id']}` {config['model_version']}
+
+{head}| Metric | Value | Reproduce |
 |---|---|---|
 | HAM10000 lesion-grouped **test** balanced accuracy (7 classes, n={ht['n']}) | **{ht['balanced_acc']:.3f}** | `{ev} ham-grouped-test` |
 | HAM10000 lesion-grouped test ACC / macro AUC | {ht['acc']:.3f} / {ht['auc_macro_ovr']:.3f} | same |
@@ -132,7 +163,7 @@ of that type the point sends to review on its own (other rules add low-confidenc
 | Photo type | Flag | Threshold | Validation sensitivity / specificity | Test sensitivity / specificity | Test photos flagged |
 |---|---|---|---|---|---|
 {_point_rows(metrics)}
-{saliency}{ab}
+{saliency}{members_table}{ab}
 ![HAM10000 lesion-grouped test confusion matrix](img/classifier_confusion_ham_test.png)
 
 ### Data and licences
@@ -212,8 +243,8 @@ def generator_card(config: dict[str, Any], metrics: dict[str, Any], command: str
             f"{'yes' if c in offered else 'no'} |"
             for c, v in sorted(rec["per_class"].items()))
         reference = (f" For reference, the same classifier names **{_pct(real['overall'])}** of held-out *real* photos "
-                     "of these classes correctly (DermaMNIST test + DermNet validation, never trained on, each class "
-                     "in the image type it is drawn in): the classifier, not only the generator, limits this "
+                     f"of these classes correctly ({real.get('photos', 'DermaMNIST test + DermNet validation, never trained on')}, "
+                     "each class in the image type it is drawn in): the classifier, not only the generator, limits this "
                      "measure.") if real else ""
         reference += _by_image_type(rec["per_class"], real_pc, real_n, types)
         grid = (f" Patch-grid strength of the pictures: {rec['patch_grid']} (spectral power at the patch period "

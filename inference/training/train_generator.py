@@ -382,12 +382,14 @@ def recognition(unet: Any, config: Any, classifier_dir: Path, n: int, *, seed: i
 
 
 def real_photo_recognition(model: Any, cconf: dict[str, Any], data: Path, image_types: dict[str, str]) -> dict[str, Any]:
-    """The classifier's top-1 recall on held-out real photos (DermaMNIST test, DermNet validation: never
-    trained on) of each generator class, taken with the image type the generator draws it in."""
-    from inference.training.evaluate import decode_items, split_items
+    """The classifier's top-1 recall on real photos of each generator class that it never trained on (the
+    grouped validation and test splits), taken with the image type the generator draws it in."""
+    from inference.training.evaluate import decode_items
 
     items = D.ham_items(data) + D.dermnet_items(data)
-    wanted = split_items(data, items, "dermamnist-test") + split_items(data, items, "dermnet-val")
+    masks = D.split_masks(data, items)
+    held_out = ~masks["train"] & (masks["val"] | masks["ham-grouped-test"] | masks["dermnet-grouped-test"])
+    wanted = [it for i, it in enumerate(items) if held_out[i]]
     labelled = D.label(decode_items(data, wanted, int(cconf["image_size"])))
     rows = [i for i, c in enumerate(labelled.codes)
             if c in image_types and labelled.image_type[i] == D.IMAGE_TYPES[image_types[c]]]
@@ -400,7 +402,8 @@ def real_photo_recognition(model: Any, cconf: dict[str, Any], data: Path, image_
         if hits:
             per_class[code] = sum(hits) / len(hits)
     overall = sum(p == t for p, t in zip(pred, true, strict=True)) / max(1, len(true))
-    return {"overall": overall, "per_class": per_class, "n_per_class": counts}
+    return {"overall": overall, "per_class": per_class, "n_per_class": counts,
+            "photos": "grouped validation + test splits, never trained on by the classifier"}
 
 
 @torch.no_grad()
@@ -408,22 +411,25 @@ def memorisation(generated: dict[str, np.ndarray], data: Path, *, quantile: floa
     """Whether the generator copies its training photos: each generated picture's distance to the nearest
     training photo of its class (RMS over pixels in [0, 1], at half the sample size, flipped copies
     included as training showed them), against the same distance for unseen real photos of the class
-    (HAM10000 lesions never trained on, DermNet validation). A picture closer than the ``quantile`` of
+    (held out by both split schemes: :func:`~inference.training.data.never_trained_on`). A picture closer than the ``quantile`` of
     the unseen photos' distances counts as a near-copy: a generator that draws new pictures has about
     ``quantile`` of them, one that memorises far more. ``generated``: code -> N x S x S x 3 uint8."""
-    from inference.training.evaluate import decode_items, split_items
+    from inference.training.evaluate import decode_items
 
     size = next(iter(generated.values())).shape[1]
     items = D.ham_items(data) + D.dermnet_items(data)
     keep, codes = D.item_codes(items)
     code_of = {items[i]: c for i, c in zip(keep, codes, strict=True)}
+    masks = D.split_masks(data, items)
+    never = D.never_trained_on(masks)
 
-    def photos(*splits: str) -> dict[str, torch.Tensor]:
-        chosen = [it for sp in splits for it in split_items(data, items, sp) if code_of.get(it) in generated]
+    def photos(mask: np.ndarray) -> dict[str, torch.Tensor]:
+        chosen = [it for i, it in enumerate(items) if mask[i] and code_of.get(it) in generated]
         cache = decode_items(data, chosen, size)
         return {c: _small(cache.images[[k for k, it in enumerate(chosen) if code_of[it] == c]]) for c in generated}
 
-    train, unseen = photos("dermamnist-train", "dermnet-train"), photos("ham-lesion-test", "dermnet-val")
+    # whichever split scheme the generator trained on: every photo it may have seen, against photos neither saw
+    train, unseen = photos(D.ever_trained_on(masks)), photos(never["ham10000"] | never["dermnet"])
 
     def nearest(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if not len(x) or not len(ref):
