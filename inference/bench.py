@@ -114,9 +114,10 @@ def bench_classifier(device: str, batch_sizes: list[int], scale: str, iterations
     cam |= measure(lambda: engine.saliency_png(photos[0], "clinical", 0), device=device, iterations=iterations,
                    warmup=warmup, items=1, unit="images")
     results.append(cam)
-    return {"name": "classifier", "architecture": "SkinClassifierNet", "params": _params(engine.model),
+    return {"name": "classifier", "architecture": type(engine.model).__name__, "params": _params(engine.model),
             "dtype": "float32", "scaled_down": scale == "tiny", "model_id": config.model_id,
-            "dims": {"width": width, "image_size": size, "num_classes": classes, "tta_views": config.tta_views},
+            "dims": {"width": width, "image_size": size, "num_classes": classes, "tta_views": config.tta_views,
+                     "members": config.members},
             "results": results}
 
 
