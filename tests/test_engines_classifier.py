@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from inference.engines.base import model_sha256
-from inference.engines.classifier import ClassifierEngine, save_classifier
+from inference.engines.classifier import SALIENCY_MAX_SIDE, ClassifierEngine, save_classifier
 from inference.engines.classifier_net import ClassifierConfig, SkinClassifierNet, count_parameters
 
 CODES = ["melanoma", "nevus", "basal_cell_carcinoma", "acne"]
@@ -98,6 +98,10 @@ def test_saliency_png_matches_the_photo(classifier_dir: Path) -> None:
     assert painted.size == photo.size
     diff = np.abs(np.asarray(painted, dtype=int) - np.asarray(photo, dtype=int))
     assert diff.mean() > 1.0
+    # a large photo keeps its frame (aspect ratio) in an overlay no longer than SALIENCY_MAX_SIDE
+    large = _photo(3, (2000, 1200))
+    overlay = Image.open(io.BytesIO(engine.saliency_png(large, "dermoscopic", k)))
+    assert overlay.size == (SALIENCY_MAX_SIDE, round(1200 * SALIENCY_MAX_SIDE / 2000))
 
 
 def test_rejects_unknown_image_type_and_bad_config(classifier_dir: Path, tmp_path: Path) -> None:
