@@ -392,6 +392,13 @@ def test_runs_with_other_seeds_join_into_an_ensemble_the_engine_serves(trained: 
     assert "ensemble of 2 SkinClassifierNets" in card and "Joined with: `skinbridge train classifier-ensemble" in card
     assert "--seed 1" in card and "The members and the ensemble" in card  # each member's own command
     assert f" {seed0} {seed1} " in card  # the joined command reruns as recorded
+    # the report measures Grad-CAM over both members and keeps how the ensemble was joined
+    res = runner.invoke(train_command, ["classifier-report", "--model", str(out), "--data", str(data_dir),
+                                        "--photos", "4", "--docs", str(tmp_path / "docs")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Joined with: `skinbridge train classifier-ensemble" in card and "Grad-CAM on the lesion" in card
+    assert "The members and the ensemble" in card
 
     # refused, and nothing written: another recipe, a lone run, the ensemble folder over a member
     other = shutil.copytree(seed1, tmp_path / "wider")

@@ -217,8 +217,8 @@ def _refresh_classifier_card(model: Path, docs: Path, trained_with: str | None =
     keeping the recorded training command unless a new one is given."""
     from inference.training.model_card import classifier_card, load_json, write_card
 
-    if trained_with is None:
-        trained_with = _card_command(model, "Trained with")
+    if trained_with is None:  # an ensemble's card records how it was joined (its members' commands are in its config)
+        trained_with = _card_command(model, "Trained with") or _card_command(model, "Joined with")
     card = classifier_card(load_json(model / "config.json"), load_json(model / "metrics.json"), _rel(model),
                            trained_with)
     write_card(model, card, docs / "models.md", "classifier")
