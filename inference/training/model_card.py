@@ -34,8 +34,8 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and v != v) else f"{100 * float(v):.1f} %"
 
 
-def _trained_with(command: str | None) -> str:
-    return f"\nTrained with: `{command}`\n" if command else ""
+def _trained_with(command: str | None, label: str = "Trained with") -> str:
+    return f"\n{label}: `{command}`\n" if command else ""
 
 
 def _trained_on(training: dict[str, Any]) -> str:
@@ -125,7 +125,7 @@ Recipe of each member: {_recipe(members[0])}.
 
 {tta}Temperature scaling of the averaged logits on validation data: T = {config['temperature']:.3f}. Grad-CAM reads
 {stage} of every member and sums their maps (the gradient of the averaged logit weighs each).
-{_trained_with(command).replace("Trained with", "Joined with")}
+{_trained_with(command, "Joined with")}
 """
     else:
         head = f"""SkinClassifierNet (compact ResNet, width {config['width']}, image-type embedding), trained **from

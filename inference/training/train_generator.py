@@ -388,7 +388,7 @@ def real_photo_recognition(model: Any, cconf: dict[str, Any], data: Path, image_
 
     items = D.ham_items(data) + D.dermnet_items(data)
     masks = D.split_masks(data, items)
-    held_out = ~masks["train"] & (masks["val"] | masks["ham-grouped-test"] | masks["dermnet-grouped-test"])
+    held_out = masks["val"] | masks["ham-grouped-test"] | masks["dermnet-grouped-test"]
     wanted = [it for i, it in enumerate(items) if held_out[i]]
     labelled = D.label(decode_items(data, wanted, int(cconf["image_size"])))
     rows = [i for i, c in enumerate(labelled.codes)
