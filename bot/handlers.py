@@ -213,7 +213,7 @@ async def _take(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, mes
     info_case = None
     case_id = _current_case_for_photos(me, user_data)
     if case_id is None and user_data.get("step") != "photos":  # /new was not sent: maybe an answer
-        info_case = _info_case(me)  # a dermatologist asked for more: the photo belongs to that case
+        info_case = _info_case(me, message.message_id)  # a dermatologist asked for more: the photo belongs there
         case_id = info_case
     await context.bot.send_chat_action(message.chat_id, ChatAction.TYPING)
     intake = await take_photo(context, clinic(), message, case_id, me.patient.id)  # type: ignore[union-attr]
@@ -227,8 +227,8 @@ async def _take(update: Update, context: ContextTypes.DEFAULT_TYPE, me: Who, mes
     if user_data.get("case_id") != str(case_id):  # this photo opened the case
         user_data.clear()
         user_data.update({"step": "photos", "case_id": str(case_id)})
-    if message.caption and intake.image_id is not None:  # words sent with a photo belong to the case too
-        _add_note(me, case_id, message.caption)  # type: ignore[arg-type]
+    if message.caption:  # words sent with a photo belong to the case too
+        _add_note(me, case_id, message.caption, message_id=message.message_id)  # type: ignore[arg-type]
     if message.media_group_id:
         _album_ack(context, message, me.lang, case_id)  # type: ignore[arg-type]
         return
@@ -396,14 +396,26 @@ async def on_case_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> 
 MAX_PATIENT_TEXT = 4096  # Telegram's own limit for one message: anything the Bot API delivers is kept whole
 
 
-def _add_note(me: Who, case_id: uuid.UUID | str, text: str, *, question: bool = False) -> uuid.UUID:
+def _made_by(session, me: Who, message_id: int) -> CaseMessage | None:  # type: ignore[no-untyped-def]
+    """The case message this Telegram message already made: the update is being replayed after a bot
+    was killed between its commit and marking the update handled."""
+    return session.scalar(select(CaseMessage).where(
+        CaseMessage.patient_id == me.patient.id, CaseMessage.role == "patient",  # type: ignore[union-attr]
+        CaseMessage.telegram_message_id == message_id))
+
+
+def _add_note(me: Who, case_id: uuid.UUID | str, text: str, *, message_id: int, question: bool = False) -> uuid.UUID:
     """Keep the patient's words on the case (encrypted, audited): the dermatologist reads them in
-    the case's conversation. A ``question`` is one for the follow-up path (no "note" flag)."""
+    the case's conversation. A ``question`` is one for the follow-up path (no "note" flag). A replayed
+    message (``message_id``) gets back the row it made the first time."""
     c = clinic()
     assert me.patient is not None
     with c.session() as session:
+        made = _made_by(session, me, message_id)
+        if made is not None:
+            return made.id
         row = CaseMessage(case_id=uuid.UUID(str(case_id)), patient_id=me.patient.id, role="patient",
-                          flags=[] if question else ["note"])
+                          flags=[] if question else ["note"], telegram_message_id=message_id)
         row.ensure_id()
         c.vault.set_text(session, row, "text", text, owner=me.patient.id)
         session.add(row)
@@ -415,7 +427,7 @@ def _add_note(me: Who, case_id: uuid.UUID | str, text: str, *, question: bool = 
 
 async def _ask_followup(message: Message, me: Who, user_data: dict, case_id: str, text: str) -> None:
     """A question about a case that has a result: the follow-up path answers it."""
-    message_id = _add_note(me, case_id, text, question=True)
+    message_id = _add_note(me, case_id, text, message_id=message.message_id, question=True)
     user_data.update({"step": "submitted", "case_id": case_id})
     await message.reply_text(t(me.lang, "followup.received"))
     from inference import pipeline
@@ -463,7 +475,7 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     if (step == "followup" and user_data.get("followup_case") == case_id) or status in SIGNED_OR_PRELIMINARY:
         await _ask_followup(message, me, user_data, case_id, text)
         return
-    _add_note(me, case_id, text)
+    _add_note(me, case_id, text, message_id=message.message_id)
     if status == CaseStatus.received.value:
         key = "note.saved_history" if step == "history" else "note.saved_photos"
         markup = _continue_keyboard(me.lang) if key == "note.saved_photos" and photo_count(clinic(), case.id) else None
@@ -490,9 +502,13 @@ def _waiting_task(session, patient_id: uuid.UUID) -> ReviewTask | None:  # type:
     )
 
 
-def _info_case(me: Who) -> uuid.UUID | None:
-    """The case a dermatologist asked this patient about, if one is waiting for an answer."""
+def _info_case(me: Who, message_id: int) -> uuid.UUID | None:
+    """The case a dermatologist asked this patient about, if one is waiting for an answer, or the one
+    this message already answered (a replay)."""
     with clinic().session() as session:
+        made = _made_by(session, me, message_id)
+        if made is not None and "info_reply" in made.flags:
+            return made.case_id
         task = _waiting_task(session, me.patient.id)  # type: ignore[union-attr]
         return None if task is None else task.case_id
 
@@ -500,19 +516,34 @@ def _info_case(me: Who) -> uuid.UUID | None:
 async def _answer_info_request(update: Update, me: Who, *, text: str) -> bool:
     """Store the patient's reply on the case and put the task back in the dermatologist's queue."""
     c = clinic()
+    message = update.effective_message
+    assert message is not None
     with c.session() as session:
-        task = _waiting_task(session, me.patient.id)  # type: ignore[union-attr]
-        if task is None:
-            return False
-        row = CaseMessage(case_id=task.case_id, patient_id=me.patient.id, role="patient", flags=["info_reply"])  # type: ignore[union-attr]
-        row.ensure_id()
-        c.vault.set_text(session, row, "text", text, owner=me.patient.id)  # type: ignore[union-attr]
-        session.add(row)
-        review.patient_replied(session, task.case_id)  # back to the dermatologist who asked
-        audit.record(session, Actor("patient", str(me.patient.id)), "case_message.create", "CaseMessage", row.id,  # type: ignore[union-attr]
-                     case=str(task.case_id), reason="request_info")
-        session.commit()
-    await update.effective_message.reply_text(t(me.lang, "request_info.received"))  # type: ignore[union-attr]
+        made = _made_by(session, me, message.message_id)
+        if made is not None:  # a replay: the reply is stored and the task back in the queue already
+            replied = "info_reply" in made.flags
+        else:
+            replied = _store_info_reply(c, session, me, text, message.message_id)
+    if replied:
+        await message.reply_text(t(me.lang, "request_info.received"))
+    return replied
+
+
+def _store_info_reply(c: Clinic, session, me: Who, text: str, message_id: int) -> bool:  # type: ignore[no-untyped-def]
+    """Keep the reply to a dermatologist's question, if one waits for this patient, and put the task
+    back in the queue (committed). False when no question waits."""
+    task = _waiting_task(session, me.patient.id)  # type: ignore[union-attr]
+    if task is None:
+        return False
+    row = CaseMessage(case_id=task.case_id, patient_id=me.patient.id, role="patient", flags=["info_reply"],  # type: ignore[union-attr]
+                      telegram_message_id=message_id)
+    row.ensure_id()
+    c.vault.set_text(session, row, "text", text, owner=me.patient.id)  # type: ignore[union-attr]
+    session.add(row)
+    review.patient_replied(session, task.case_id)  # back to the dermatologist who asked
+    audit.record(session, Actor("patient", str(me.patient.id)), "case_message.create", "CaseMessage", row.id,  # type: ignore[union-attr]
+                 case=str(task.case_id), reason="request_info")
+    session.commit()
     return True
 
 

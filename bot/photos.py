@@ -3,7 +3,9 @@
 A photo is stored (and committed) before the patient is told it was received, so a crash after
 the acknowledgement can never lose it. ``source_ref`` (Telegram file_unique_id + case) makes a
 re-delivered update store nothing twice. A photo that starts a case opens it in the same
-transaction that stores it: a refused upload leaves no empty case behind.
+transaction that stores it: a refused upload leaves no empty case behind. The case keeps that
+message's id, so a bot killed after the commit but before it saved the conversation state replays
+the message into the same case, not a second one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from telegram import Message
 from telegram.error import BadRequest
 from telegram.ext import ContextTypes
@@ -62,9 +66,9 @@ class _TooLarge(Exception):
 
 
 def _store(clinic: Clinic, case_id: uuid.UUID | None, patient_id: uuid.UUID | None, raw: bytes,
-           filename: str | None, unique_id: str) -> Intake:
+           filename: str | None, unique_id: str, message_id: int) -> Intake:
     """Runs in a worker thread: decoding and re-encoding a photo is CPU work. ``case_id`` None opens
-    a new case of ``patient_id`` together with the photo."""
+    a new case of ``patient_id`` together with the photo (message ``message_id``)."""
     from inference import quality
 
     try:
@@ -81,7 +85,7 @@ def _store(clinic: Clinic, case_id: uuid.UUID | None, patient_id: uuid.UUID | No
             patient = session.get(Patient, patient_id)
             if patient is None:
                 raise LookupError("patient vanished while a photo was being stored")
-            case = cases.open_case(clinic, session, patient)
+            case = cases.open_case(clinic, session, patient, opening_message_id=message_id)
         else:
             case = session.get(Case, case_id)
             if case is None:
@@ -89,6 +93,11 @@ def _store(clinic: Clinic, case_id: uuid.UUID | None, patient_id: uuid.UUID | No
         image = cases.add_image(clinic, session, case, clean, source_ref=f"{unique_id}:{case.id}")
         session.commit()
         return Intake(stored=True, image_id=image.id, case_id=case.id, advisories=report.advisories)
+
+
+def _opened_by(session: Session, patient_id: uuid.UUID | None, message_id: int) -> Case | None:
+    """The case this message's photo already opened (the message is being replayed), if any."""
+    return session.scalar(select(Case).where(Case.patient_id == patient_id, Case.opening_message_id == message_id))
 
 
 async def take_photo(
@@ -100,10 +109,13 @@ async def take_photo(
     if upload is None:
         return Intake(stored=False, rejected_code="not_an_image")
     file_id, unique_id, size, filename = upload
-    if case_id is not None:
-        with clinic.session() as session:  # a re-delivered update: already stored, just acknowledge again
-            if session.query(Image.id).filter(Image.source_ref == f"{unique_id}:{case_id}").first() is not None:
-                return Intake(stored=True, case_id=case_id)
+    with clinic.session() as session:  # a re-delivered update: already stored, just acknowledge again
+        if case_id is None:  # the photo may have opened a case before the bot was killed
+            opened = _opened_by(session, patient_id, message.message_id)
+            case_id = None if opened is None else opened.id
+        if case_id is not None and session.scalar(
+                select(Image.id).where(Image.source_ref == f"{unique_id}:{case_id}")) is not None:
+            return Intake(stored=True, case_id=case_id)
     if size is not None and size > MAX_UPLOAD_BYTES:
         return Intake(stored=False, rejected_code="too_large")
     try:
@@ -114,7 +126,7 @@ async def take_photo(
         log.info("download refused: %s", exc.message)
         code = "too_large" if "too big" in exc.message.lower() else "corrupt"
         return Intake(stored=False, rejected_code=code)
-    return await asyncio.to_thread(_store, clinic, case_id, patient_id, raw, filename, unique_id)
+    return await asyncio.to_thread(_store, clinic, case_id, patient_id, raw, filename, unique_id, message.message_id)
 
 
 def photo_count(clinic: Clinic, case_id: uuid.UUID) -> int:

@@ -32,8 +32,9 @@ class StaleCase(RuntimeError):
     """The case changed status under us (another worker or clinician moved it first)."""
 
 
-def open_case(clinic: Clinic, session: Session, patient: Patient) -> Case:
-    case = Case(patient_id=patient.id, status=CaseStatus.received.value)
+def open_case(clinic: Clinic, session: Session, patient: Patient, *, opening_message_id: int | None = None) -> Case:
+    """A new case collecting photos; ``opening_message_id`` is the patient's message that opened it."""
+    case = Case(patient_id=patient.id, status=CaseStatus.received.value, opening_message_id=opening_message_id)
     case.ensure_id()
     session.add(case)
     clinic.vault.set_json(session, case, "history", {}, owner=patient.id)

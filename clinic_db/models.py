@@ -115,9 +115,15 @@ class PatientKey(Base):
 
 class Case(UUIDPk, Base):
     __tablename__ = "cases"
-    __table_args__ = (Index("ix_cases_status_updated", "status", "status_changed_at"),)
+    __table_args__ = (
+        Index("ix_cases_status_updated", "status", "status_changed_at"),
+        # a replayed photo that opened a case finds that case instead of opening a second one
+        UniqueConstraint("patient_id", "opening_message_id"),
+    )
 
     patient_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    # the patient's Telegram message (ids are per chat) whose photo opened the case; NULL for other intakes
+    opening_message_id: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default=CaseStatus.received.value)
     status_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     # history answers (body site, duration, itch, bleeding, growth, pain, prior treatment, Fitzpatrick)
@@ -324,10 +330,14 @@ class CaseMessage(UUIDPk, Base):
     """The conversation about a case: patient follow-up questions, AI answers, clinician messages."""
 
     __tablename__ = "case_messages"
+    # a replayed Telegram message finds the row it made instead of adding a second (and a second answer)
+    __table_args__ = (UniqueConstraint("patient_id", "role", "telegram_message_id"),)
 
     case_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
     patient_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     role: Mapped[str] = mapped_column(String(16))  # patient | assistant | clinician
+    # the patient's Telegram message this row came from (ids are per chat); NULL for every other source
+    telegram_message_id: Mapped[int | None] = mapped_column(BigInteger)
     text_enc: Mapped[bytes]
     flags: Mapped[list[str]] = mapped_column(default=list)  # e.g. red_flag, dosing_refused
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

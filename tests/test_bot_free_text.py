@@ -8,12 +8,13 @@ the pipeline and the console use.
 from __future__ import annotations
 
 import io
+import time
 import uuid
 
 from PIL import Image
 from sqlalchemy import select
 
-from clinic_db import clinicians, review
+from clinic_db import clinicians, outbox, review
 from clinic_db.models import AuditEvent, Case, CaseMessage, Clinician, ReviewTask
 from clinic_db.models import Image as ImageRow
 from console import demo
@@ -165,3 +166,56 @@ def test_refused_uploads_open_no_case_and_after_delete_the_bot_tells_the_truth(c
     chat.expect_text("I keep nothing you send before you agree")
     assert "Before I can look at photos" not in str([m.get("text") for m in chat.messages()])
     wait_for(lambda: count(clinic, Case) == 0, 5, message="erasure")
+
+
+def _typed_twice(chat: Chat, message_id: int, text: str) -> None:
+    """One message the patient typed, delivered as two updates: what a restarted bot meets when it was
+    killed after handling the message but before marking it handled (the inbox replays it)."""
+    user = {"id": chat.user_id, "is_bot": False, "first_name": "Patient", "language_code": "en"}
+    message = {"message_id": message_id, "date": int(time.time()), "from": user, "text": text,
+               "chat": {"id": chat.user_id, "type": "private", "first_name": "Patient"}}
+    for _ in range(2):
+        chat.http.post("/_emulator/updates", json={"message": message}).raise_for_status()  # each its own update_id
+
+
+def _answered_twice(chat: Chat, fragment: str) -> None:
+    """Both deliveries handled: an acknowledgement is sent again (the first may never have gone out)."""
+    wait_for(lambda: sum(fragment in (m.get("text") or "") for m in chat.messages()) == 2, timeout=30,
+             message=f"two answers {fragment!r}: {[m.get('text') for m in chat.messages()]}")
+
+
+def test_a_replayed_message_is_kept_once_as_note_question_and_answer(clinic, emulator: str, bot: BotProcess) -> None:  # type: ignore[no-untyped-def]
+    chat = Chat(emulator, 3005)
+    consent(chat)
+    chat.photo(lesion_photo(23))
+    saved = chat.expect_text("Photo saved (1 in this case)")
+    case_id = only_case(clinic).id
+    _typed_twice(chat, 700_001, "it is on my left arm")
+    _answered_twice(chat, "added your note to this case")
+    assert notes(clinic, case_id) == [("patient", ["note"], "it is on my left arm")]
+
+    chat.tap(saved, "photos:done")
+    answer_history(chat, HISTORY)
+    chat.expect_text("submitted")
+    publish_ai_result(clinic, case_id)
+    chat.tap(chat.expect_text("Most likely: Melanoma"), "c:ask:")
+    chat.expect_text("Type your question")
+    _typed_twice(chat, 700_002, "Is it dangerous?")  # one question row: its answer is deduplicated by it
+    _answered_twice(chat, "question was received")
+    assert [n for n in notes(clinic, case_id) if n[2] == "Is it dangerous?"] == [("patient", [], "Is it dangerous?")]
+
+    pipeline.request_review(case_id)
+    with clinic.session() as session:  # the dermatologist asks the patient something
+        task = session.scalars(select(ReviewTask).where(ReviewTask.case_id == case_id)).one()
+        task.status = "waiting_patient"
+        clinic.vault.set_text(session, task, "note", "Has it changed colour?", owner=task.case.patient_id)
+        outbox.enqueue(clinic, session, patient_id=task.case.patient_id, case_id=case_id, kind="request_info",
+                       dedup_key=f"request_info:{task.id}:1", payload={"case_id": str(case_id), "task_id": str(task.id)})
+        session.commit()
+    chat.expect_text("Has it changed colour?")
+    _typed_twice(chat, 700_003, "Yes, darker at the edge.")
+    _answered_twice(chat, "answer was added to the case")
+    assert [n for n in notes(clinic, case_id) if n[2] == "Yes, darker at the edge."] == \
+        [("patient", ["info_reply"], "Yes, darker at the edge.")]
+    with clinic.session() as session:
+        assert session.scalars(select(ReviewTask.status).where(ReviewTask.case_id == case_id)).one() == "open"
