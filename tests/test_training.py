@@ -400,15 +400,40 @@ def test_runs_with_other_seeds_join_into_an_ensemble_the_engine_serves(trained: 
     assert "Joined with: `skinbridge train classifier-ensemble" in card and "Grad-CAM on the lesion" in card
     assert "The members and the ensemble" in card
 
-    # refused, and nothing written: another recipe, a lone run, the ensemble folder over a member
-    other = shutil.copytree(seed1, tmp_path / "wider")
+    # a new run joins the ensemble itself (its member folders may be gone): three members, each with its
+    # own record and validation figures, served as the average of all three
+    seed2 = tmp_path / "seed2"
+    res = runner.invoke(train_command, ["classifier", *common, "--epochs", "1", "--docs", str(tmp_path / "d2"),
+                                        "--out", str(seed2), "--width", "8", "--seed", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(seed1)  # only the ensemble holds seed 1 now
+    three = tmp_path / "three"
+    res = runner.invoke(train_command, ["classifier-ensemble", str(out), str(seed2), "--out", str(three), *common,
+                                        "--docs", str(tmp_path / "docs")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    config3 = json.loads((three / "config.json").read_text())
+    assert config3["members"] == 3 and [m["seed"] for m in config3["training"]["ensemble_of"]] == [0, 1, 2]
+    assert config3["training"]["ensemble_of"][:2] == config["training"]["ensemble_of"]
+    metrics3 = json.loads((three / "metrics.json").read_text())
+    assert list(metrics3["ensemble"]) == ["member · seed 0", "member · seed 1", "member · seed 2", "ensemble of 3"]
+    assert metrics3["ensemble"]["member · seed 1"] == metrics["ensemble"]["member · seed 1"]
+    [pred3] = ClassifierEngine.load(three, device="cpu").predict([photo], "dermoscopic")
+    with torch.no_grad():
+        two = load_model(out)[0]
+        logits3 = (dihedral_logits(two, x, types, config3["tta_views"]) * 2
+                   + dihedral_logits(load_model(seed2)[0], x, types, config3["tta_views"])) / 3
+    expected3 = torch.softmax(logits3 / config3["temperature"], -1)[0]
+    assert pred3.differential[0]["probability"] == pytest.approx(float(expected3.max()), abs=1e-5)
+
+    # refused, and nothing written: another recipe, a lone run, a member twice, the ensemble over a member
+    other = shutil.copytree(seed2, tmp_path / "wider")
     (other / "config.json").write_text(json.dumps({**json.loads((other / "config.json").read_text()), "width": 16}))
     for args, says in (([str(seed0), str(other)], "differs from"), ([str(seed0)], "at least two"),
-                       ([str(seed0), str(out)], "ensemble already")):
+                       ([str(out), str(seed0)], "twice")):
         res = runner.invoke(train_command, ["classifier-ensemble", *args, "--out", str(tmp_path / "no"), *common])
         assert res.exit_code == 2 and says in res.output, res.output
         assert not (tmp_path / "no").exists()
-    res = runner.invoke(train_command, ["classifier-ensemble", str(seed0), str(seed1), "--out", str(seed1), *common])
+    res = runner.invoke(train_command, ["classifier-ensemble", str(seed0), str(seed2), "--out", str(seed2), *common])
     assert res.exit_code == 2 and "one of the members" in res.output
 
 

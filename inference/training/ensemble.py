@@ -4,7 +4,9 @@ The members are runs of one recipe with other seeds (``skinbridge train classifi
 same classes, input size, width and normalisation, trained on the same fixed splits. The ensemble
 averages their logits (:class:`~inference.engines.classifier_net.SkinClassifierEnsemble`); its
 temperature and per-photo-type operating points are fitted on the validation splits exactly as a
-single run's are, and it is measured once on the test splits.
+single run's are, and it is measured once on the test splits. An ensemble given as a member brings
+its own members (with their records and validation figures), so a new run can join the shipped
+ensemble without its member folders.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,29 @@ SHARED = ("class_codes", "image_size", "width", "num_image_types", "cam_stage")
 
 
 class EnsembleMismatch(ValueError):
-    """The folders cannot be joined (another shape, other classes, already an ensemble)."""
+    """The folders cannot be joined (another shape, other classes, a member twice)."""
+
+
+@dataclass
+class _Member:
+    state: dict[str, torch.Tensor]  # the member's own weights
+    record: dict[str, Any]  # where it came from: folder, weights digest, training command and figures
+    summary: dict[str, Any]  # its validation figures (model_card.ab_summary)
+
+
+def _members_of(folder: Path, config: ClassifierConfig, command: str | None) -> list[_Member]:
+    """A run is one member; an ensemble folder gives back the members it was joined from."""
+    weights = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()}
+    saved = load_json(folder / "config.json")
+    if config.members == 1:
+        record = {"folder": str(folder), "weights_sha256": model_sha256(folder / WEIGHTS_NAME), "command": command,
+                  **saved.get("training", {})}
+        return [_Member(weights, record, ab_summary(load_json(folder / "metrics.json"), saved))]
+    records = saved["training"]["ensemble_of"]
+    summaries = [row for label, row in load_json(folder / "metrics.json").get("ensemble", {}).items()
+                 if label.startswith("member")]
+    return [_Member({k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"members.{i}.")}, record, row)
+            for i, (record, row) in enumerate(zip(records, summaries, strict=True))]
 
 
 def join_classifiers(members: list[Path], out: Path, *, data: Path, cache_dir: Path, commands: list[str | None],
@@ -41,16 +65,15 @@ def join_classifiers(members: list[Path], out: Path, *, data: Path, cache_dir: P
                      items_per_label: int | None = None) -> dict[str, Any]:
     """Write the ensemble of ``members`` to ``out`` with its temperature, operating points and metrics.
 
-    ``commands``: each member's training command (from its card), recorded in the ensemble's config. The
-    first member's photo-type model and A/B table come along: neither depends on the weights.
+    ``commands``: each member's training command (from its card), recorded in the ensemble's config (an
+    ensemble among ``members`` keeps its members' own). The first folder's photo-type model and A/B table
+    come along: neither depends on the weights.
     """
     configs = [ClassifierConfig.load(folder) for folder in members]
     first = configs[0]
     if out.resolve() in {folder.resolve() for folder in members}:
         raise EnsembleMismatch(f"{out} is one of the members: write the ensemble to a new folder")
     for folder, config in zip(members, configs, strict=True):
-        if config.members != 1:
-            raise EnsembleMismatch(f"{folder} is an ensemble already: join its member runs instead")
         for key in SHARED:
             if getattr(config, key) != getattr(first, key):
                 raise EnsembleMismatch(f"{folder} differs from {members[0]} in {key}: members must be runs of "
@@ -59,11 +82,15 @@ def join_classifiers(members: list[Path], out: Path, *, data: Path, cache_dir: P
         if not np.allclose(config.mean + config.std, first.mean + first.std, atol=1e-3):
             raise EnsembleMismatch(f"{folder} was normalised differently from {members[0]}: trained on other data")
 
-    state: dict[str, torch.Tensor] = {}
-    for i, folder in enumerate(members):
-        state.update({f"members.{i}.{k}": v.float() for k, v in load_file(str(folder / WEIGHTS_NAME)).items()})
+    joined: list[_Member] = []
+    for folder, config, command in zip(members, configs, commands, strict=True):
+        for member in _members_of(folder, config, command):
+            if any(member.record["weights_sha256"] == other.record["weights_sha256"] for other in joined):
+                raise EnsembleMismatch(f"{folder} (or a member of it) is in the ensemble twice")
+            joined.append(member)
+    state = {f"members.{i}.{k}": v for i, member in enumerate(joined) for k, v in member.state.items()}
     config = ClassifierConfig(**{
-        **asdict(first), "members": len(members), "tta_views": tta_views or first.tta_views,
+        **asdict(first), "members": len(joined), "tta_views": tta_views or first.tta_views,
         "temperature": 1.0, "thresholds": {}, "operating_points": {}, "model_version": time.strftime("%Y.%m.%d"),
     })
     model = build_classifier(config)
@@ -71,11 +98,7 @@ def join_classifiers(members: list[Path], out: Path, *, data: Path, cache_dir: P
     out.mkdir(parents=True, exist_ok=True)
     save_classifier(out, model, config)
 
-    member_records = []
-    for folder, command in zip(members, commands, strict=True):
-        trained = load_json(folder / "config.json").get("training", {})
-        member_records.append({"folder": str(folder), "weights_sha256": model_sha256(folder / WEIGHTS_NAME),
-                               "command": command, **trained})
+    member_records = [member.record for member in joined]
     training = {"ensemble_of": member_records, "device": member_records[0].get("device", "cpu")}
     items = small_subset(data, items_per_label) if items_per_label else D.ham_items(data) + D.dermnet_items(data)
     labelled = D.label(D.build_cache(data, config.image_size, cache_dir, items=items, progress=False))
@@ -83,14 +106,12 @@ def join_classifiers(members: list[Path], out: Path, *, data: Path, cache_dir: P
                                      docs_img=docs_img, device=device)
 
     # what each member and the ensemble reach on validation, side by side (the card's members table)
-    joined = ab_summary(metrics, {"training": {
+    together = ab_summary(metrics, {"training": {
         "epochs_done": " + ".join(str(record.get("epochs_done")) for record in member_records),
         "wall_s": round(sum(float(record.get("wall_s") or 0) for record in member_records), 1)}})
     metrics["ensemble"] = {
-        **{f"member · seed {record.get('seed')}": ab_summary(load_json(folder / "metrics.json"),
-                                                             load_json(folder / "config.json"))
-           for folder, record in zip(members, member_records, strict=True)},
-        f"ensemble of {len(members)}": joined,
+        **{f"member · seed {member.record.get('seed')}": member.summary for member in joined},
+        f"ensemble of {len(joined)}": together,
     }
     carried = load_json(members[0] / "metrics.json")
     for key in ("ab", "ab_command", "photo_type"):
