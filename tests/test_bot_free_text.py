@@ -14,7 +14,7 @@ import uuid
 from PIL import Image
 from sqlalchemy import select
 
-from clinic_db import clinicians, outbox, review
+from clinic_db import clinicians, review
 from clinic_db.models import AuditEvent, Case, CaseMessage, Clinician, ReviewTask
 from clinic_db.models import Image as ImageRow
 from console import demo
@@ -34,7 +34,7 @@ from tests.test_bot_conversation import (  # noqa: F401 - fixtures used by name
     lesion_photo,
     only_case,
 )
-from tests.test_bot_results import publish_ai_result
+from tests.test_bot_results import dermatologist_asks, publish_ai_result
 
 
 def notes(clinic, case_id: uuid.UUID) -> list[tuple[str, list[str], str]]:  # type: ignore[no-untyped-def]
@@ -205,13 +205,9 @@ def test_a_replayed_message_is_kept_once_as_note_question_and_answer(clinic, emu
     assert [n for n in notes(clinic, case_id) if n[2] == "Is it dangerous?"] == [("patient", [], "Is it dangerous?")]
 
     pipeline.request_review(case_id)
-    with clinic.session() as session:  # the dermatologist asks the patient something
-        task = session.scalars(select(ReviewTask).where(ReviewTask.case_id == case_id)).one()
-        task.status = "waiting_patient"
-        clinic.vault.set_text(session, task, "note", "Has it changed colour?", owner=task.case.patient_id)
-        outbox.enqueue(clinic, session, patient_id=task.case.patient_id, case_id=case_id, kind="request_info",
-                       dedup_key=f"request_info:{task.id}:1", payload={"case_id": str(case_id), "task_id": str(task.id)})
-        session.commit()
+    with clinic.session() as session:
+        task_id = session.scalars(select(ReviewTask.id).where(ReviewTask.case_id == case_id)).one()
+    dermatologist_asks(clinic, task_id, "Has it changed colour?")
     chat.expect_text("Has it changed colour?")
     _typed_twice(chat, 700_003, "Yes, darker at the edge.")
     _answered_twice(chat, "answer was added to the case")

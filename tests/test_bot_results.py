@@ -97,6 +97,18 @@ def publish_followup_answer(clinic, case_id: uuid.UUID, text: str) -> None:  # t
         session.commit()
 
 
+def dermatologist_asks(clinic, task_id: uuid.UUID, question: str) -> None:  # type: ignore[no-untyped-def]
+    """What the console leaves behind when a dermatologist asks the patient for more information."""
+    with clinic.session() as session:
+        task = session.get(ReviewTask, task_id)
+        task.status = "waiting_patient"
+        clinic.vault.set_text(session, task, "note", question, owner=task.case.patient_id)
+        outbox.enqueue(clinic, session, patient_id=task.case.patient_id, case_id=task.case_id, kind="request_info",
+                       dedup_key=f"request_info:{task.id}:1",
+                       payload={"case_id": str(task.case_id), "task_id": str(task.id)})
+        session.commit()
+
+
 def test_result_followup_and_dermatologist(clinic, emulator: str, bot: BotProcess) -> None:  # type: ignore[no-untyped-def]
     chat = Chat(emulator, 2001)
     submitted_case(chat)
@@ -141,13 +153,7 @@ def test_result_followup_and_dermatologist(clinic, emulator: str, bot: BotProces
         task_id = task.id
 
     # the dermatologist asks for more information; the patient's reply goes back to the queue
-    with clinic.session() as session:
-        task = session.get(ReviewTask, task_id)
-        task.status = "waiting_patient"
-        clinic.vault.set_text(session, task, "note", "Has it changed colour?", owner=task.case.patient_id)
-        outbox.enqueue(clinic, session, patient_id=task.case.patient_id, case_id=case_id, kind="request_info",
-                       dedup_key=f"request_info:{task.id}:1", payload={"case_id": str(case_id), "task_id": str(task.id)})
-        session.commit()
+    dermatologist_asks(clinic, task_id, "Has it changed colour?")
     chat.expect_text("Has it changed colour?")
     chat.text("Yes, darker at the edge.")
     chat.expect_text("answer was added to the case")
