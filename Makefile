@@ -18,7 +18,9 @@ $(DEPS): pyproject.toml constraints-cpu.txt
 	touch $@
 
 # Non-editable install: the project's `fhir` package and fhir.resources then share one folder.
+# setuptools' build/ keeps files the tree no longer has (a renamed migration became a second head): start clean.
 install: $(DEPS)
+	rm -rf build
 	$(BIN)/pip install -q --no-deps --force-reinstall --no-compile .
 
 run: install
