@@ -3,13 +3,15 @@
 Real parts only: the Telegram emulator (in this process), the bot and a Celery worker as separate
 processes with tiny models, on the embedded shape (SQLite + the filesystem broker) and on the
 production shape (PostgreSQL + Redis). Several patients go through consent, photo and the eight
-history questions at once, each in its own thread, while the test SIGKILLs the bot and the whole
-worker (pool and beat) mid-load, restarts the Redis broker (a server the test starts on its own
-port, with no persistence: every queued task is gone), crashes and restarts PostgreSQL (a cluster the
-test makes with initdb), or rotates the master key with --retire. Each scenario reports lost (no result),
-duplicated (more than one result message) and stuck cases (not preliminary/in review) — all must be 0 —
-and the time from the restart to the last result, written to test-artifacts/chaos-*.json. Last, the
-API is SIGKILLed right after answering an EHR's reads: every answered read has its audit record.
+history questions at once, each in its own thread. Once half of them are half-way through the
+questions, the test SIGKILLs the bot and the whole worker (pool and beat), restarts the Redis broker
+(a server the test starts on its own port, with no persistence: every queued task is gone), crashes
+and restarts PostgreSQL (a cluster the test makes with initdb), or rotates the master key with
+--retire; the half-way patients send their other answers into the breakage. Each scenario reports
+lost (no result), duplicated (more than one result message) and stuck cases (not preliminary/in
+review) — all must be 0 — and the time from the restart to the last result, written to
+test-artifacts/chaos-*.json. Last, the API is SIGKILLed right after answering an EHR's reads: every
+answered read has its audit record.
 """
 
 from __future__ import annotations
@@ -45,15 +47,38 @@ RECOVERY_S = 240.0  # worker restart (torch import, tiny models) plus the sweepe
 FAST_SWEEPER = {"SKINBRIDGE_SWEEPER_INTERVAL_S": "1", "SKINBRIDGE_STUCK_AFTER_S": "6"}
 
 
-def _consult(chat: Chat, errors: list[BaseException]) -> None:
+class _Load:
+    """Where the patients are: how many are half-way through the questions, and the signal that the
+    chaos has struck, which the half-way patients wait for before they answer the rest. Counting
+    (rather than looking for question buttons on screen, which vanish once answered) cannot miss
+    patients who are quicker than the poll."""
+
+    def __init__(self) -> None:
+        self.halfway = 0
+        self.lock = threading.Lock()
+        self.struck = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def reached_halfway(self) -> None:
+        with self.lock:
+            self.halfway += 1
+
+
+def _consult(chat: Chat, load: _Load) -> None:
+    fields = list(HISTORY)
+    first, rest = fields[:len(fields) // 2], fields[len(fields) // 2:]
     try:
         consent(chat)
         chat.photo(lesion_photo(chat.user_id % 97))
         saved = chat.expect_text("saved", timeout=60)
         chat.tap(saved, "photos:done")
-        answer_history(chat, HISTORY)
+        answer_history(chat, {f: HISTORY[f] for f in first})
+        load.reached_halfway()
+        # the rest of the answers reach the bot while things are broken
+        load.struck.wait(timeout=RECOVERY_S)
+        answer_history(chat, {f: HISTORY[f] for f in rest})
     except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-        errors.append(exc)
+        load.errors.append(exc)
 
 
 def _patients(emulator: str, first_id: int) -> list[Chat]:
@@ -94,20 +119,21 @@ def _run(clinic, system: System, first_id: int, name: str, chaos: Callable[[], C
     """Start the patients, let ``chaos()`` break things mid-load (it returns the repair), repair, and
     wait until every patient has exactly one result."""
     chats = _patients(system.emulator, first_id)
-    errors: list[BaseException] = []
-    threads = [threading.Thread(target=_consult, args=(chat, errors), daemon=True) for chat in chats]
+    load = _Load()
+    threads = [threading.Thread(target=_consult, args=(chat, load), daemon=True) for chat in chats]
     for thread in threads:
         thread.start()
         time.sleep(0.3)
-    # break things once the load is under way: some patients are answering questions
-    wait_for(lambda: sum("h:" in json.dumps(m.get("reply_markup") or {}) for c in chats for m in c.messages()) >= 3,
-             timeout=120, interval=0.2, message="patients answering the questions")
+    # break things once the load is under way: half the patients are half-way through the questions
+    wait_for(lambda: load.halfway >= PATIENTS // 2 or load.errors, timeout=120, interval=0.1,
+             message="patients half-way through the questions")
     repair = chaos()
+    load.struck.set()
     repair()
     restarted = time.monotonic()
     for thread in threads:
         thread.join(timeout=RECOVERY_S)
-    assert not errors, f"a patient's conversation broke: {errors[0]!r}\n{system.logs()}"
+    assert not load.errors, f"a patient's conversation broke: {load.errors[0]!r}\n{system.logs()}"
     try:
         wait_for(lambda: all(_result_messages(c) >= 1 for c in chats), timeout=RECOVERY_S,
                  message="a result for every patient")
