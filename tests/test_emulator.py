@@ -431,6 +431,40 @@ def test_reset_clears_everything(url: str) -> None:
     asyncio.run(scenario())
 
 
+def test_a_restarted_sandbox_never_reuses_an_id_and_remembers_its_users(tmp_path: Any) -> None:
+    """Telegram's update ids and a chat's message ids never repeat, and it remembers who started the bot;
+    a bot (its inbox, its replay guard) counts on both, so the sandbox keeps them across restarts."""
+    state = tmp_path / "sandbox-state.json"
+
+    async def last_update(url: str) -> int:
+        async with make_bot(url) as bot:
+            updates = await bot.get_updates(timeout=0)
+            await bot.get_updates(offset=updates[-1].update_id + 1, timeout=0)  # confirmed, as a bot does
+            return updates[-1].update_id
+
+    with serve_app(create_app(state_file=state)) as url:
+        first = say(url, "before the restart")
+        before = asyncio.run(last_update(url))
+        control(url, "POST", "/reset")  # what tests do between cases: the ids still go on
+        again = say(url, "after a reset")
+        assert again["update_id"] > before and again["message_id"] > first["message_id"]
+    with serve_app(create_app(state_file=state)) as url:
+
+        async def greet() -> Any:
+            async with make_bot(url) as bot:
+                return await bot.send_message(USER, "welcome back")  # no "chat not found": the user is known
+
+        greeted = asyncio.run(greet())
+        after = say(url, "after the restart")
+        assert greeted.message_id > again["message_id"] and after["message_id"] > greeted.message_id
+        assert after["update_id"] > again["update_id"]
+        assert greeted.chat.first_name == "Ada"
+
+    state.write_text("{not json")  # a damaged file: ids start from the clock, above any counted before
+    with serve_app(create_app(state_file=state)) as url:
+        assert say(url, "after the damage")["update_id"] > after["update_id"]
+
+
 def test_module_entry_point_serves_the_bot_api_and_the_page(tmp_path: Any) -> None:
     import subprocess
     import sys
@@ -438,7 +472,8 @@ def test_module_entry_point_serves_the_bot_api_and_the_page(tmp_path: Any) -> No
     from tests.support import free_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bot.emulator", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "bot.emulator", "--port", str(port),
+                                "--state", str(tmp_path / "sandbox-state.json")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -60,13 +60,15 @@ async def control_error(request: Request, exc: Exception) -> Response:
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 
 
-def create_app(files_dir: Path | None = None, *, allowed_hosts: list[str] | None = None) -> Starlette:
-    """A fresh emulated Telegram with its own in-memory state (and temp dir for files).
+def create_app(files_dir: Path | None = None, *, allowed_hosts: list[str] | None = None,
+               state_file: Path | None = None) -> Starlette:
+    """A fresh emulated Telegram with its own in-memory state (and temp dir for files); with
+    ``state_file`` its id counters and users carry over from the last run (see :mod:`bot.emulator.world`).
 
     Only loopback Host headers are served by default: that stops DNS-rebinding pages from reaching the
     control API; pass allowed_hosts=["*"] when serving the sandbox to other machines on purpose.
     """
-    world = World(FileStore(files_dir))
+    world = World(FileStore(files_dir), state_file=state_file)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -90,7 +92,7 @@ def create_app(files_dir: Path | None = None, *, allowed_hosts: list[str] | None
     return app
 
 
-def run(host: str = "127.0.0.1", port: int = 8081) -> None:
+def run(host: str = "127.0.0.1", port: int = 8081, state_file: Path | None = None) -> None:
     import uvicorn
 
     from bot.emulator.cli import is_loopback
@@ -101,5 +103,5 @@ def run(host: str = "127.0.0.1", port: int = 8081) -> None:
     logs.setup()  # the bot polls this server all the time: its requests are logged at DEBUG only
     # idle connections are kept longer than clients keep them (httpx: 5 s), as Telegram's servers do: a
     # server closing one just as a client reuses it would fail that call (bot.request retries it anyway)
-    uvicorn.run(create_app(allowed_hosts=hosts), host=host, port=port, log_config=None, log_level=None,
+    uvicorn.run(create_app(allowed_hosts=hosts, state_file=state_file), host=host, port=port, log_config=None, log_level=None,
                 timeout_keep_alive=75)

@@ -175,6 +175,7 @@ async def user_block(request: Request) -> Response:
     body = await _json_body(request)
     user = _user(request, body)
     user.blocked_bot = bool(body.get("blocked", True))
+    _world(request).remember()
     return JSONResponse({"blocked": user.blocked_bot})
 
 

@@ -1,13 +1,23 @@
 """The in-memory world of the emulated Telegram: users, private chats, messages, the update queue.
 
 Everything runs on the server's single event loop, so no locks are needed; long polls wait on futures.
+
+Telegram never hands out an update id twice, nor a message id twice in one chat, and it remembers who
+started the bot. A bot relies on that: it confirms updates by offset and recognises a re-delivered
+message by its id. So the sandbox keeps those counters and its users in a small file (``state_file``)
+across restarts; without it a restarted sandbox started at the same ids again and the bot took the
+patient's new messages for ones it had already handled. Chat history is not kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bot.emulator.errors import ApiError, bad_request
@@ -19,6 +29,8 @@ UPDATE_KINDS = ("message", "edited_message", "channel_post", "edited_channel_pos
                 "shipping_query", "pre_checkout_query", "purchased_paid_media", "poll", "poll_answer",
                 "my_chat_member", "chat_member", "chat_join_request", "chat_boost", "removed_chat_boost")
 CALL_LOG_LIMIT = 10_000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +100,7 @@ class CallbackRecord:
 @dataclass
 class World:
     files: FileStore
+    state_file: Path | None = None  # where the id counters and users outlive a restart (the sandbox's)
     users: dict[int, User] = field(default_factory=dict)
     chats: dict[int, dict[int, StoredMessage]] = field(default_factory=dict)
     callbacks: dict[str, CallbackRecord] = field(default_factory=dict)
@@ -101,28 +114,66 @@ class World:
     _pending: list[_Pending] = field(default_factory=list)
     _next_update_id: int = 100_000_001
     _next_message_id: dict[int, int] = field(default_factory=dict)
+    _message_id_floor: int = 0  # where a chat's message ids start
     _seq: int = 0
     _waiters: set[asyncio.Future[None]] = field(default_factory=set)
     _poll_generation: int = 0
     _call_seq: int = 0
 
+    def __post_init__(self) -> None:
+        if self.state_file is None or not self.state_file.exists():
+            return
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+            next_update_id = int(state["next_update_id"])
+            next_message_id = {int(chat): int(n) for chat, n in state["next_message_id"].items()}
+            users = {int(u["id"]): User(**u) for u in state["users"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # ids from the clock are above any this sandbox handed out before (one per update or message)
+            floor = int(time.time())
+            log.warning("sandbox state %s unreadable (%s); starting ids at %d, users must press /start again",
+                        self.state_file, exc, floor)
+            self._next_update_id = self._message_id_floor = floor
+            return
+        self._next_update_id = max(self._next_update_id, next_update_id)
+        self._next_message_id = next_message_id
+        self.users = users
+        for user_id in users:
+            self.chats.setdefault(user_id, {})
+
     # --- lifecycle ---------------------------------------------------------------------------
     def reset(self) -> None:
+        """Forget everything (tests start each case from here); a sandbox with a state file keeps its
+        counters, since a bot may already have seen those ids."""
         self._wake()
         self.files.clear()
-        for name in ("users", "chats", "callbacks", "photo_sets", "commands", "failures", "chat_actions", "webhook",
-                     "_next_message_id"):
+        for name in ("users", "chats", "callbacks", "photo_sets", "commands", "failures", "chat_actions", "webhook"):
             getattr(self, name).clear()
         self.calls.clear()
         self._pending.clear()
         self.allowed_updates = None
-        self._next_update_id = 100_000_001
         self._seq = 0
+        if self.state_file is None:
+            self._next_message_id.clear()
+            self._next_update_id = 100_000_001
+        self.remember()
+
+    def remember(self) -> None:
+        """Write the counters and users to the state file (atomically: a crash leaves the old one)."""
+        if self.state_file is None:
+            return
+        state = {"next_update_id": self._next_update_id,
+                 "next_message_id": {str(chat): n for chat, n in self._next_message_id.items()},
+                 "users": [vars(user) for user in self.users.values()]}
+        temporary = self.state_file.with_name(self.state_file.name + ".tmp")
+        temporary.write_text(json.dumps(state), encoding="utf-8")
+        os.replace(temporary, self.state_file)
 
     # --- users and chats ---------------------------------------------------------------------
     def user(self, user_id: int, *, first_name: str | None = None, language_code: str | None = None,
              username: str | None = None) -> User:
         user = self.users.get(user_id)
+        before = None if user is None else vars(user).copy()
         if user is None:
             user = self.users[user_id] = User(user_id)
             self.chats.setdefault(user_id, {})
@@ -132,6 +183,8 @@ class World:
             user.language_code = language_code
         if username:
             user.username = username
+        if vars(user) != before:
+            self.remember()
         return user
 
     def chat_for_bot(self, chat_id: int | None) -> User:
@@ -144,8 +197,9 @@ class World:
         return user
 
     def next_message_id(self, chat_id: int) -> int:
-        value = self._next_message_id.get(chat_id, 0) + 1
+        value = self._next_message_id.get(chat_id, self._message_id_floor) + 1
         self._next_message_id[chat_id] = value
+        self.remember()
         return value
 
     def next_seq(self) -> int:
@@ -173,6 +227,7 @@ class World:
             update = {"update_id": self._next_update_id, **update}
         update_id = int(update["update_id"])
         self._next_update_id = max(self._next_update_id, update_id + 1)
+        self.remember()
         self._pending.append(_Pending(update, forced))
         self._wake()
         return update_id
