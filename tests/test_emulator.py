@@ -448,6 +448,7 @@ def test_a_restarted_sandbox_never_reuses_an_id_and_remembers_its_users(tmp_path
         control(url, "POST", "/reset")  # what tests do between cases: the ids still go on
         again = say(url, "after a reset")
         assert again["update_id"] > before and again["message_id"] > first["message_id"]
+        seen = control(url, "GET", f"/users/{USER}/messages", params={"include_user": 1})[-1]["seq"]
     with serve_app(create_app(state_file=state)) as url:
 
         async def greet() -> Any:
@@ -459,6 +460,9 @@ def test_a_restarted_sandbox_never_reuses_an_id_and_remembers_its_users(tmp_path
         assert greeted.message_id > again["message_id"] and after["message_id"] > greeted.message_id
         assert after["update_id"] > again["update_id"]
         assert greeted.chat.first_name == "Ada"
+        # a sandbox page left open polls on from the change it saw last, and still gets what is new
+        fresh = control(url, "GET", f"/users/{USER}/messages", params={"include_user": 1, "after": seen})
+        assert [v["text"] for v in fresh] == ["welcome back", "after the restart"]
 
     state.write_text("{not json")  # a damaged file: ids start from the clock, above any counted before
     with serve_app(create_app(state_file=state)) as url:

@@ -6,7 +6,9 @@ Telegram never hands out an update id twice, nor a message id twice in one chat,
 started the bot. A bot relies on that: it confirms updates by offset and recognises a re-delivered
 message by its id. So the sandbox keeps those counters and its users in a small file (``state_file``)
 across restarts; without it a restarted sandbox started at the same ids again and the bot took the
-patient's new messages for ones it had already handled. Chat history is not kept.
+patient's new messages for ones it had already handled. The change counter (``seq``) the page polls
+with is kept too, so a page left open across a restart keeps showing new messages. Chat history is
+not kept.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class World:
         try:
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
             next_update_id = int(state["next_update_id"])
+            seq = int(state.get("seq", 0))
             next_message_id = {int(chat): int(n) for chat, n in state["next_message_id"].items()}
             users = {int(u["id"]): User(**u) for u in state["users"]}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -133,9 +136,10 @@ class World:
             floor = int(time.time())
             log.warning("sandbox state %s unreadable (%s); starting ids at %d, users must press /start again",
                         self.state_file, exc, floor)
-            self._next_update_id = self._message_id_floor = floor
+            self._next_update_id = self._message_id_floor = self._seq = floor
             return
         self._next_update_id = max(self._next_update_id, next_update_id)
+        self._seq = seq
         self._next_message_id = next_message_id
         self.users = users
         for user_id in users:
@@ -152,17 +156,17 @@ class World:
         self.calls.clear()
         self._pending.clear()
         self.allowed_updates = None
-        self._seq = 0
         if self.state_file is None:
             self._next_message_id.clear()
             self._next_update_id = 100_000_001
+            self._seq = 0
         self.remember()
 
     def remember(self) -> None:
         """Write the counters and users to the state file (atomically: a crash leaves the old one)."""
         if self.state_file is None:
             return
-        state = {"next_update_id": self._next_update_id,
+        state = {"next_update_id": self._next_update_id, "seq": self._seq,
                  "next_message_id": {str(chat): n for chat, n in self._next_message_id.items()},
                  "users": [vars(user) for user in self.users.values()]}
         temporary = self.state_file.with_name(self.state_file.name + ".tmp")
@@ -204,6 +208,7 @@ class World:
 
     def next_seq(self) -> int:
         self._seq += 1
+        self.remember()
         return self._seq
 
     def store(self, chat_id: int, message: dict[str, Any], *, from_bot: bool, parse_mode: str | None = None) -> StoredMessage:
