@@ -27,6 +27,7 @@ LIKELIHOOD_WORDS: list[tuple[float, str]] = [
     (0.05, "less_likely"),
     (0.0, "unlikely"),
 ]
+SURE_ENOUGH_TO_LEAD = 0.2  # a top guess below "possible" is not introduced as "most likely"
 MAX_ALTERNATIVES = 2
 MIN_ALTERNATIVE_P = 0.05
 URGENCIES = tuple(review.URGENCY_PRIORITY)
@@ -122,11 +123,16 @@ def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, 
         return "\n".join(lines)
     urgency = _urgency(urgency)
     top = ranked[0]
-    lines.append(t(lang, "result.top", name=condition_name(lang, top["code"]),
+    # "Most likely: X – unlikely" contradicts itself: a weak top guess is called what it is
+    weak = float(top["probability"]) < SURE_ENOUGH_TO_LEAD
+    lead = "result.top_unsure" if weak else "result.top"
+    lines.append(t(lang, lead, name=condition_name(lang, top["code"]),
                    likelihood=likelihood(lang, float(top["probability"]))))
     others = [d for d in ranked[1 : 1 + MAX_ALTERNATIVES] if float(d["probability"]) >= MIN_ALTERNATIVE_P]
     if others:
-        items = ", ".join(
+        # names carry their own parentheses and commas ("Hives (urticaria)"): a dash sets the likelihood
+        # apart, a semicolon the items
+        items = "; ".join(
             t(lang, "result.item", name=condition_name(lang, d["code"]), likelihood=likelihood(lang, float(d["probability"])))
             for d in others
         )
@@ -145,7 +151,7 @@ def result_text(lang: str, differential: list[dict[str, Any]], urgency: str, *, 
             lines.append(t(lang, "result.reason_other"))
         advice_code = None  # the top guess's advice is written for another urgency
     advice = _advice(lang, advice_code)
-    if advice and advice_code != top["code"]:  # only a candidate: its advice applies if it is that
+    if advice and (advice_code != top["code"] or weak):  # only a candidate: its advice applies if it is that
         lines.append(t(lang, "result.advice_if", name=condition_name(lang, advice_code), advice=advice))
     elif advice:
         lines.append(t(lang, "result.advice", advice=advice))

@@ -121,9 +121,9 @@ def test_result_followup_and_dermatologist(clinic, emulator: str, bot: BotProces
     album = chat.expect(lambda m: m["kind"] == "media_group", "the example images")
     assert len(album["files"]) == 2
     assert all(c and c.startswith("AI-generated example of Melanoma") for c in album["captions"])
-    result = chat.expect_text("Most likely: Melanoma (likely)")
+    result = chat.expect_text("Most likely: Melanoma – likely.")
     text = result["text"]
-    assert "Mole (melanocytic naevus) (possible)" in text and "less likely" in text
+    assert "Other possibilities: Mole (melanocytic naevus) – possible; " in text and "less likely" in text
     assert "within 24 hours" in text  # the urgency triage decided
     assert "Do not scratch or remove it yourself" in text  # the vocabulary's advice
     assert "NOT a diagnosis" in text and "until a dermatologist reviews it" in text

@@ -180,6 +180,20 @@ def test_advice_is_about_the_condition_that_drives_the_urgency() -> None:
     assert "You can look after this yourself" in signed and "A dermatologist should examine it" not in signed
 
 
+def test_a_weak_top_guess_is_not_called_most_likely() -> None:
+    # "Most likely: Lupus erythematosus – unlikely." read aloud contradicts itself
+    weak = [{"code": "lupus_erythematosus", "probability": 0.12}, {"code": "eczema", "probability": 0.1}]
+    en = result_text("en", weak, "soon")
+    assert "Most likely" not in en
+    assert "could not match this well to any condition. Its closest guess, Lupus erythematosus, is less likely." in en
+    assert "In case it is Lupus erythematosus: " in en and "What you can do" not in en  # advice only if it is that
+    de = result_text("de", weak, "soon")
+    assert "Am wahrscheinlichsten" not in de and "nächstliegende Vermutung, Lupus" in de
+    strong = result_text("en", [{"code": "psoriasis", "probability": 0.2}], "routine")
+    assert "Most likely: Psoriasis – possible." in strong
+    assert "What you can do: " in strong
+
+
 def test_every_condition_advice_is_free_of_timeframes() -> None:
     # the timeframe comes from the urgency; advice in conditions.json must not name its own
     for condition in VOCAB:
