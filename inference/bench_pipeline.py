@@ -728,19 +728,20 @@ def _drawable_codes() -> set[str]:
 
 def _pictures_expected(user_id: int, drawable: set[str]) -> bool:
     """Whether this patient's case gets example pictures: only when its top condition is one the generator
-    draws (inference.tasks._pictures_planned); a patient whose result names another gets none, by design."""
+    draws and likely enough (inference.tasks); a patient whose result names another gets none, by design."""
     from sqlalchemy import select
 
     from clinic_db import cases, patients
     from clinic_db.db import get_clinic
     from clinic_db.models import Case
+    from inference.tasks import sure_enough_for_pictures
 
     clinic = get_clinic()
     with clinic.session() as session:
         row = patients.find_by_telegram(clinic, session, user_id)
         case = session.scalar(select(Case).where(Case.patient_id == row.id)) if row is not None else None
         preferred = cases.preferred_result(session, case) if case is not None else None
-        return preferred is None or preferred.top_condition_code in drawable
+        return preferred is None or (preferred.top_condition_code in drawable and sure_enough_for_pictures(preferred))
 
 
 def _models() -> dict[str, Any]:

@@ -360,12 +360,20 @@ def _results_waiting(session: Session) -> bool:
                                                 Case.status_changed_at > recent).limit(1)) is not None
 
 
+def sure_enough_for_pictures(result: AIResult | None) -> bool:
+    """Whether a result's top guess is likely enough to be shown in example pictures (an engine that
+    gives no probability, as a VLM may not, counts as sure enough)."""
+    if result is None or result.top_condition_code is None:
+        return False
+    return result.top_probability is None or result.top_probability >= get_settings().example_pictures_min_probability
+
+
 def _pictures_planned(session: Session, case: Case) -> tuple[str, Any, set[str]] | None:
     """(condition, explainer, approved codes) when this case gets example pictures not drawn yet."""
     settings = get_settings()
     preferred = cases.preferred_result(session, case)
     top = preferred.top_condition_code if preferred is not None else None
-    if top is None or settings.explanation_images <= 0:
+    if top is None or not sure_enough_for_pictures(preferred) or settings.explanation_images <= 0:
         return None
     have = session.scalar(
         select(ExplanationImage.id).where(ExplanationImage.case_id == case.id,

@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     stuck_after_s: float = 120.0
     max_pipeline_attempts: int = 3
     explanation_images: int = 2
+    # no example pictures of a top guess the AI gives less than this: pictures of a condition the result
+    # itself calls unlikely would mislead (and the message then names it only as the closest guess)
+    example_pictures_min_probability: float = Field(0.2, ge=0.0, le=1.0)
     # Fault injection for the crash tests: the diagnose step sleeps this long first. Refused in production.
     fault_delay_s: float = 0.0
 

@@ -89,6 +89,22 @@ def _broker_messages(queue: str) -> int:
     return len([n for n in os.listdir(folder) if n.endswith(f".{queue}.msg")])
 
 
+def test_no_pictures_of_a_guess_the_result_calls_unlikely(worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default gate (20 %): the tiny model's spread-out guess is only the 'closest guess', and
+    pictures of it would show the patient a condition the result calls unlikely."""
+    monkeypatch.delenv("SKINBRIDGE_EXAMPLE_PICTURES_MIN_PROBABILITY")
+    reset_settings_cache()
+    case_id = _queued_case(worker)
+    tasks.analyse.apply(args=[case_id])
+    with worker.session() as s:
+        case = s.get(Case, uuid.UUID(case_id))
+        preferred = cases.preferred_result(s, case)
+        assert case.status in DONE and preferred.top_probability < 0.2
+    assert _outbox(worker, case_id) == ["progress:analysing", "result", "progress:ready"]
+    tasks.explain.apply(args=[case_id])  # a stray explain (an old chain) draws nothing either
+    assert _pictures(worker, case_id) == 0 and _outbox(worker, case_id)[-1] == "progress:ready"
+
+
 def test_result_is_committed_before_the_pictures_which_follow_in_their_own_message(worker) -> None:
     case_id = _queued_case(worker)
     tasks.analyse.apply(args=[case_id])
