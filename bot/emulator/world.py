@@ -4,11 +4,13 @@ Everything runs on the server's single event loop, so no locks are needed; long 
 
 Telegram never hands out an update id twice, nor a message id twice in one chat, and it remembers who
 started the bot. A bot relies on that: it confirms updates by offset and recognises a re-delivered
-message by its id. So the sandbox keeps those counters and its users in a small file (``state_file``)
-across restarts; without it a restarted sandbox started at the same ids again and the bot took the
-patient's new messages for ones it had already handled. The change counter (``seq``) the page polls
-with is kept too, so a page left open across a restart keeps showing new messages. Chat history is
-not kept.
+message by its id. So the sandbox keeps, in a small file (``state_file``), its users and a bound above
+every id it has handed out (update ids, message ids, and the change counter ``seq`` the page polls
+with, so a page left open across a restart keeps up); a restarted sandbox counts on from that bound.
+Without it a restarted sandbox started at the same ids again and the bot took the patient's new
+messages for ones it had already handled. The bound moves in steps of ``ID_BLOCK``, so the file is
+written once per that many ids (and when a user changes), not on every message. Chat history is not
+kept.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ UPDATE_KINDS = ("message", "edited_message", "channel_post", "edited_channel_pos
                 "shipping_query", "pre_checkout_query", "purchased_paid_media", "poll", "poll_answer",
                 "my_chat_member", "chat_member", "chat_join_request", "chat_boost", "removed_chat_boost")
 CALL_LOG_LIMIT = 10_000
+ID_BLOCK = 1_000  # ids handed out between two writes of the state file's bound
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class World:
     _next_message_id: dict[int, int] = field(default_factory=dict)
     _message_id_floor: int = 0  # where a chat's message ids start
     _seq: int = 0
+    _bound: int = 0  # above every id and seq handed out; with a state_file, what the file says
     _waiters: set[asyncio.Future[None]] = field(default_factory=set)
     _poll_generation: int = 0
     _call_seq: int = 0
@@ -127,20 +131,15 @@ class World:
             return
         try:
             state = json.loads(self.state_file.read_text(encoding="utf-8"))
-            next_update_id = int(state["next_update_id"])
-            seq = int(state.get("seq", 0))
-            next_message_id = {int(chat): int(n) for chat, n in state["next_message_id"].items()}
+            bound = int(state["above"])
             users = {int(u["id"]): User(**u) for u in state["users"]}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # ids from the clock are above any this sandbox handed out before (one per update or message)
-            floor = int(time.time())
+            bound, users = int(time.time()), {}
             log.warning("sandbox state %s unreadable (%s); starting ids at %d, users must press /start again",
-                        self.state_file, exc, floor)
-            self._next_update_id = self._message_id_floor = self._seq = floor
-            return
-        self._next_update_id = max(self._next_update_id, next_update_id)
-        self._seq = seq
-        self._next_message_id = next_message_id
+                        self.state_file, exc, bound)
+        self._next_update_id = max(self._next_update_id, bound)
+        self._message_id_floor = self._seq = self._bound = bound
         self.users = users
         for user_id in users:
             self.chats.setdefault(user_id, {})
@@ -163,12 +162,10 @@ class World:
         self.remember()
 
     def remember(self) -> None:
-        """Write the counters and users to the state file (atomically: a crash leaves the old one)."""
+        """Write the bound and the users to the state file (atomically: a crash leaves the old one)."""
         if self.state_file is None:
             return
-        state = {"next_update_id": self._next_update_id, "seq": self._seq,
-                 "next_message_id": {str(chat): n for chat, n in self._next_message_id.items()},
-                 "users": [vars(user) for user in self.users.values()]}
+        state = {"above": self._bound, "users": [vars(user) for user in self.users.values()]}
         temporary = self.state_file.with_name(self.state_file.name + ".tmp")
         temporary.write_text(json.dumps(state), encoding="utf-8")
         os.replace(temporary, self.state_file)
@@ -203,13 +200,18 @@ class World:
     def next_message_id(self, chat_id: int) -> int:
         value = self._next_message_id.get(chat_id, self._message_id_floor) + 1
         self._next_message_id[chat_id] = value
-        self.remember()
-        return value
+        return self._counted(value)
 
     def next_seq(self) -> int:
         self._seq += 1
-        self.remember()
-        return self._seq
+        return self._counted(self._seq)
+
+    def _counted(self, value: int) -> int:
+        """Every id and seq handed out passes here: the state file's bound stays above them all."""
+        if value >= self._bound:
+            self._bound = value + ID_BLOCK
+            self.remember()
+        return value
 
     def store(self, chat_id: int, message: dict[str, Any], *, from_bot: bool, parse_mode: str | None = None) -> StoredMessage:
         stored = StoredMessage(chat_id, message, from_bot, self.next_seq(), parse_mode)
@@ -232,7 +234,7 @@ class World:
             update = {"update_id": self._next_update_id, **update}
         update_id = int(update["update_id"])
         self._next_update_id = max(self._next_update_id, update_id + 1)
-        self.remember()
+        self._counted(update_id)
         self._pending.append(_Pending(update, forced))
         self._wake()
         return update_id
