@@ -27,7 +27,8 @@ LIKELIHOOD_WORDS: list[tuple[float, str]] = [
     (0.05, "less_likely"),
     (0.0, "unlikely"),
 ]
-SURE_ENOUGH_TO_LEAD = 0.2  # a top guess below "possible" is not introduced as "most likely"
+# a top guess below "possible" is not introduced as "most likely"
+SURE_ENOUGH_TO_LEAD = next(bound for bound, word in LIKELIHOOD_WORDS if word == "possible")
 MAX_ALTERNATIVES = 2
 MIN_ALTERNATIVE_P = 0.05
 URGENCIES = tuple(review.URGENCY_PRIORITY)
